@@ -1,0 +1,3 @@
+from iss.cli import app
+
+app(prog_name="iss")

@@ -1,0 +1,133 @@
+"""The ``iss`` command line: parses options, builds the config, calls the pipeline. Nothing else."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from pydantic import ValidationError
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from iss.config import IssConfig, load_config
+from iss.pipeline import Pipeline
+from iss.runs import StageResult
+
+app = typer.Typer(
+    help="Influential Subset Selection: pick the corpus subset that helps one end task most.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+console = Console(stderr=True)
+
+ConfigArg = Annotated[Path | None, typer.Argument(help="YAML config (defaults: ChemProt + the shared corpus).")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config key: --set influence.layer=1")]
+RunDirOpt = Annotated[str | None, typer.Option("--run-dir", help="Run folder (overrides run_dir).")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or logs.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the stage summaries as JSON on stdout.")]
+
+
+def _build_config(config: Path | None, overrides: list[str] | None, extra: dict[str, Any]) -> IssConfig:
+    parsed: dict[str, Any] = {}
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--set expects key=value, got {item!r}")
+        parsed[key.strip()] = yaml.safe_load(value)
+    parsed.update({k: v for k, v in extra.items() if v is not None})
+    return load_config(config).with_overrides(parsed)
+
+
+def _run(
+    stage: str, config: Path | None, overrides: list[str] | None, quiet: bool, as_json: bool, **extra: Any
+) -> None:
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False, show_time=False)],
+    )
+    try:
+        settings = _build_config(config, overrides, extra)
+        pipeline = Pipeline(settings, show_progress=not quiet)
+        result: StageResult = getattr(pipeline, stage)()
+    except (ValidationError, ValueError, FileNotFoundError, KeyError) as error:
+        console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(2) from error
+    _report(pipeline, result, quiet, as_json)
+
+
+def _report(pipeline: Pipeline, result: StageResult, quiet: bool, as_json: bool) -> None:
+    summaries = {name: {"path": str(r.path), "reused": r.reused, **r.summary} for name, r in pipeline.results.items()}
+    if as_json:
+        json.dump(summaries, sys.stdout, indent=2, default=str)
+        sys.stdout.write("\n")
+        return
+    if quiet:
+        return
+    table = Table(title=f"run folder {pipeline.run.root}")
+    for column in ("stage", "status", "seconds", "summary"):
+        table.add_column(column)
+    for name, summary in summaries.items():
+        details = {k: v for k, v in summary.items() if k not in ("path", "reused", "seconds")}
+        status = "reused" if summary["reused"] else "ran"
+        table.add_row(name, status, str(summary.get("seconds", "")), ", ".join(f"{k}={v}" for k, v in details.items()))
+    console.print(table)
+    console.print(f"output: {result.path}")
+
+
+@app.command()
+def select(
+    config: ConfigArg = None,
+    method: Annotated[str | None, typer.Option(help="iss, tlm (BM25 only) or random.")] = None,
+    budget: Annotated[str | None, typer.Option(help="'2000 docs', '1e6 tokens' or '20%' of the pool.")] = None,
+    run_dir: RunDirOpt = None,
+    overrides: SetOpt = None,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Select the influential subset (runs or reuses every stage the method needs)."""
+    _run(
+        "select",
+        config,
+        overrides,
+        quiet,
+        as_json,
+        **{"selection.method": method, "selection.budget": budget, "run_dir": run_dir},
+    )
+
+
+def _stage_command(stage: str, doc: str) -> None:
+    def command(
+        config: ConfigArg = None,
+        run_dir: RunDirOpt = None,
+        overrides: SetOpt = None,
+        quiet: QuietOpt = False,
+        as_json: JsonOpt = False,
+    ) -> None:
+        _run(stage, config, overrides, quiet, as_json, run_dir=run_dir)
+
+    command.__doc__ = doc
+    app.command(name=stage.replace("_", "-"))(command)
+
+
+_stage_command("data", "Load the task splits and label mapping into the run folder.")
+_stage_command("tokenizer", "Train (or copy) the WordPiece tokenizer.")
+_stage_command("retrieval", "BM25-retrieve the candidate pool (the TLM pool) from the corpus.")
+_stage_command("warmup", "Warm up the model on the task with MLM + task loss.")
+_stage_command("influence", "Score candidates by gradient matching and keep the top-k per task sample.")
+
+
+@app.command("config")
+def show_config(config: ConfigArg = None) -> None:
+    """Print the full config (defaults filled in) as YAML, a starting point for your own."""
+    print(yaml.safe_dump(load_config(config).model_dump(mode="json"), sort_keys=False), end="")
+
+
+if __name__ == "__main__":
+    app()

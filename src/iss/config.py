@@ -1,0 +1,231 @@
+"""Validated configuration for every pipeline stage.
+
+A config is plain YAML parsed with ``yaml.safe_load`` (never executed) into pydantic models, so a typo or an
+out-of-range value fails at load time with the offending key named, not an hour into a run.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TaskConfig(_Section):
+    """Where the labeled end task lives and which columns hold text and label."""
+
+    name: str = "chemprot"
+    path: str = Field(
+        "../shared/data/tasks/chemprot",
+        description="Folder with one file per split, a single file, or a Hugging Face dataset name.",
+    )
+    text_column: str | list[str] = "text"
+    label_column: str = "label"
+    splits: dict[str, str] = Field(
+        default_factory=lambda: {"train": "train", "dev": "dev", "test": "test"},
+        description="Split role -> file stem (or hub split name).",
+    )
+    max_train: int | None = Field(None, ge=1, description="Keep a seeded sample of this many train rows.")
+    max_dev: int | None = Field(None, ge=1)
+    max_test: int | None = Field(None, ge=1)
+    dev_fraction: float = Field(
+        0.1, gt=0, lt=1, description="For single-file tasks: share of rows held out for dev (and again for test)."
+    )
+    metric: Literal["micro_f1", "macro_f1"] = "macro_f1"
+
+    @property
+    def text_columns(self) -> list[str]:
+        return [self.text_column] if isinstance(self.text_column, str) else list(self.text_column)
+
+
+class CorpusConfig(_Section):
+    """The unlabeled general corpus, read as a stream of shards."""
+
+    paths: list[str] = Field(default_factory=lambda: ["../shared/data/corpus/general.jsonl"], min_length=1)
+    text_column: str = "text"
+    source_column: str | None = "source"
+    shard_size: int = Field(50_000, ge=1, description="Documents per shard in streamed stages.")
+    max_docs: int | None = Field(None, ge=1, description="Read at most this many documents (quick runs).")
+
+
+class TokenizerConfig(_Section):
+    path: str | None = Field(None, description="Existing tokenizer folder (further pretraining); else train one.")
+    vocab_size: int = Field(16_000, ge=100)
+    min_frequency: int = Field(2, ge=1)
+    max_corpus_docs: int = Field(200_000, ge=0, description="Corpus documents streamed into tokenizer training.")
+    lowercase: bool = True
+
+
+class RetrievalConfig(_Section):
+    top_k: int = Field(50, ge=1, description="Documents kept per task training query.")
+    k1: float = Field(1.2, gt=0)
+    b: float = Field(0.75, ge=0, le=1)
+    stopwords: str | None = "en"
+    query_batch_size: int = Field(512, ge=1)
+
+
+class ModelConfig(_Section):
+    """Size of the from-scratch BERT, or a local checkpoint to continue from."""
+
+    path: str | None = Field(None, description="Local AutoModelForMaskedLM folder (further pretraining).")
+    hidden_size: int = Field(128, ge=8)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(2, ge=1)
+    intermediate_size: int = Field(512, ge=8)
+    max_length: int = Field(128, ge=8)
+    dropout: float = Field(0.1, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> ModelConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        return self
+
+
+class WarmupConfig(_Section):
+    """Algorithm 1, line 2: MLM + task loss on the task training set."""
+
+    epochs: float = Field(3, gt=0)
+    batch_size: int = Field(32, ge=1)
+    learning_rate: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    mlm_probability: float = Field(0.15, gt=0, lt=1)
+    task_loss_weight: float = Field(1.0, ge=0)
+
+
+class InfluenceConfig(_Section):
+    """Gradient-matching influence (Eq. 6) at one parameter group, with mini-batch matching (section 3.3)."""
+
+    layer: str | int = Field("last", description="'last', 'embeddings', or a 1-based transformer block number.")
+    task_split: Literal["train", "dev"] = "dev"
+    pool_batch: int = Field(1, ge=1, description="B_p: corpus samples per matched batch (1 = per sample).")
+    task_batch: int = Field(1, ge=1, description="B_t: task samples per matched batch (1 = per sample).")
+    top_k: int = Field(100, ge=1, description="Ranked candidates kept per task sample (or task batch).")
+    compute_batch: int = Field(32, ge=1, description="Candidates per forward/backward pass.")
+    mlm_probability: float = Field(0.15, gt=0, lt=1)
+
+    @field_validator("layer")
+    @classmethod
+    def _valid_layer(cls, value: str | int) -> str | int:
+        if isinstance(value, str) and value.isdigit():
+            value = int(value)
+        if isinstance(value, int):
+            if value < 1:
+                raise ValueError("layer blocks are numbered from 1")
+            return value
+        if value not in ("last", "embeddings"):
+            raise ValueError(f"layer must be 'last', 'embeddings' or a block number, got {value!r}")
+        return value
+
+
+_BUDGET = re.compile(r"^\s*([0-9.eE+_]+)\s*(%|docs?|documents?|tokens?)?\s*$")
+
+
+class Budget(_Section):
+    """How much of the candidate pool to keep: a number of documents or tokens, or a fraction of the pool."""
+
+    kind: Literal["docs", "tokens", "fraction"]
+    value: float = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _fraction_at_most_one(self) -> Budget:
+        if self.kind == "fraction" and self.value > 1:
+            raise ValueError(f"a fractional budget must be in (0, 1], got {self.value}")
+        return self
+
+    @classmethod
+    def parse(cls, text: str | int | float) -> Budget:
+        """Read '2000', '2000 docs', '1e6 tokens', '20%' or 0.2 (a float below 1 is a fraction)."""
+        if isinstance(text, (int, float)):
+            return cls(kind="fraction", value=text) if 0 < text < 1 else cls(kind="docs", value=text)
+        match = _BUDGET.match(str(text))
+        if not match:
+            raise ValueError(f"cannot read budget {text!r}: use e.g. '2000 docs', '1e6 tokens' or '20%'")
+        number, unit = float(match.group(1).replace("_", "")), match.group(2)
+        if unit == "%":
+            return cls(kind="fraction", value=number / 100)
+        if unit and unit.startswith("token"):
+            return cls(kind="tokens", value=number)
+        if unit is None and number < 1:
+            return cls(kind="fraction", value=number)
+        return cls(kind="docs", value=number)
+
+    def __str__(self) -> str:
+        return f"{self.value:.0%}" if self.kind == "fraction" else f"{self.value:g} {self.kind}"
+
+
+class SelectionConfig(_Section):
+    method: Literal["iss", "tlm", "random"] = "iss"
+    budget: Budget = Field(default_factory=lambda: Budget(kind="fraction", value=0.2))
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _parse_budget(cls, value: Any) -> Any:
+        return value if isinstance(value, (Budget, dict)) else Budget.parse(value)
+
+
+class IssConfig(_Section):
+    """The whole job: one section per stage, plus the run folder and the global seed."""
+
+    run_dir: str = "runs/chemprot"
+    seed: int = 0
+    device: str = Field("auto", description="'auto', 'cpu' or 'cuda'.")
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    corpus: CorpusConfig = Field(default_factory=CorpusConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    warmup: WarmupConfig = Field(default_factory=WarmupConfig)
+    influence: InfluenceConfig = Field(default_factory=InfluenceConfig)
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
+
+    def with_overrides(self, overrides: dict[str, Any]) -> IssConfig:
+        """Return a copy with dotted-key overrides applied (``{"selection.method": "tlm"}``), re-validated."""
+        data = self.model_dump(mode="json")
+        for dotted, value in overrides.items():
+            node = data
+            *parents, leaf = dotted.split(".")
+            for key in parents:
+                if key not in node or not isinstance(node[key], dict):
+                    raise KeyError(f"unknown config key {dotted!r}")
+                node = node[key]
+            node[leaf] = value
+        return IssConfig.model_validate(data)
+
+
+def load_config(path: str | Path | None = None) -> IssConfig:
+    """Parse a YAML config; relative data paths are resolved against the config file's folder."""
+    if path is None:
+        return IssConfig()
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: the config must be a mapping of sections")
+    _resolve_paths(raw, path.parent)
+    return IssConfig.model_validate(raw)
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
+    def resolve(value: str) -> str:
+        candidate = base / value
+        return str(candidate.resolve()) if not Path(value).is_absolute() and candidate.exists() else value
+
+    task = raw.get("task") or {}
+    if isinstance(task.get("path"), str):
+        task["path"] = resolve(task["path"])
+    corpus = raw.get("corpus") or {}
+    if isinstance(corpus.get("paths"), list):
+        corpus["paths"] = [resolve(p) if isinstance(p, str) else p for p in corpus["paths"]]
+    for section in ("tokenizer", "model"):
+        if isinstance((raw.get(section) or {}).get("path"), str):
+            raw[section]["path"] = resolve(raw[section]["path"])

@@ -1,0 +1,275 @@
+"""Loading labeled tasks (small, in memory) and streaming unlabeled corpora (large, never in memory).
+
+Task splits are materialised as Arrow tables with columns ``id, text, label, label_id``; the corpus is read
+as a stream of :class:`CorpusBatch` whose ``ids`` are global row numbers across the sorted corpus files, so
+any selected document can be traced back to its file and row.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+from iss.config import CorpusConfig, TaskConfig
+
+TASK_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+CORPUS_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")
+SPLIT_ROLES = ("train", "dev", "test")
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and, where known, the row."""
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """The task's splits (Arrow tables: id, text, label, label_id) and its label vocabulary."""
+
+    name: str
+    splits: dict[str, pa.Table]
+    labels: list[str]
+
+    def texts(self, split: str) -> list[str]:
+        return self.splits[split].column("text").to_pylist()
+
+    def label_ids(self, split: str) -> np.ndarray:
+        return self.splits[split].column("label_id").to_numpy()
+
+
+# ----------------------------------------------------------------------------------------------- tasks
+
+
+def load_task(config: TaskConfig, seed: int = 0) -> TaskData:
+    """Load train/dev/test from a folder of split files, one file (split seeded), or a hub dataset name."""
+    path = Path(config.path)
+    if path.is_dir():
+        raw = _load_split_folder(path, config, seed)
+    elif path.is_file():
+        raw = _split_table(_read_table(path, config), config, seed, origin=path)
+    elif _looks_like_hub_name(config.path):
+        raw = _load_hub_task(config)
+    else:
+        raise DataError(f"task path not found: {config.path}")
+
+    labels = _label_vocabulary(raw["train"], config)
+    splits = {}
+    for role, (table, origin) in raw.items():
+        table = _standardise(table, config, origin)
+        table = _subsample(table, getattr(config, f"max_{role}"), seed)
+        splits[role] = _attach_label_ids(table, labels, origin)
+    return TaskData(name=config.name, splits=splits, labels=labels)
+
+
+def _looks_like_hub_name(name: str) -> bool:
+    return not name.startswith((".", "/")) and name.count("/") <= 1 and not Path(name).suffix
+
+
+def _load_split_folder(folder: Path, config: TaskConfig, seed: int) -> dict[str, tuple[pa.Table, Path]]:
+    found = {}
+    for role, stem in config.splits.items():
+        files = [folder / f"{stem}{suffix}" for suffix in TASK_SUFFIXES if (folder / f"{stem}{suffix}").is_file()]
+        if files:
+            found[role] = (_read_table(files[0], config), files[0])
+    if "train" in found and len(found) == len(config.splits):
+        return found
+    data_files = sorted(p for p in folder.iterdir() if p.suffix in TASK_SUFFIXES)
+    if len(data_files) == 1 and not found:
+        return _split_table(_read_table(data_files[0], config), config, seed, origin=data_files[0])
+    missing = sorted(set(config.splits) - set(found))
+    raise DataError(
+        f"{folder}: no file for split(s) {missing} (looked for "
+        f"{', '.join(config.splits[m] + '.{jsonl,json,csv,tsv,parquet}' for m in missing)})"
+    )
+
+
+def _read_table(path: Path, config: TaskConfig) -> pa.Table:
+    """Read one task file. A CSV/TSV whose first row lacks the configured column names is headerless (AG News):
+    it is read again with the label column first and the text columns after it."""
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: file is empty")
+    try:
+        if path.suffix in (".jsonl", ".json"):
+            return pajson.read_json(path)
+        if path.suffix == ".parquet":
+            return pq.read_table(path)
+        delimiter = "\t" if path.suffix == ".tsv" else ","
+        parse = pacsv.ParseOptions(delimiter=delimiter, quote_char=False if delimiter == "\t" else '"')
+        convert = pacsv.ConvertOptions(strings_can_be_null=False)
+        table = pacsv.read_csv(path, parse_options=parse, convert_options=convert)
+        wanted = [config.label_column, *config.text_columns]
+        if not set(wanted) <= set(table.column_names) and table.num_columns == len(wanted):
+            names = pacsv.ReadOptions(column_names=wanted)
+            table = pacsv.read_csv(path, read_options=names, parse_options=parse, convert_options=convert)
+        return table
+    except (pa.ArrowInvalid, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: cannot parse: {error}") from error
+
+
+def _split_table(table: pa.Table, config: TaskConfig, seed: int, origin: Path) -> dict[str, tuple[pa.Table, Path]]:
+    """One labeled file: seeded split into train/dev/test (dev and test each ``dev_fraction``)."""
+    table = table.append_column("__row", pa.array(np.arange(table.num_rows)))
+    order = np.random.default_rng(seed).permutation(table.num_rows)
+    n_held = max(1, round(config.dev_fraction * table.num_rows))
+    if table.num_rows < 3 * n_held:
+        raise DataError(f"{origin}: {table.num_rows} rows are too few to split with dev_fraction {config.dev_fraction}")
+    parts = {"dev": order[:n_held], "test": order[n_held : 2 * n_held], "train": order[2 * n_held :]}
+    return {role: (table.take(np.sort(rows)), origin) for role, rows in parts.items()}
+
+
+def _load_hub_task(config: TaskConfig) -> dict[str, tuple[pa.Table, Path]]:
+    """Load a Hugging Face dataset by name (needs network or a warm cache)."""
+    import datasets
+
+    dataset = datasets.load_dataset(config.path)
+    return {
+        role: (dataset[split].data.table, Path(f"hub:{config.path}/{split}")) for role, split in config.splits.items()
+    }
+
+
+def _standardise(table: pa.Table, config: TaskConfig, origin: Path) -> pa.Table:
+    missing = [c for c in [*config.text_columns, config.label_column] if c not in table.column_names]
+    if missing:
+        raise DataError(f"{origin}: missing column(s) {missing}; it has {table.column_names}")
+    texts = [table.column(c).cast(pa.string()).to_pylist() for c in config.text_columns]
+    joined = [" ".join(part.strip() for part in parts if part) for parts in zip(*texts, strict=True)]
+    rows = table.column("__row").to_pylist() if "__row" in table.column_names else range(table.num_rows)
+    for row, text in zip(rows, joined, strict=True):
+        if not text.strip():
+            raise DataError(f"{origin}: row {row + 1}: empty text")
+    labels = table.column(config.label_column).cast(pa.string()).to_pylist()
+    return pa.table({"id": pa.array(list(rows), pa.int64()), "text": joined, "label": labels})
+
+
+def _label_vocabulary(train: tuple[pa.Table, Path], config: TaskConfig) -> list[str]:
+    table, origin = train
+    if config.label_column not in table.column_names:
+        raise DataError(f"{origin}: missing label column {config.label_column!r}; it has {table.column_names}")
+    return sorted(set(table.column(config.label_column).cast(pa.string()).to_pylist()))
+
+
+def _attach_label_ids(table: pa.Table, labels: list[str], origin: Path) -> pa.Table:
+    index = {label: i for i, label in enumerate(labels)}
+    ids = []
+    for row, label in zip(table.column("id").to_pylist(), table.column("label").to_pylist(), strict=True):
+        if label not in index:
+            raise DataError(f"{origin}: row {row + 1}: label {label!r} does not occur in the train split")
+        ids.append(index[label])
+    return table.append_column("label_id", pa.array(ids, pa.int64()))
+
+
+def _subsample(table: pa.Table, limit: int | None, seed: int) -> pa.Table:
+    if limit is None or table.num_rows <= limit:
+        return table
+    keep = np.sort(np.random.default_rng(seed).choice(table.num_rows, size=limit, replace=False))
+    return table.take(keep)
+
+
+def save_task(task: TaskData, folder: Path) -> None:
+    for role, table in task.splits.items():
+        pq.write_table(table, folder / f"{role}.parquet")
+    (folder / "labels.json").write_text(json.dumps(task.labels, indent=2), encoding="utf-8")
+
+
+def read_task(folder: Path, name: str) -> TaskData:
+    labels = json.loads((folder / "labels.json").read_text(encoding="utf-8"))
+    splits = {
+        role: pq.read_table(folder / f"{role}.parquet") for role in SPLIT_ROLES if (folder / f"{role}.parquet").exists()
+    }
+    return TaskData(name=name, splits=splits, labels=labels)
+
+
+# ---------------------------------------------------------------------------------------------- corpus
+
+
+@dataclass(frozen=True)
+class CorpusBatch:
+    """A slice of the corpus stream: global row ids, texts and (optional) source labels."""
+
+    ids: np.ndarray
+    texts: list[str]
+    sources: list[str] | None
+
+
+def corpus_files(config: CorpusConfig) -> list[Path]:
+    """Every corpus file, folders expanded and sorted, so global ids are stable between runs."""
+    files: list[Path] = []
+    for entry in config.paths:
+        path = Path(entry)
+        if path.is_dir():
+            files.extend(sorted(p for p in path.rglob("*") if p.suffix in CORPUS_SUFFIXES and p.is_file()))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise DataError(f"corpus path not found: {entry}")
+    if not files:
+        raise DataError(f"no corpus files ({', '.join(CORPUS_SUFFIXES)}) under {config.paths}")
+    return files
+
+
+def iter_corpus(config: CorpusConfig, batch_size: int | None = None) -> Iterator[CorpusBatch]:
+    """Stream the corpus in batches; empty documents are skipped but keep their row id."""
+    batch_size = batch_size or config.shard_size
+    ids: list[int] = []
+    texts: list[str] = []
+    sources: list[str] = []
+    next_id = 0
+    for file in corpus_files(config):
+        for text, source in _iter_file(file, config):
+            row_id, next_id = next_id, next_id + 1
+            if config.max_docs is not None and row_id >= config.max_docs:
+                break
+            if not text or not text.strip():
+                continue
+            ids.append(row_id)
+            texts.append(text)
+            sources.append(source if source is not None else file.stem)
+            if len(ids) == batch_size:
+                yield CorpusBatch(np.asarray(ids, np.int64), texts, sources)
+                ids, texts, sources = [], [], []
+    if ids:
+        yield CorpusBatch(np.asarray(ids, np.int64), texts, sources)
+
+
+def _iter_file(file: Path, config: CorpusConfig) -> Iterator[tuple[str, str | None]]:
+    if file.suffix == ".parquet":
+        columns = [config.text_column] + ([config.source_column] if config.source_column else [])
+        parquet = pq.ParquetFile(file)
+        columns = [c for c in columns if c in parquet.schema_arrow.names]
+        if config.text_column not in columns:
+            raise DataError(f"{file}: missing text column {config.text_column!r}")
+        for record_batch in parquet.iter_batches(columns=columns):
+            text_values = record_batch.column(config.text_column).to_pylist()
+            source_values = (
+                record_batch.column(config.source_column).to_pylist()
+                if config.source_column in columns
+                else [None] * len(text_values)
+            )
+            yield from zip(text_values, source_values, strict=True)
+        return
+    with file.open("rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(f"{file}: line {line_number}: not valid UTF-8 ({error.reason})") from error
+            if file.suffix == ".txt":
+                yield line.rstrip("\n"), None
+                continue
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{file}: line {line_number}: invalid JSON ({error.msg})") from error
+            if not isinstance(record, dict) or config.text_column not in record:
+                raise DataError(f"{file}: line {line_number}: no {config.text_column!r} field")
+            source = record.get(config.source_column) if config.source_column else None
+            yield record[config.text_column], source

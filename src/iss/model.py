@@ -1,0 +1,255 @@
+"""Tokenizer and model: a WordPiece tokenizer, and any masked LM with a classification head on [CLS].
+
+:class:`TaskMLMModel` wraps an ``AutoModelForMaskedLM`` (a fresh BERT in the from-scratch setting, a local
+checkpoint when further pretraining) and adds a linear task head, so one object gives both the MLM loss used
+on corpus samples and the task loss used on end-task samples. It saves as a normal masked-LM folder
+(safetensors) plus ``task_head.safetensors``, so the encoder stays loadable by ``AutoModelForMaskedLM``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from torch import nn
+from transformers import AutoModelForMaskedLM, AutoTokenizer, BertConfig, PreTrainedTokenizerFast
+
+from iss.config import ModelConfig, TokenizerConfig
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+HEAD_FILE = "task_head.safetensors"
+TASK_FILE = "task.json"
+
+
+# ------------------------------------------------------------------------------------------- tokenizer
+
+
+def train_tokenizer(texts: Iterable[str], config: TokenizerConfig) -> PreTrainedTokenizerFast:
+    """Train a BERT-style WordPiece tokenizer on a stream of texts (task + corpus, from-scratch setting)."""
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=config.lowercase)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=config.vocab_size, min_frequency=config.min_frequency, special_tokens=SPECIAL_TOKENS
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
+    """Load a tokenizer folder; it must be able to mask (MLM) and pad."""
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if tokenizer.mask_token_id is None or tokenizer.pad_token_id is None:
+        raise ValueError(f"{path}: tokenizer has no mask or pad token, so it cannot be used for MLM")
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+
+class TaskMLMModel(nn.Module):
+    """A masked LM plus a linear classifier on the first ([CLS]) hidden state."""
+
+    def __init__(self, mlm: nn.Module, num_labels: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.mlm = mlm
+        hidden = mlm.config.hidden_size
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(hidden, num_labels)
+        self.num_labels = num_labels
+
+    @classmethod
+    def from_scratch(cls, config: ModelConfig, tokenizer: PreTrainedTokenizerFast, num_labels: int) -> TaskMLMModel:
+        """A fresh BERT sized by the config; input and output embeddings are untied so each group is its own."""
+        bert_config = BertConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=config.hidden_size,
+            num_hidden_layers=config.num_layers,
+            num_attention_heads=config.num_heads,
+            intermediate_size=config.intermediate_size,
+            max_position_embeddings=config.max_length,
+            hidden_dropout_prob=config.dropout,
+            attention_probs_dropout_prob=config.dropout,
+            pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=False,
+        )
+        return cls(
+            AutoModelForMaskedLM.from_config(bert_config, attn_implementation="eager"), num_labels, config.dropout
+        )
+
+    @classmethod
+    def load(cls, folder: str | Path, num_labels: int | None = None) -> TaskMLMModel:
+        """Load a saved model, or a plain masked-LM checkpoint (a fresh head with ``num_labels`` outputs)."""
+        folder = Path(folder)
+        mlm = AutoModelForMaskedLM.from_pretrained(str(folder), attn_implementation="eager")
+        head_path = folder / HEAD_FILE
+        if head_path.is_file():
+            saved = json.loads((folder / TASK_FILE).read_text(encoding="utf-8"))
+            if num_labels is not None and num_labels != saved["num_labels"]:
+                raise ValueError(f"{folder}: head has {saved['num_labels']} labels, the task has {num_labels}")
+            model = cls(mlm, saved["num_labels"], saved.get("dropout", 0.1))
+            model.classifier.load_state_dict(load_file(str(head_path)))
+            return model
+        if num_labels is None:
+            raise ValueError(f"{folder}: no task head saved; pass num_labels to add a fresh one")
+        return cls(mlm, num_labels)
+
+    def save(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.mlm.save_pretrained(str(folder), safe_serialization=True)
+        save_file({k: v.contiguous() for k, v in self.classifier.state_dict().items()}, str(folder / HEAD_FILE))
+        task = {"num_labels": self.num_labels, "dropout": self.dropout.p}
+        (folder / TASK_FILE).write_text(json.dumps(task), encoding="utf-8")
+
+    @property
+    def encoder(self) -> nn.Module:
+        """The transformer under the MLM head (``bert`` for BERT, ``roberta`` for RoBERTa)."""
+        return self.mlm.base_model
+
+    @property
+    def mlm_head(self) -> nn.Module:
+        """The module mapping hidden states to vocabulary logits (``cls`` for BERT, ``lm_head`` for RoBERTa)."""
+        heads = [m for m in self.mlm.children() if m is not self.mlm.base_model]
+        if len(heads) != 1:
+            raise ValueError(f"{type(self.mlm).__name__}: expected one MLM head next to the encoder")
+        return heads[0]
+
+    def masked_logits(self, batch: Batch) -> torch.Tensor:
+        """Vocabulary logits at the masked positions only ([n_masked, vocab]): the head is the costliest
+        layer of a small model, and unmasked positions carry no MLM loss."""
+        hidden = self.encoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        return self.mlm_head(hidden[batch.mlm_labels != -100])
+
+    def task_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.classifier(self.dropout(hidden[:, 0]))
+
+
+def transformer_blocks(model: TaskMLMModel) -> nn.ModuleList:
+    encoder = getattr(model.encoder, "encoder", None)
+    blocks = getattr(encoder, "layer", None)
+    if not isinstance(blocks, nn.ModuleList):
+        raise ValueError(f"{type(model.mlm).__name__}: cannot find its transformer blocks (encoder.layer)")
+    return blocks
+
+
+def parameter_group(model: TaskMLMModel, layer: str | int) -> tuple[str, nn.Module]:
+    """The module whose parameters influence is measured at: 'embeddings', 'last' or block i (1-based)."""
+    if layer == "embeddings":
+        if model.mlm.get_output_embeddings() is not None and _tied(model):
+            raise ValueError("layer 'embeddings' needs untied input/output embeddings; choose a block instead")
+        return "embeddings", model.encoder.embeddings
+    blocks = transformer_blocks(model)
+    index = len(blocks) if layer == "last" else int(layer)
+    if not 1 <= index <= len(blocks):
+        raise ValueError(f"layer {layer} is out of range: the model has blocks 1..{len(blocks)}")
+    return f"block{index}", blocks[index - 1]
+
+
+def _tied(model: TaskMLMModel) -> bool:
+    output = model.mlm.get_output_embeddings()
+    return output.weight.data_ptr() == model.encoder.embeddings.word_embeddings.weight.data_ptr()
+
+
+# ------------------------------------------------------------------------------------------- batching
+
+
+@dataclass
+class Batch:
+    """Token ids and attention mask for a batch of texts, plus MLM targets when masked."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    mlm_labels: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+
+    def to(self, device: torch.device) -> Batch:
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return Batch(move(self.input_ids), move(self.attention_mask), move(self.mlm_labels), move(self.labels))
+
+
+def encode(tokenizer: PreTrainedTokenizerFast, texts: list[str], max_length: int) -> Batch:
+    encoded = tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+    return Batch(encoded["input_ids"], encoded["attention_mask"])
+
+
+def mask_tokens(
+    batch: Batch, tokenizer: PreTrainedTokenizerFast, probability: float, seed: int, keys: Iterable[int]
+) -> Batch:
+    """BERT masking (80% [MASK], 10% random, 10% kept) with one RNG per row seeded by (seed, key).
+
+    Keying the RNG by document means a document gets the same mask whatever batch it lands in, so its
+    influence score does not depend on batch order. Every row gets at least one masked token.
+    """
+    input_ids = batch.input_ids.clone()
+    labels = torch.full_like(input_ids, -100)
+    special = set(tokenizer.all_special_ids)
+    vocab_size = len(tokenizer)
+    for row, key in enumerate(keys):
+        ids = input_ids[row].numpy()
+        candidates = np.flatnonzero(
+            (batch.attention_mask[row].numpy() == 1) & ~np.isin(ids, np.fromiter(special, dtype=ids.dtype))
+        )
+        if candidates.size == 0:
+            continue
+        rng = np.random.default_rng([seed, int(key)])
+        chosen = candidates[rng.random(candidates.size) < probability]
+        if chosen.size == 0:
+            chosen = candidates[[rng.integers(candidates.size)]]
+        labels[row, chosen] = torch.from_numpy(ids[chosen].copy())
+        action = rng.random(chosen.size)
+        ids[chosen[action < 0.8]] = tokenizer.mask_token_id
+        randomised = chosen[(action >= 0.8) & (action < 0.9)]
+        ids[randomised] = rng.integers(len(SPECIAL_TOKENS), vocab_size, size=randomised.size)
+        input_ids[row] = torch.from_numpy(ids)
+    return Batch(input_ids, batch.attention_mask, labels, batch.labels)
+
+
+def per_sample_mlm_loss(model: TaskMLMModel, batch: Batch) -> torch.Tensor:
+    """Mean MLM cross-entropy over each row's masked tokens: shape [batch]."""
+    masked = batch.mlm_labels != -100
+    token_loss = nn.functional.cross_entropy(model.masked_logits(batch), batch.mlm_labels[masked], reduction="none")
+    rows = masked.nonzero()[:, 0]
+    totals = torch.zeros(masked.shape[0], dtype=token_loss.dtype, device=token_loss.device)
+    return totals.index_add(0, rows, token_loss) / masked.sum(1).clamp(min=1)
+
+
+def per_sample_task_loss(model: TaskMLMModel, batch: Batch) -> torch.Tensor:
+    """Classification cross-entropy per row: shape [batch]."""
+    logits = model.task_logits(batch.input_ids, batch.attention_mask)
+    return nn.functional.cross_entropy(logits, batch.labels, reduction="none")
+
+
+def batched(items: list, size: int) -> Iterator[tuple[int, list]]:
+    """(start offset, chunk) pairs over a list."""
+    for start in range(0, len(items), size):
+        yield start, items[start : start + size]
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

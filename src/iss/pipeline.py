@@ -1,0 +1,348 @@
+"""The selection pipeline as stages over a run folder: data -> tokenizer -> retrieval -> warmup -> influence
+-> selection. Each stage reads its upstream artifacts from disk, writes its own, and is skipped when an
+artifact with the same fingerprint (its config + upstream fingerprints + input files) is already there.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import transformers
+from tqdm.auto import tqdm
+
+from iss.config import IssConfig
+from iss.data import TaskData, iter_corpus, load_task, read_task, save_task
+from iss.gradients import GroupGradients, score_pool, seeded_groups, task_gradient_bank
+from iss.model import TaskMLMModel, load_tokenizer, parameter_group, pick_device, train_tokenizer
+from iss.retrieval import BM25Index, collect_pool
+from iss.runs import RunFolder, StageResult, file_signature, fingerprint
+from iss.selection import RankedLists, hits_lists, random_lists, resolve_budget, round_robin, subset_table
+from iss.training import warmup_train
+
+log = logging.getLogger("iss")
+
+
+class Pipeline:
+    """Runs (or reuses) the stages of one config in its run folder."""
+
+    def __init__(self, config: IssConfig, show_progress: bool = True) -> None:
+        self.config = config
+        self.run = RunFolder(config.run_dir)
+        self.show_progress = show_progress
+        self.device = pick_device(config.device)
+        self.results: dict[str, StageResult] = {}
+        if not show_progress:
+            transformers.utils.logging.disable_progress_bar()
+
+    # ------------------------------------------------------------------------------------------ helpers
+
+    def _stage(self, name: str, parts: dict, body: Callable[[Path, dict], None]) -> StageResult:
+        stage_fingerprint = fingerprint(name, parts)
+        known = self.results.get(name)
+        if known is not None and known.fingerprint == stage_fingerprint:
+            return known
+        result = self.run.finished(name, stage_fingerprint)
+        if result is None:
+            log.info("stage %s: running", name)
+            with self.run.stage(name, stage_fingerprint, parts) as (folder, summary):
+                body(folder, summary)
+            result = self.run.finished(name, stage_fingerprint)
+            assert result is not None
+            result.reused = False
+        else:
+            log.info("stage %s: reusing finished artifact", name)
+        self.results[name] = result
+        self.run.update_manifest([result], {"config": self.config.model_dump(mode="json")})
+        return result
+
+    def _bar(self, total: int | None, desc: str, unit: str = "doc") -> tqdm:
+        return tqdm(total=total, desc=desc, unit=unit, disable=not self.show_progress, leave=False)
+
+    def task(self) -> TaskData:
+        return read_task(self.data().path, self.config.task.name)
+
+    def _corpus_signature(self) -> dict:
+        corpus = self.config.corpus
+        return {"corpus": corpus.model_dump(mode="json"), "files": file_signature(corpus.paths)}
+
+    # ------------------------------------------------------------------------------------------- stages
+
+    def data(self) -> StageResult:
+        config = self.config
+
+        def body(folder: Path, summary: dict) -> None:
+            task = load_task(config.task, config.seed)
+            save_task(task, folder)
+            summary.update({f"{role}_rows": table.num_rows for role, table in task.splits.items()})
+            summary["labels"] = len(task.labels)
+
+        parts = {"task": config.task.model_dump(mode="json"), "seed": config.seed}
+        if Path(config.task.path).exists():
+            parts["files"] = file_signature([config.task.path])
+        return self._stage("data", parts, body)
+
+    def tokenizer(self) -> StageResult:
+        config = self.config
+        data = self.data()
+
+        def body(folder: Path, summary: dict) -> None:
+            if config.tokenizer.path:
+                tokenizer = load_tokenizer(config.tokenizer.path)
+            else:
+                task = self.task()
+                corpus_texts = itertools.islice(
+                    (text for batch in iter_corpus(config.corpus) for text in batch.texts),
+                    config.tokenizer.max_corpus_docs,
+                )
+                texts = itertools.chain(*(task.texts(role) for role in ("train", "dev") if role in task.splits))
+                tokenizer = train_tokenizer(itertools.chain(texts, corpus_texts), config.tokenizer)
+            tokenizer.save_pretrained(str(folder))
+            summary["vocab_size"] = len(tokenizer)
+
+        parts = {"tokenizer": config.tokenizer.model_dump(mode="json"), "data": data.fingerprint}
+        if not config.tokenizer.path:
+            parts["corpus"] = self._corpus_signature()
+        return self._stage("tokenizer", parts, body)
+
+    def retrieval(self) -> StageResult:
+        config = self.config
+        data = self.data()
+
+        def body(folder: Path, summary: dict) -> None:
+            queries = self.task().texts("train")
+            index = BM25Index(config.retrieval, self.run.work_dir("retrieval"))
+            with self._bar(None, "BM25 index") as bar:
+                index.build(config.corpus, progress=bar.update)
+            with self._bar(index.n_docs, "BM25 search") as bar:
+                hits = index.search(queries, config.retrieval.top_k, progress=bar.update)
+            pq.write_table(hits.table(), folder / "hits.parquet")
+            pool = collect_pool(hits, config.corpus)
+            pq.write_table(pool, folder / "pool.parquet")
+            summary.update(
+                {
+                    "corpus_docs": index.n_docs,
+                    "vocab": int(index.doc_freq.size),
+                    "queries": len(queries),
+                    "hits": int((hits.ids >= 0).sum()),
+                    "pool_docs": pool.num_rows,
+                }
+            )
+
+        parts = {
+            "retrieval": config.retrieval.model_dump(mode="json"),
+            "data": data.fingerprint,
+            "corpus": self._corpus_signature(),
+        }
+        return self._stage("retrieval", parts, body)
+
+    def warmup(self) -> StageResult:
+        config = self.config
+        data, tokenizer_stage = self.data(), self.tokenizer()
+
+        def body(folder: Path, summary: dict) -> None:
+            task = self.task()
+            tokenizer = load_tokenizer(tokenizer_stage.path)
+            torch.manual_seed(config.seed)
+            if config.model.path:
+                model = TaskMLMModel.load(config.model.path, num_labels=len(task.labels))
+                if model.mlm.config.vocab_size < len(tokenizer):
+                    raise ValueError(
+                        f"tokenizer has {len(tokenizer)} tokens but model {config.model.path} only "
+                        f"{model.mlm.config.vocab_size} embeddings: they do not belong together"
+                    )
+            else:
+                model = TaskMLMModel.from_scratch(config.model, tokenizer, len(task.labels))
+            summary.update(
+                warmup_train(
+                    model,
+                    tokenizer,
+                    task,
+                    config.warmup,
+                    config.model.max_length,
+                    config.seed,
+                    self.device,
+                    self.show_progress,
+                )
+            )
+            summary["parameters"] = sum(p.numel() for p in model.parameters())
+            model.save(folder / "model")
+
+        parts = {
+            "model": config.model.model_dump(mode="json"),
+            "warmup": config.warmup.model_dump(mode="json"),
+            "seed": config.seed,
+            "data": data.fingerprint,
+            "tokenizer": tokenizer_stage.fingerprint,
+        }
+        return self._stage("warmup", parts, body)
+
+    def influence(self) -> StageResult:
+        config = self.config
+        influence = config.influence
+        retrieval, warmup, tokenizer_stage = self.retrieval(), self.warmup(), self.tokenizer()
+
+        def body(folder: Path, summary: dict) -> None:
+            task = self.task()
+            tokenizer = load_tokenizer(tokenizer_stage.path)
+            model = TaskMLMModel.load(warmup.path / "model").to(self.device).eval()
+            group_name, group = parameter_group(model, influence.layer)
+            grads = GroupGradients(model, group)
+            pool = pq.read_table(retrieval.path / "pool.parquet", columns=["corpus_id", "text"])
+            task_texts, task_labels = task.texts(influence.task_split), task.label_ids(influence.task_split)
+            task_groups = seeded_groups(len(task_texts), influence.task_batch, config.seed)
+            unit_groups = seeded_groups(pool.num_rows, influence.pool_batch, config.seed + 1)
+            with self._bar(len(task_texts), "task gradients") as bar:
+                bank = task_gradient_bank(
+                    grads,
+                    tokenizer,
+                    task_texts,
+                    task_labels,
+                    task_groups,
+                    influence.compute_batch,
+                    config.model.max_length,
+                    self.device,
+                    bar.update,
+                )
+            with self._bar(pool.num_rows, "influence") as bar:
+                top = score_pool(
+                    grads,
+                    tokenizer,
+                    bank,
+                    pool.column("text").to_pylist(),
+                    pool.column("corpus_id").to_numpy(),
+                    unit_groups,
+                    influence.top_k,
+                    influence.compute_batch,
+                    influence.mlm_probability,
+                    config.seed,
+                    config.model.max_length,
+                    self.device,
+                    state_path=self.run.work_dir("influence") / "topk.pt",
+                    progress=bar.update,
+                )
+            corpus_ids = pool.column("corpus_id").to_numpy()
+            task_ids = task.splits[influence.task_split].column("id").to_numpy()
+            pq.write_table(
+                pa.table(
+                    {"task_unit": range(len(task_groups)), "task_ids": [task_ids[g].tolist() for g in task_groups]}
+                ),
+                folder / "task_units.parquet",
+            )
+            pq.write_table(
+                pa.table(
+                    {"unit": range(len(unit_groups)), "corpus_ids": [corpus_ids[g].tolist() for g in unit_groups]}
+                ),
+                folder / "pool_units.parquet",
+            )
+            pq.write_table(
+                pa.table(
+                    {
+                        "scores": pa.FixedSizeListArray.from_arrays(top.scores.numpy().ravel(), top.scores.shape[1]),
+                        "units": pa.FixedSizeListArray.from_arrays(top.units.numpy().ravel(), top.units.shape[1]),
+                    }
+                ),
+                folder / "topk.parquet",
+            )
+            summary.update(
+                {
+                    "layer": group_name,
+                    "group_parameters": sum(p.numel() for p in group.parameters()),
+                    "task_units": len(task_groups),
+                    "pool_units": len(unit_groups),
+                    "pool_docs": pool.num_rows,
+                }
+            )
+
+        parts = {
+            "influence": influence.model_dump(mode="json"),
+            "seed": config.seed,
+            "max_length": config.model.max_length,
+            "retrieval": retrieval.fingerprint,
+            "warmup": warmup.fingerprint,
+        }
+        return self._stage("influence", parts, body)
+
+    def select(self) -> StageResult:
+        """Run whatever the configured method needs, then pick the subset under the budget."""
+        config = self.config
+        method = config.selection.method
+        retrieval, tokenizer_stage = self.retrieval(), self.tokenizer()
+        upstream = {"retrieval": retrieval.fingerprint, "tokenizer": tokenizer_stage.fingerprint}
+        if method == "iss":
+            upstream["influence"] = self.influence().fingerprint
+
+        def body(folder: Path, summary: dict) -> None:
+            pool = pq.read_table(retrieval.path / "pool.parquet")
+            tokenizer = load_tokenizer(tokenizer_stage.path)
+            corpus_ids = pool.column("corpus_id").to_numpy()
+            lengths = tokenizer(pool.column("text").to_pylist(), add_special_tokens=False, return_length=True)["length"]
+            doc_tokens = dict(zip(corpus_ids.tolist(), lengths, strict=True))
+            kind, limit = resolve_budget(config.selection.budget, np.asarray(lengths))
+            lists = self._ranked_lists(method, corpus_ids)
+            selection = round_robin(lists, doc_tokens, kind, limit, config.seed)
+            if not selection.budget_met:
+                log.warning(
+                    "budget %s not met: the ranked lists ran out after %d docs; raise top_k",
+                    config.selection.budget,
+                    len(selection.doc_ids),
+                )
+            subset = subset_table(selection, pool, doc_tokens)
+            pq.write_table(subset, folder / "subset.parquet")
+            with (folder / "subset.jsonl").open("w", encoding="utf-8") as handle:
+                for row in subset.to_pylist():
+                    row["score"] = None if row["score"] is None or math.isnan(row["score"]) else row["score"]
+                    handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            summary.update(
+                {
+                    "method": method,
+                    "budget": str(config.selection.budget),
+                    "budget_unit": kind,
+                    "budget_limit": limit,
+                    "budget_met": selection.budget_met,
+                    "docs": subset.num_rows,
+                    "tokens": selection.tokens,
+                    "pool_docs": pool.num_rows,
+                    "rank_depth": selection.depth,
+                    "seed": config.seed,
+                }
+            )
+
+        parts = {"selection": config.selection.model_dump(mode="json"), "seed": config.seed, **upstream}
+        return self._stage(f"select-{method}", parts, body)
+
+    def _ranked_lists(self, method: str, corpus_ids: np.ndarray) -> RankedLists:
+        if method == "random":
+            return random_lists(corpus_ids, self.config.seed)
+        if method == "tlm":
+            hits = pq.read_table(self.results["retrieval"].path / "hits.parquet")
+            task = self.task()
+            n_queries, top_k = task.splits["train"].num_rows, self.config.retrieval.top_k
+            ids, scores = np.full((n_queries, top_k), -1, np.int64), np.zeros((n_queries, top_k), np.float32)
+            query, rank = hits.column("query").to_numpy(), hits.column("rank").to_numpy()
+            ids[query, rank] = hits.column("corpus_id").to_numpy()
+            scores[query, rank] = hits.column("score").to_numpy()
+            train_ids = task.splits["train"].column("id").to_pylist()
+            return hits_lists(ids, scores, [f"train:{i}" for i in train_ids])
+        folder = self.results["influence"].path
+        top = pq.read_table(folder / "topk.parquet")
+        units = np.asarray(top.column("units").to_pylist(), np.int64)
+        scores = np.asarray(top.column("scores").to_pylist(), np.float64)
+        split = self.config.influence.task_split
+        names = [
+            [f"{split}:{i}" for i in ids]
+            for ids in pq.read_table(folder / "task_units.parquet").column("task_ids").to_pylist()
+        ]
+        unit_docs = [
+            np.asarray(d, np.int64)
+            for d in pq.read_table(folder / "pool_units.parquet").column("corpus_ids").to_pylist()
+        ]
+        return RankedLists(units, scores, names, unit_docs)

@@ -1,0 +1,187 @@
+"""BM25 retrieval of a candidate pool from a streamed corpus: the TLM baseline and ISS's first stage.
+
+bm25s tokenizes (with a vocabulary that grows shard by shard), and scores use bm25s's default Lucene variant.
+bm25s computes IDF and average length over whatever one index holds; to keep scores exact when the corpus is
+read in shards, pass 1 streams the corpus once to count document frequencies and lengths, and pass 2 builds
+each shard's score matrix from those global statistics and keeps a running top-K per query. Memory is one
+shard plus the vocabulary, whatever the corpus size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import scipy.sparse as sp
+from bm25s.tokenization import Tokenizer
+
+from iss.config import CorpusConfig, RetrievalConfig
+from iss.data import iter_corpus
+
+Progress = Callable[[int], None]
+
+
+@dataclass
+class Hits:
+    """Top-K corpus ids and BM25 scores per query, best first; unused slots hold id -1 and score 0."""
+
+    ids: np.ndarray
+    scores: np.ndarray
+
+    def table(self) -> pa.Table:
+        """Long format: one row per (query, rank) with a real hit."""
+        query, rank = np.nonzero(self.ids >= 0)
+        return pa.table(
+            {
+                "query": pa.array(query, pa.int32()),
+                "rank": pa.array(rank, pa.int32()),
+                "corpus_id": pa.array(self.ids[query, rank], pa.int64()),
+                "score": pa.array(self.scores[query, rank], pa.float32()),
+            }
+        )
+
+
+def bm25_tokenizer(config: RetrievalConfig) -> Tokenizer:
+    return Tokenizer(stopwords=config.stopwords or [], stemmer=None)
+
+
+@dataclass
+class _Shard:
+    ids: np.ndarray
+    lengths: np.ndarray
+    offsets: np.ndarray
+    terms: np.ndarray
+
+    def save(self, path: Path) -> None:
+        np.savez(path, ids=self.ids, lengths=self.lengths, offsets=self.offsets, terms=self.terms)
+
+    @classmethod
+    def load(cls, path: Path) -> _Shard:
+        with np.load(path) as data:
+            return cls(data["ids"], data["lengths"], data["offsets"], data["terms"])
+
+
+class BM25Index:
+    """Global BM25 statistics over a streamed corpus, with its tokenized shards kept on disk."""
+
+    def __init__(self, config: RetrievalConfig, work_dir: Path) -> None:
+        self.config = config
+        self.work_dir = work_dir
+        self.tokenizer = bm25_tokenizer(config)
+        self.doc_freq = np.zeros(0, np.int64)
+        self.n_docs = 0
+        self.total_length = 0
+        self.shards: list[Path] = []
+
+    def build(self, corpus: CorpusConfig, progress: Progress | None = None) -> BM25Index:
+        """Pass 1: tokenize every shard, count document frequencies and lengths."""
+        for number, batch in enumerate(iter_corpus(corpus)):
+            token_lists = self.tokenizer.tokenize(batch.texts, update_vocab=True, return_as="ids", show_progress=False)
+            lengths = np.fromiter((len(t) for t in token_lists), np.int64, len(token_lists))
+            terms = np.fromiter((t for tokens in token_lists for t in tokens), np.int64, int(lengths.sum()))
+            offsets = np.concatenate([[0], np.cumsum(lengths)])
+            vocab_size = len(self.tokenizer.get_vocab_dict())
+            doc_of_token = np.repeat(np.arange(len(token_lists)), lengths)
+            unique_pairs = np.unique(doc_of_token * vocab_size + terms)
+            shard_df = np.bincount(unique_pairs % vocab_size, minlength=vocab_size)
+            self.doc_freq = np.pad(self.doc_freq, (0, vocab_size - self.doc_freq.size)) + shard_df
+            self.n_docs += len(token_lists)
+            self.total_length += int(lengths.sum())
+            path = self.work_dir / f"bm25-shard-{number:05d}.npz"
+            _Shard(batch.ids, lengths, offsets, terms).save(path)
+            self.shards.append(path)
+            if progress:
+                progress(len(token_lists))
+        if self.n_docs == 0:
+            raise ValueError("the corpus has no non-empty documents")
+        return self
+
+    @property
+    def idf(self) -> np.ndarray:
+        df = self.doc_freq.astype(np.float64)
+        return np.log(1 + (self.n_docs - df + 0.5) / (df + 0.5)).astype(np.float32)
+
+    def shard_matrix(self, shard: _Shard) -> sp.csr_matrix:
+        """BM25 term weights of one shard's documents under the global statistics: [docs, vocab]."""
+        vocab_size = self.doc_freq.size
+        doc_of_token = np.repeat(np.arange(shard.lengths.size), shard.lengths)
+        keys, tf = np.unique(doc_of_token * vocab_size + shard.terms, return_counts=True)
+        docs, terms = keys // vocab_size, keys % vocab_size
+        avg_length = self.total_length / self.n_docs
+        length_norm = self.config.k1 * (1 - self.config.b + self.config.b * shard.lengths[docs] / avg_length)
+        weights = self.idf[terms] * tf / (tf + length_norm)
+        return sp.csr_matrix((weights.astype(np.float32), (docs, terms)), shape=(shard.lengths.size, vocab_size))
+
+    def query_matrix(self, queries: list[str]) -> sp.csr_matrix:
+        """Query term counts over the corpus vocabulary (terms never seen in the corpus drop out)."""
+        token_lists = self.tokenizer.tokenize(queries, update_vocab=False, return_as="ids", show_progress=False)
+        vocab_size = self.doc_freq.size
+        rows = np.repeat(np.arange(len(token_lists)), [len(t) for t in token_lists])
+        cols = np.fromiter((t for tokens in token_lists for t in tokens), np.int64, rows.size)
+        matrix = sp.csr_matrix((np.ones(rows.size, np.float32), (rows, cols)), shape=(len(queries), vocab_size))
+        matrix.sum_duplicates()
+        return matrix
+
+    def search(self, queries: list[str], top_k: int, progress: Progress | None = None) -> Hits:
+        """Pass 2: score every shard against every query, keeping a running top-K per query."""
+        query_matrix = self.query_matrix(queries)
+        best_ids = np.full((len(queries), top_k), -1, np.int64)
+        best_scores = np.zeros((len(queries), top_k), np.float32)
+        for path in self.shards:
+            shard = _Shard.load(path)
+            doc_matrix = self.shard_matrix(shard).T.tocsr()
+            for start in range(0, len(queries), self.config.query_batch_size):
+                stop = start + self.config.query_batch_size
+                scores = (query_matrix[start:stop] @ doc_matrix).toarray()
+                best_ids[start:stop], best_scores[start:stop] = _merge_top_k(
+                    best_ids[start:stop], best_scores[start:stop], shard.ids, scores, top_k
+                )
+            if progress:
+                progress(shard.ids.size)
+        return Hits(best_ids, best_scores)
+
+
+def _merge_top_k(
+    best_ids: np.ndarray, best_scores: np.ndarray, shard_ids: np.ndarray, scores: np.ndarray, top_k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Merge a shard's scores into the running top-K; zero scores (no shared term) are never hits."""
+    all_scores = np.concatenate([best_scores, scores], axis=1)
+    all_ids = np.concatenate([best_ids, np.broadcast_to(shard_ids, scores.shape)], axis=1)
+    k = min(top_k, all_scores.shape[1])
+    part = np.argpartition(-all_scores, k - 1, axis=1)[:, :k]
+    part_scores = np.take_along_axis(all_scores, part, axis=1)
+    # Order by score, then by corpus id so ties break the same way on every run.
+    part_ids = np.take_along_axis(all_ids, part, axis=1)
+    order = np.lexsort((part_ids, -part_scores), axis=1)
+    ids = np.take_along_axis(part_ids, order, axis=1)
+    ranked = np.take_along_axis(part_scores, order, axis=1)
+    ids = np.where(ranked > 0, ids, -1)
+    return ids, np.where(ranked > 0, ranked, 0)
+
+
+def collect_pool(hits: Hits, corpus: CorpusConfig) -> pa.Table:
+    """Stream the corpus once more to fetch the text of every retrieved document (the candidate pool)."""
+    valid = hits.ids >= 0
+    pool_ids, inverse = np.unique(hits.ids[valid], return_inverse=True)
+    best = np.zeros(pool_ids.size, np.float32)
+    np.maximum.at(best, inverse, hits.scores[valid])
+    n_queries = np.bincount(inverse, minlength=pool_ids.size)
+    texts: dict[int, str] = {}
+    sources: dict[int, str | None] = {}
+    for batch in iter_corpus(corpus):
+        wanted = np.flatnonzero(np.isin(batch.ids, pool_ids))
+        for i in wanted:
+            texts[int(batch.ids[i])] = batch.texts[i]
+            sources[int(batch.ids[i])] = batch.sources[i] if batch.sources else None
+    return pa.table(
+        {
+            "corpus_id": pa.array(pool_ids, pa.int64()),
+            "text": [texts[int(i)] for i in pool_ids],
+            "source": [sources[int(i)] for i in pool_ids],
+            "bm25_score": pa.array(best, pa.float32()),
+            "n_queries": pa.array(n_queries, pa.int32()),
+        }
+    )

@@ -1,0 +1,149 @@
+"""The run folder: one artifact folder per stage, a fingerprint per artifact, and a manifest.
+
+A stage is done when its folder holds ``stage.json`` with a fingerprint equal to the one the current config
+and upstream artifacts produce. Stages write into a temporary sibling folder that is renamed into place only
+when complete, so a killed stage never leaves a folder that looks finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+STAGE_FILE = "stage.json"
+MANIFEST_FILE = "manifest.json"
+
+
+def fingerprint(*parts: Any) -> str:
+    """Stable short hash of JSON-serialisable parts (configs, upstream fingerprints, file stats)."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def file_signature(paths: list[str]) -> list[tuple[str, int, int]]:
+    """Path, size and mtime of each input file, so edited inputs invalidate downstream stages."""
+    signature = []
+    for path in paths:
+        for file in sorted(_expand(Path(path))):
+            stat = file.stat()
+            signature.append((str(file.resolve()), stat.st_size, stat.st_mtime_ns))
+    return signature
+
+
+def _expand(path: Path) -> list[Path]:
+    return [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically (temp file + rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def package_versions() -> dict[str, str]:
+    names = ["iss", "torch", "transformers", "tokenizers", "bm25s", "pyarrow", "numpy", "scipy"]
+    versions = {"python": platform.python_version()}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+@dataclass
+class StageResult:
+    """What a finished stage left behind: its folder and the summary it recorded."""
+
+    name: str
+    path: Path
+    fingerprint: str
+    summary: dict[str, Any] = field(default_factory=dict)
+    reused: bool = False
+
+
+class RunFolder:
+    """A run directory holding one folder per finished stage and a manifest describing them."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def finished(self, name: str, stage_fingerprint: str) -> StageResult | None:
+        """The stage's result if it finished with this fingerprint, else None."""
+        folder = self.root / name
+        record_path = folder / STAGE_FILE
+        if not record_path.is_file():
+            return None
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        if record.get("fingerprint") != stage_fingerprint:
+            return None
+        return StageResult(name, folder, stage_fingerprint, record.get("summary", {}), reused=True)
+
+    def work_dir(self, name: str) -> Path:
+        """Scratch folder kept across kills, for stages that resume partial work (shards, checkpoints)."""
+        path = self.root / f".{name}.work"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @contextmanager
+    def stage(self, name: str, stage_fingerprint: str, config: dict[str, Any]) -> Iterator[tuple[Path, dict]]:
+        """Run a stage into a temp folder; on success record it and swap it into place.
+
+        Yields the folder to write into and a dict the stage fills with its summary (counts, timings).
+        """
+        tmp = self.root / f".{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        summary: dict[str, Any] = {}
+        start = time.perf_counter()
+        yield tmp, summary
+        summary.setdefault("seconds", round(time.perf_counter() - start, 3))
+        record = {
+            "stage": name,
+            "fingerprint": stage_fingerprint,
+            "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "config": config,
+            "summary": summary,
+            "versions": package_versions(),
+        }
+        write_json(tmp / STAGE_FILE, record)
+        final = self.root / name
+        if final.exists():
+            old = self.root / f".{name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        shutil.rmtree(self.root / f".{name}.work", ignore_errors=True)
+
+    def update_manifest(self, results: list[StageResult], extra: dict[str, Any]) -> Path:
+        """Merge stage records into ``manifest.json`` (one entry per stage name)."""
+        path = self.root / MANIFEST_FILE
+        manifest = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"stages": {}}
+        for result in results:
+            manifest["stages"][result.name] = {
+                "fingerprint": result.fingerprint,
+                "path": result.path.name,
+                "reused": result.reused,
+                "summary": result.summary,
+            }
+        manifest.update(extra)
+        manifest["versions"] = package_versions()
+        manifest["updated_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+        write_json(path, manifest)
+        return path

@@ -1,0 +1,133 @@
+"""Turning ranked candidate lists into a subset under a budget, with provenance for every document.
+
+Every method reduces to the same shape: a set of *choosers* (task samples or task batches for ISS, task
+training queries for TLM, one seeded shuffle for random), each with a ranked list of candidate *units* (a
+document, or a batch of B_p documents under mini-batch matching). Choosers take turns in a seeded order,
+each adding its next unit, rank by rank, until the budget is met. A document remembers its best score and
+every chooser that reached it, so the subset can be explained row by row.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from iss.config import Budget
+
+
+class BudgetError(ValueError):
+    """The budget cannot be met by the candidate pool."""
+
+
+@dataclass
+class RankedLists:
+    """units[c, r] is chooser c's r-th best unit (-1 when its list is shorter), scores[c, r] its score."""
+
+    units: np.ndarray
+    scores: np.ndarray | None
+    chooser_names: list[list[str]]
+    unit_docs: list[np.ndarray]
+
+
+@dataclass
+class Selection:
+    """Documents in the order they joined, with best score and the choosers that reached them."""
+
+    doc_ids: list[int] = field(default_factory=list)
+    best_score: dict[int, float] = field(default_factory=dict)
+    chosen_by: dict[int, list[str]] = field(default_factory=dict)
+    tokens: int = 0
+    budget_met: bool = False
+    depth: int = 0
+
+
+def resolve_budget(budget: Budget, pool_doc_tokens: np.ndarray) -> tuple[str, int]:
+    """('docs' | 'tokens', limit) for a budget over a pool whose documents have these token counts."""
+    pool_docs, pool_tokens = pool_doc_tokens.size, int(pool_doc_tokens.sum())
+    if budget.kind == "fraction":
+        return "docs", max(1, math.floor(budget.value * pool_docs))
+    limit = int(budget.value)
+    available = pool_docs if budget.kind == "docs" else pool_tokens
+    if limit > available:
+        raise BudgetError(
+            f"budget of {limit} {budget.kind} is larger than the candidate pool ({available} {budget.kind}); "
+            "lower the budget or retrieve more candidates (retrieval.top_k)"
+        )
+    return budget.kind, limit
+
+
+def round_robin(lists: RankedLists, doc_tokens: dict[int, int], kind: str, limit: int, seed: int) -> Selection:
+    """Choosers take turns (seeded order) adding their next-ranked unit until ``limit`` docs/tokens."""
+    selection = Selection()
+    chosen: set[int] = set()
+    order = np.random.default_rng(seed).permutation(lists.units.shape[0])
+    for rank in range(lists.units.shape[1]):
+        selection.depth = rank + 1
+        for chooser in order:
+            unit = int(lists.units[chooser, rank])
+            if unit < 0:
+                continue
+            score = float(lists.scores[chooser, rank]) if lists.scores is not None else math.nan
+            for doc in lists.unit_docs[unit].tolist():
+                if doc not in chosen:
+                    cost = 1 if kind == "docs" else doc_tokens[doc]
+                    used = len(selection.doc_ids) if kind == "docs" else selection.tokens
+                    if used + cost > limit:
+                        selection.budget_met = True
+                        return selection
+                    chosen.add(doc)
+                    selection.doc_ids.append(doc)
+                    selection.tokens += doc_tokens[doc]
+                    selection.chosen_by[doc] = []
+                selection.chosen_by[doc].extend(lists.chooser_names[chooser])
+                if not math.isnan(score):
+                    selection.best_score[doc] = max(score, selection.best_score.get(doc, -math.inf))
+            used = len(selection.doc_ids) if kind == "docs" else selection.tokens
+            if used >= limit:
+                selection.budget_met = True
+                return selection
+    return selection
+
+
+def random_lists(pool_ids: np.ndarray, seed: int) -> RankedLists:
+    """The random baseline: one chooser whose 'ranking' is a seeded shuffle of the pool."""
+    order = np.random.default_rng(seed).permutation(pool_ids.size)
+    return RankedLists(order[None, :], None, [[]], [np.array([doc]) for doc in pool_ids])
+
+
+def hits_lists(hit_ids: np.ndarray, hit_scores: np.ndarray, query_names: list[str]) -> RankedLists:
+    """TLM: each task training query ranks documents by BM25."""
+    docs, inverse = np.unique(hit_ids[hit_ids >= 0], return_inverse=True)
+    units = np.full(hit_ids.shape, -1, np.int64)
+    units[hit_ids >= 0] = inverse
+    return RankedLists(units, hit_scores, [[name] for name in query_names], [np.array([d]) for d in docs])
+
+
+def subset_table(selection: Selection, pool: pa.Table, doc_tokens: dict[int, int]) -> pa.Table:
+    """The subset in selection order, each row with text, best score and provenance."""
+    position = {int(doc): i for i, doc in enumerate(pool.column("corpus_id").to_pylist())}
+    rows = [position[doc] for doc in selection.doc_ids]
+    picked = pool.take(rows) if rows else pool.slice(0, 0)
+    scores = [selection.best_score.get(doc) for doc in selection.doc_ids]
+    return pa.table(
+        {
+            "corpus_id": picked.column("corpus_id"),
+            "text": picked.column("text"),
+            "source": picked.column("source"),
+            "score": pa.array(scores, pa.float64()),
+            "chosen_by": pa.array(
+                [sorted(set(selection.chosen_by[d]), key=_natural) for d in selection.doc_ids], pa.list_(pa.string())
+            ),
+            "n_tokens": pa.array([doc_tokens[d] for d in selection.doc_ids], pa.int64()),
+            "bm25_score": picked.column("bm25_score"),
+            "selection_rank": pa.array(np.arange(len(rows)), pa.int64()),
+        }
+    )
+
+
+def _natural(name: str) -> tuple[str, int]:
+    split, _, number = name.partition(":")
+    return split, int(number) if number.isdigit() else -1

@@ -1,0 +1,102 @@
+"""`iss select` end to end from the command line on ChemProt (train subset) against the shared corpus."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from .conftest import CHEMPROT, CORPUS, require_shared
+
+BUDGET = 300
+
+
+def _iss(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "iss", *args], capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory):
+    require_shared()
+    folder = tmp_path_factory.mktemp("cli")
+    config = {
+        "run_dir": str(folder / "run"),
+        "task": {"name": "chemprot", "path": str(CHEMPROT), "max_train": 200, "max_dev": 40, "metric": "micro_f1"},
+        "corpus": {"paths": [str(CORPUS)], "shard_size": 30000},
+        "tokenizer": {"vocab_size": 4000, "max_corpus_docs": 20000},
+        "retrieval": {"top_k": 10},
+        "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64, "max_length": 64},
+        "warmup": {"epochs": 1, "batch_size": 16},
+        "influence": {"top_k": 60, "compute_batch": 64},
+        "selection": {"budget": f"{BUDGET} docs"},
+    }
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+@pytest.mark.slow
+def test_select_iss_tlm_random_end_to_end(config_file):
+    runs = {}
+    for method in ("iss", "tlm", "random"):
+        result = _iss("select", str(config_file), "--method", method, "--quiet", "--json")
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[method] = json.loads(result.stdout)
+    run_dir = config_file.parent / "run"
+    subsets = {m: pq.read_table(run_dir / f"select-{m}" / "subset.parquet") for m in runs}
+    pool = pq.read_table(run_dir / "retrieval" / "pool.parquet")
+    pool_ids = set(pool.column("corpus_id").to_pylist())
+
+    for method, subset in subsets.items():
+        ids = subset.column("corpus_id").to_pylist()
+        assert len(ids) == BUDGET == len(set(ids)), method
+        assert set(ids) <= pool_ids, method
+        jsonl = [json.loads(line) for line in (run_dir / f"select-{method}" / "subset.jsonl").open()]
+        assert [row["corpus_id"] for row in jsonl] == ids
+    assert set(subsets["iss"].column("corpus_id").to_pylist()) != set(subsets["tlm"].column("corpus_id").to_pylist())
+
+    iss_rows = subsets["iss"].to_pylist()
+    assert all(row["chosen_by"] and all(c.startswith("dev:") for c in row["chosen_by"]) for row in iss_rows)
+    assert all(row["score"] is not None for row in iss_rows)
+    for row in subsets["tlm"].to_pylist():
+        assert row["chosen_by"] and all(c.startswith("train:") for c in row["chosen_by"])
+        assert row["score"] <= row["bm25_score"] + 1e-4  # best over its choosers <= best over all queries
+    assert all(row["chosen_by"] == [] and row["score"] is None for row in subsets["random"].to_pylist())
+
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert {
+        "data",
+        "tokenizer",
+        "retrieval",
+        "warmup",
+        "influence",
+        "select-iss",
+        "select-tlm",
+        "select-random",
+    } <= set(manifest["stages"])
+    assert runs["iss"]["influence"]["layer"] == "block2"
+
+    # Rerunning with the same config reuses every finished stage.
+    again = _iss("select", str(config_file), "--method", "iss", "--quiet", "--json")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert all(stage["reused"] for stage in json.loads(again.stdout).values())
+
+    # A different layer invalidates influence and selection only.
+    layer = _iss("select", str(config_file), "--set", "influence.layer=embeddings", "--quiet", "--json")
+    assert layer.returncode == 0, layer.stderr[-3000:]
+    stages = json.loads(layer.stdout)
+    assert stages["warmup"]["reused"] and stages["retrieval"]["reused"]
+    assert not stages["influence"]["reused"] and stages["influence"]["layer"] == "embeddings"
+
+
+def test_cli_reports_bad_config_in_one_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("influence:\n  layer: middle\n", encoding="utf-8")
+    result = _iss("select", str(path), "--quiet")
+    assert result.returncode == 2
+    assert "layer must be 'last', 'embeddings' or a block number" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,145 @@
+"""Every task format in ../shared/data loads; bad input fails with the file and row named."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from iss.config import Budget, CorpusConfig, IssConfig, TaskConfig, load_config
+from iss.data import DataError, iter_corpus, load_task
+
+from .conftest import CORPUS, SHARED, require_shared
+
+TASKS = {
+    "chemprot": ({}, (4169, 2427, 3469), 13),
+    "acl_arc": ({}, (1688, 114, 139), 6),
+    "scierc": ({}, (3219, 455, 974), 7),
+    "sst2": ({"text_column": "sentence"}, (6920, 872, 1821), 2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_shared_tasks_load_with_the_documented_counts(name):
+    require_shared()
+    options, counts, n_labels = TASKS[name]
+    task = load_task(TaskConfig(name=name, path=str(SHARED / "tasks" / name), **options))
+    assert tuple(task.splits[s].num_rows for s in ("train", "dev", "test")) == counts
+    assert len(task.labels) == n_labels
+    for split in task.splits.values():
+        ids = split.column("label_id").to_numpy()
+        assert [task.labels[i] for i in ids] == split.column("label").to_pylist()
+
+
+def test_agnews_single_headerless_csv_is_split_by_seed():
+    require_shared()
+    config = TaskConfig(name="agnews", path=str(SHARED / "tasks" / "agnews"), text_column=["title", "description"])
+    first, again, other = load_task(config, seed=0), load_task(config, seed=0), load_task(config, seed=1)
+    with (SHARED / "tasks" / "agnews" / "all.csv").open(newline="", encoding="utf-8") as handle:
+        records = sum(1 for _ in csv.reader(handle))
+    assert sum(t.num_rows for t in first.splits.values()) == records  # the first row is data, not a header
+    assert first.labels == ["1", "2", "3", "4"]
+    assert first.texts("dev") == again.texts("dev") and first.texts("dev") != other.texts("dev")
+    train_ids = set(first.splits["train"].column("id").to_pylist())
+    assert not train_ids & set(first.splits["test"].column("id").to_pylist())
+    assert first.texts("train")[0].startswith("Fears for T N pension after talks Unions representing")
+
+
+def test_parquet_task_and_subsampling(tmp_path):
+    for split, labels in (("train", ["a", "b", "a", "b"]), ("dev", ["a", "b"]), ("test", ["b"])):
+        pq.write_table(
+            pa.table({"text": [f"t{i}" for i in range(len(labels))], "y": labels}), tmp_path / f"{split}.parquet"
+        )
+    task = load_task(TaskConfig(path=str(tmp_path), label_column="y", max_train=3), seed=0)
+    assert task.splits["train"].num_rows == 3 and task.labels == ["a", "b"]
+
+
+def _write_split_folder(folder, train, dev, test):
+    folder.mkdir()
+    for name, rows in (("train", train), ("dev", dev), ("test", test)):
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def test_bad_task_inputs_name_file_and_row(tmp_path):
+    good = [{"text": "x", "label": "A"}, {"text": "y", "label": "B"}]
+    _write_split_folder(tmp_path / "unseen", good, [{"text": "z", "label": "C"}], good)
+    with pytest.raises(DataError, match=r"dev\.jsonl: row 1: label 'C' does not occur in the train split"):
+        load_task(TaskConfig(path=str(tmp_path / "unseen")))
+
+    _write_split_folder(tmp_path / "empty_text", [*good, {"text": "  ", "label": "A"}], good, good)
+    with pytest.raises(DataError, match=r"train\.jsonl: row 3: empty text"):
+        load_task(TaskConfig(path=str(tmp_path / "empty_text")))
+
+    _write_split_folder(tmp_path / "columns", [{"sentence": "x", "label": "A"}], good, good)
+    with pytest.raises(DataError, match=r"train\.jsonl: missing column\(s\) \['text'\]"):
+        load_task(TaskConfig(path=str(tmp_path / "columns")))
+
+    (tmp_path / "empty_file").mkdir()
+    for name in ("train", "dev", "test"):
+        (tmp_path / "empty_file" / f"{name}.jsonl").write_text("", encoding="utf-8")
+    with pytest.raises(DataError, match="file is empty"):
+        load_task(TaskConfig(path=str(tmp_path / "empty_file")))
+
+    with pytest.raises(DataError, match="task path not found"):
+        load_task(TaskConfig(path=str(tmp_path / "missing.jsonl")))
+
+
+def test_corpus_streams_in_shards_with_global_ids():
+    require_shared()
+    config = CorpusConfig(paths=[str(CORPUS)], shard_size=10_000)
+    sizes, last_id, sources = [], -1, set()
+    for batch in iter_corpus(config):
+        assert batch.ids[0] > last_id
+        sizes.append(len(batch.ids))
+        last_id = int(batch.ids[-1])
+        sources.update(batch.sources)
+    assert sum(sizes) == 74_548 and max(sizes) == 10_000
+    assert {"cs_mag", "wiki_wikitext103"} <= sources
+
+
+def test_corpus_folder_of_shards_txt_and_parquet(tmp_path):
+    (tmp_path / "a.txt").write_text("first doc\n\nsecond doc\n", encoding="utf-8")
+    pq.write_table(pa.table({"text": ["third doc"], "source": ["p"]}), tmp_path / "b.parquet")
+    batches = list(iter_corpus(CorpusConfig(paths=[str(tmp_path)], shard_size=2)))
+    assert [t for b in batches for t in b.texts] == ["first doc", "second doc", "third doc"]
+    assert [int(i) for b in batches for i in b.ids] == [0, 2, 3]  # the blank line keeps its row id
+
+
+def test_bad_corpus_lines_name_file_and_line(tmp_path):
+    bad_bytes = tmp_path / "bytes.jsonl"
+    bad_bytes.write_bytes(b'{"text": "ok"}\n{"text": "\xff\xfe"}\n')
+    with pytest.raises(DataError, match=r"bytes\.jsonl: line 2: not valid UTF-8"):
+        list(iter_corpus(CorpusConfig(paths=[str(bad_bytes)])))
+    bad_json = tmp_path / "json.jsonl"
+    bad_json.write_text('{"text": "ok"}\n{"text": \n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"json\.jsonl: line 2: invalid JSON"):
+        list(iter_corpus(CorpusConfig(paths=[str(bad_json)])))
+    no_text = tmp_path / "field.jsonl"
+    no_text.write_text('{"body": "ok"}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"field\.jsonl: line 1: no 'text' field"):
+        list(iter_corpus(CorpusConfig(paths=[str(no_text)])))
+
+
+def test_config_parsing_and_validation(tmp_path):
+    assert Budget.parse("20%") == Budget(kind="fraction", value=0.2)
+    assert Budget.parse("1e6 tokens") == Budget(kind="tokens", value=1e6)
+    assert Budget.parse("2000") == Budget(kind="docs", value=2000)
+    assert Budget.parse(0.3) == Budget(kind="fraction", value=0.3)
+    with pytest.raises(ValueError, match="cannot read budget"):
+        Budget.parse("lots")
+    config = IssConfig().with_overrides({"influence.layer": "2", "selection.budget": "10 docs"})
+    assert config.influence.layer == 2 and config.selection.budget == Budget(kind="docs", value=10)
+    with pytest.raises(ValueError, match="layer"):
+        IssConfig().with_overrides({"influence.layer": "middle"})
+    with pytest.raises(KeyError, match="unknown config key"):
+        IssConfig().with_overrides({"nosuch.key": 1})
+    path = tmp_path / "c.yaml"
+    path.write_text("warmup:\n  epochz: 3\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="epochz"):
+        load_config(path)
+    path.write_text("!!python/object/apply:os.system ['echo hacked']\n", encoding="utf-8")
+    with pytest.raises(Exception, match="python/object"):
+        load_config(path)
