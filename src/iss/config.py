@@ -108,7 +108,9 @@ class InfluenceConfig(_Section):
     task_split: Literal["train", "dev"] = "dev"
     pool_batch: int = Field(1, ge=1, description="B_p: corpus samples per matched batch (1 = per sample).")
     task_batch: int = Field(1, ge=1, description="B_t: task samples per matched batch (1 = per sample).")
-    top_k: int = Field(100, ge=1, description="Ranked candidates kept per task sample (or task batch).")
+    top_k: int = Field(
+        1000, ge=1, description="Ranked candidates kept per task unit; their union must cover the budget."
+    )
     compute_batch: int = Field(32, ge=1, description="Candidates per forward/backward pass.")
     mlm_probability: float = Field(0.15, gt=0, lt=1)
 

@@ -14,6 +14,7 @@ everything else is dense. Influence (Eq. 6 of the paper) is then a sum of dense 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -57,12 +58,6 @@ class GradientFeatures:
         averager = _averaging_matrix(groups, len(self))
         dense_averager = torch.from_numpy(averager.toarray()).to(self.dense)
         return GradientFeatures(dense_averager @ self.dense, [(averager @ m).tocsr() for m in self.sparse])
-
-    @staticmethod
-    def concat(parts: list[GradientFeatures]) -> GradientFeatures:
-        dense = torch.cat([p.dense for p in parts])
-        sparse = [sp.vstack(ms, format="csr") for ms in zip(*(p.sparse for p in parts), strict=True)]
-        return GradientFeatures(dense, sparse)
 
     def flat(self) -> torch.Tensor:
         """Dense [n, D] copy of everything (for tests and small groups only)."""
@@ -249,16 +244,28 @@ def task_gradient_bank(
     device: torch.device,
     progress: Callable[[int], None] | None = None,
 ) -> GradientFeatures:
-    """Task-loss gradients of every task group (B_t samples; one row per group), held in memory."""
-    parts = []
-    for _, rows, local in _group_chunks(groups, compute_batch):
+    """Task-loss gradients of every task group (B_t samples; one row per group), held in memory.
+
+    The dense bank is filled in place, so peak memory is the bank plus one compute batch, not twice the bank.
+    """
+    dense: torch.Tensor | None = None
+    sparse_parts: list[list[sp.csr_matrix]] = []
+    for first, rows, local in _group_chunks(groups, compute_batch):
         batch = encode(tokenizer, [texts[i] for i in rows], max_length)
         batch.labels = torch.from_numpy(label_ids[rows])
         features = grads.compute(per_sample_task_loss, batch.to(device))
-        parts.append(features if all(len(g) == 1 for g in local) else features.group_mean(local))
+        if not all(len(g) == 1 for g in local):
+            features = features.group_mean(local)
+        if dense is None:
+            dense = features.dense.new_empty(len(groups), features.dense.shape[1])
+        dense[first : first + len(local)] = features.dense
+        sparse_parts.append(features.sparse)
         if progress:
             progress(len(rows))
-    return GradientFeatures.concat(parts)
+    if dense is None:
+        raise ValueError("no task samples to take gradients of")
+    sparse = [sp.vstack(ms, format="csr") for ms in zip(*sparse_parts, strict=True)]
+    return GradientFeatures(dense, sparse)
 
 
 def score_pool(
@@ -276,14 +283,16 @@ def score_pool(
     device: torch.device,
     state_path: Path | None = None,
     progress: Callable[[int], None] | None = None,
+    checkpoint_seconds: float = 30.0,
 ) -> TopK:
     """Stream candidate units (B_p documents each) against the task bank, keeping the top-k per task unit.
 
     A candidate's MLM mask is keyed by ``pool_keys`` (its corpus id), so scores do not depend on batching.
-    With ``state_path`` the running top-k is saved after every compute batch and a rerun resumes from it.
+    With ``state_path`` the running top-k is saved every ``checkpoint_seconds`` (and at the end), and a rerun
+    resumes from the last save.
     """
     top = TopK.empty(len(bank), min(top_k, len(unit_groups)))
-    resume_from = 0
+    resume_from, saved_at = 0, time.monotonic()
     if state_path is not None and state_path.is_file():
         state = torch.load(state_path, weights_only=True)
         top, resume_from = TopK(state["scores"], state["units"]), int(state["next_unit"])
@@ -298,10 +307,12 @@ def score_pool(
         if not all(len(g) == 1 for g in local):
             scores = group_mean_scores(scores, local)
         top.update(scores.cpu(), torch.arange(first, first + len(local)))
-        if state_path is not None:
+        done = first + len(local)
+        if state_path is not None and (time.monotonic() - saved_at > checkpoint_seconds or done == len(unit_groups)):
             tmp = state_path.with_suffix(".tmp")
-            torch.save({"scores": top.scores, "units": top.units, "next_unit": first + len(local)}, tmp)
+            torch.save({"scores": top.scores, "units": top.units, "next_unit": done}, tmp)
             os.replace(tmp, state_path)
+            saved_at = time.monotonic()
         if progress:
             progress(len(rows))
     return top
