@@ -31,7 +31,11 @@ TASK_FILE = "task.json"
 
 
 def train_tokenizer(texts: Iterable[str], config: TokenizerConfig) -> PreTrainedTokenizerFast:
-    """Train a BERT-style WordPiece tokenizer on a stream of texts (task + corpus, from-scratch setting)."""
+    """Train a BERT-style WordPiece tokenizer on a stream of texts (task + corpus, from-scratch setting).
+
+    The trainer breaks merge-frequency ties in hash order, so two trainings on the same texts may differ in a
+    few rare subwords; the run folder keeps the trained tokenizer, and ``tokenizer.path`` pins one across runs.
+    """
     tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tokenizer.normalizer = normalizers.BertNormalizer(lowercase=config.lowercase)
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
@@ -40,6 +44,11 @@ def train_tokenizer(texts: Iterable[str], config: TokenizerConfig) -> PreTrained
         vocab_size=config.vocab_size, min_frequency=config.min_frequency, special_tokens=SPECIAL_TOKENS
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
+    # Tied tokens are also numbered in hash order; WordPiece matching does not depend on ids, so number the
+    # vocabulary canonically (specials first, then sorted) and equal vocabularies get equal ids.
+    learned = sorted(set(tokenizer.get_vocab()) - set(SPECIAL_TOKENS))
+    canonical = {token: i for i, token in enumerate(SPECIAL_TOKENS + learned)}
+    tokenizer.model = models.WordPiece(vocab=canonical, unk_token="[UNK]")
     cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",

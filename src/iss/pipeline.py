@@ -259,6 +259,7 @@ class Pipeline:
                     "task_units": len(task_groups),
                     "pool_units": len(unit_groups),
                     "pool_docs": pool.num_rows,
+                    "distinct_candidates_ranked": int(torch.unique(top.units[top.units >= 0]).numel()),
                 }
             )
 

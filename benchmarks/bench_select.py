@@ -1,0 +1,72 @@
+"""Wall time and peak memory of `iss select` from a cold run folder, per method, with per-stage seconds.
+
+Usage: python benchmarks/bench_select.py [--config configs/chemprot.yaml] [--methods iss tlm random]
+Prints a Markdown table and writes benchmarks/results/select_<task>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from iss.config import load_config
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def run_select(config: Path, method: str, run_dir: Path) -> dict:
+    """One cold `iss select` in a child process; wait4 gives that child's own peak RSS."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        command = [sys.executable, "-m", "iss", "select", str(config), "--method", method,
+                   "--run-dir", str(run_dir), "--quiet", "--json"]  # fmt: skip
+        start = time.perf_counter()
+        child = subprocess.Popen(command, stdout=out, stderr=err)
+        _, status, usage = os.wait4(child.pid, 0)
+        wall = time.perf_counter() - start
+        out.seek(0), err.seek(0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise SystemExit(f"iss select --method {method} failed:\n{err.read()[-3000:]}")
+        stages = json.loads(out.read())
+    return {
+        "method": method,
+        "wall_seconds": round(wall, 1),
+        "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2),
+        "stage_seconds": {name: stage.get("seconds") for name, stage in stages.items()},
+        "stages": stages,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", type=Path, default=Path("configs/chemprot.yaml"))
+    parser.add_argument("--methods", nargs="+", default=["iss", "tlm", "random"])
+    args = parser.parse_args()
+    task = load_config(args.config).task.name
+    with tempfile.TemporaryDirectory() as scratch:
+        rows = [run_select(args.config, method, Path(scratch) / method) for method in args.methods]
+    lines = ["| method | wall s (cold run folder) | peak RSS GiB | docs selected | stage seconds |",
+             "| --- | ---: | ---: | ---: | --- |"]  # fmt: skip
+    for row in rows:
+        selected = row["stages"][f"select-{row['method']}"]
+        stages = ", ".join(f"{name} {seconds}" for name, seconds in row["stage_seconds"].items())
+        lines.append(
+            f"| {row['method']} | {row['wall_seconds']} | {row['peak_rss_gib']} | {selected['docs']} | {stages} |"
+        )
+    print("\n".join(lines))
+    RESULTS.mkdir(exist_ok=True)
+    machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    report = {"config": str(args.config), "task": task, "machine": machine, "runs": rows, "table": lines}
+    (RESULTS / f"select_{task}.json").write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
