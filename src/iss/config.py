@@ -38,7 +38,7 @@ class TaskConfig(_Section):
     dev_fraction: float = Field(
         0.1, gt=0, lt=1, description="For single-file tasks: share of rows held out for dev (and again for test)."
     )
-    metric: Literal["micro_f1", "macro_f1"] = "macro_f1"
+    metric: Literal["micro_f1", "macro_f1"] = "micro_f1"  # the default task, ChemProt, reports micro-F1
 
     @property
     def text_columns(self) -> list[str]:
