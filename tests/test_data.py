@@ -134,6 +134,8 @@ def test_config_parsing_and_validation(tmp_path):
     assert config.influence.layer == 2 and config.selection.budget == Budget(kind="docs", value=10)
     with pytest.raises(ValueError, match="layer"):
         IssConfig().with_overrides({"influence.layer": "middle"})
+    with pytest.raises(ValueError, match="splits maps the roles"):
+        TaskConfig(splits={"train": "train", "validation": "dev"})
     with pytest.raises(KeyError, match="unknown config key"):
         IssConfig().with_overrides({"nosuch.key": 1})
     path = tmp_path / "c.yaml"

@@ -40,6 +40,14 @@ class TaskConfig(_Section):
     )
     metric: Literal["micro_f1", "macro_f1"] = "micro_f1"  # the default task, ChemProt, reports micro-F1
 
+    @field_validator("splits")
+    @classmethod
+    def _known_roles(cls, value: dict[str, str]) -> dict[str, str]:
+        unknown = set(value) - {"train", "dev", "test"}
+        if unknown or "train" not in value:
+            raise ValueError(f"splits maps the roles train (required), dev and test to names; got {sorted(value)}")
+        return value
+
     @property
     def text_columns(self) -> list[str]:
         return [self.text_column] if isinstance(self.text_column, str) else list(self.text_column)
