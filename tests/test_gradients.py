@@ -6,11 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from iss.gradients import GroupGradients, TopK, score_pool, seeded_groups, task_gradient_bank
+from iss.gradients import (
+    GroupGradients,
+    PoolScorer,
+    TopK,
+    autograd_gradient,
+    seeded_groups,
+    task_gradient_bank,
+)
 from iss.model import (
     Batch,
-    encode,
-    mask_tokens,
+    labelled_batch,
+    masked_batch,
     parameter_group,
     per_sample_mlm_loss,
     per_sample_task_loss,
@@ -18,46 +25,10 @@ from iss.model import (
 
 MAX_LENGTH = 64
 SEED = 7
+CPU = torch.device("cpu")
 
 
-def _reference_grad(model, group, loss_fn, batch: Batch) -> torch.Tensor:
-    """Autograd of the batch-mean loss on the unpadded rows, flattened over the group's parameters."""
-    model.zero_grad(set_to_none=True)
-    losses = []
-    for row in range(batch.input_ids.shape[0]):
-        length = int(batch.attention_mask[row].sum())
-        single = Batch(
-            batch.input_ids[row : row + 1, :length],
-            batch.attention_mask[row : row + 1, :length],
-            None if batch.mlm_labels is None else batch.mlm_labels[row : row + 1, :length],
-            None if batch.labels is None else batch.labels[row : row + 1],
-        )
-        losses.append(loss_fn(model, single))
-    torch.cat(losses).mean().backward()
-    grads = []
-    for parameter in group.parameters():
-        grads.append(torch.zeros(parameter.numel()) if parameter.grad is None else parameter.grad.reshape(-1))
-    return torch.cat(grads)
-
-
-def _flat_in_parameter_order(features, group) -> torch.Tensor:
-    """GradientFeatures keep dense modules first, embeddings after; reorder to ``group.parameters()``."""
-    dense_modules = [
-        m for m in group.modules() if list(m.parameters(recurse=False)) and not isinstance(m, torch.nn.Embedding)
-    ]
-    sparse_modules = [m for m in group.modules() if isinstance(m, torch.nn.Embedding)]
-    pieces: dict[int, torch.Tensor] = {}
-    offset = 0
-    for module in dense_modules:
-        for parameter in module.parameters(recurse=False):
-            pieces[id(parameter)] = features.dense[:, offset : offset + parameter.numel()]
-            offset += parameter.numel()
-    for module, matrix in zip(sparse_modules, features.sparse, strict=True):
-        pieces[id(module.weight)] = torch.from_numpy(matrix.toarray())
-    return torch.cat([pieces[id(p)] for p in group.parameters()], dim=1)
-
-
-def _pool_and_task(chemprot_texts, corpus_texts, tokenizer, n_pool=10, n_task=6):
+def _pool_and_task(chemprot_texts, corpus_texts, n_pool=10, n_task=6):
     pool_texts = corpus_texts[:n_pool]
     pool_keys = np.arange(100, 100 + n_pool)
     task_texts = [t for t, _ in chemprot_texts[:n_task]]
@@ -65,70 +36,126 @@ def _pool_and_task(chemprot_texts, corpus_texts, tokenizer, n_pool=10, n_task=6)
     return pool_texts, pool_keys, task_texts, task_labels
 
 
-@pytest.mark.parametrize("layer", ["last", 1, "embeddings"])
-def test_per_sample_gradients_equal_autograd(tiny_model, tokenizer, chemprot_texts, corpus_texts, layer):
-    pool_texts, pool_keys, task_texts, task_labels = _pool_and_task(chemprot_texts, corpus_texts, tokenizer)
-    _, group = parameter_group(tiny_model, layer)
-    grads = GroupGradients(tiny_model, group)
+def _grads(model, layer, tokenizer, chemprot_texts, corpus_texts, layout: str) -> GroupGradients:
+    """Hook gradients with Linear weights kept dense, all as token factors, or as chosen by the cost rule."""
+    _, group = parameter_group(model, layer)
+    grads = GroupGradients(model, group)
+    if layout == "low_rank":
+        grads.low_rank = set(grads.linears)
+    elif layout == "auto":
+        pool_texts, pool_keys, task_texts, task_labels = _pool_and_task(chemprot_texts, corpus_texts)
+        grads.choose_low_rank(
+            labelled_batch(tokenizer, task_texts, task_labels, MAX_LENGTH),
+            masked_batch(tokenizer, pool_texts, pool_keys, 0.15, SEED, MAX_LENGTH),
+        )
+    return grads
 
-    pool_batch = mask_tokens(encode(tokenizer, pool_texts, MAX_LENGTH), tokenizer, 0.15, SEED, pool_keys)
-    task_batch = encode(tokenizer, task_texts, MAX_LENGTH)
-    task_batch.labels = torch.from_numpy(task_labels)
 
-    for loss_fn, batch in ((per_sample_mlm_loss, pool_batch), (per_sample_task_loss, task_batch)):
-        fast = _flat_in_parameter_order(grads.compute(loss_fn, batch), group)
-        for row in range(batch.input_ids.shape[0]):
-            single = Batch(
-                batch.input_ids[row : row + 1],
-                batch.attention_mask[row : row + 1],
-                None if batch.mlm_labels is None else batch.mlm_labels[row : row + 1],
-                None if batch.labels is None else batch.labels[row : row + 1],
-            )
-            reference = _reference_grad(tiny_model, group, loss_fn, single)
-            torch.testing.assert_close(fast[row], reference, rtol=1e-4, atol=1e-4 * reference.abs().max().item())
+def _rows(batch: Batch, members) -> Batch:
+    return Batch(
+        batch.input_ids[members],
+        batch.attention_mask[members],
+        None if batch.mlm_labels is None else batch.mlm_labels[members],
+        None if batch.labels is None else batch.labels[members],
+    )
 
 
 @pytest.mark.parametrize(
-    ("layer", "pool_batch", "task_batch"), [("last", 1, 1), ("last", 3, 2), ("embeddings", 2, 3), (1, 1, 4)]
+    ("layer", "layout"), [("last", "dense"), ("last", "low_rank"), (1, "low_rank"), ("embeddings", "dense")]
 )
-def test_pipeline_scores_equal_autograd_dot_products(
-    tiny_model, tokenizer, chemprot_texts, corpus_texts, layer, pool_batch, task_batch
-):
-    """score_pool's kept scores are the dot products of autograd gradients of batch-mean losses."""
-    pool_texts, pool_keys, task_texts, task_labels = _pool_and_task(chemprot_texts, corpus_texts, tokenizer)
+def test_per_sample_gradients_equal_autograd(tiny_model, tokenizer, chemprot_texts, corpus_texts, layer, layout):
+    pool_texts, pool_keys, task_texts, task_labels = _pool_and_task(chemprot_texts, corpus_texts)
+    grads = _grads(tiny_model, layer, tokenizer, chemprot_texts, corpus_texts, layout)
+    pool_batch = masked_batch(tokenizer, pool_texts, pool_keys, 0.15, SEED, MAX_LENGTH)
+    task_batch = labelled_batch(tokenizer, task_texts, task_labels, MAX_LENGTH)
+
+    for loss_fn, batch in ((per_sample_mlm_loss, pool_batch), (per_sample_task_loss, task_batch)):
+        fast = grads.flatten(grads.compute(loss_fn, batch))
+        for row in range(batch.input_ids.shape[0]):
+            reference = autograd_gradient(tiny_model, grads.group, loss_fn, _rows(batch, [row]))
+            torch.testing.assert_close(fast[row], reference, rtol=1e-4, atol=1e-4 * reference.abs().max().item())
+
+
+def _random_batches(vocab_size: int, n: int = 6, length: int = 24) -> tuple[Batch, Batch]:
+    """Random token ids with random padding: an MLM batch (random masked targets) and a labelled batch."""
+    generator = torch.Generator().manual_seed(11)
+    ids = torch.randint(5, vocab_size, (n, length), generator=generator)
+    lengths = torch.randint(4, length + 1, (n,), generator=generator)
+    mask = (torch.arange(length)[None, :] < lengths[:, None]).long()
+    ids = ids * mask  # pad id 0
+    targets = torch.where(
+        (torch.rand(n, length, generator=generator) < 0.3) & mask.bool(), ids, torch.full_like(ids, -100)
+    )
+    targets[torch.arange(n), 0] = ids[:, 0]  # at least one target per row
+    labels = torch.randint(0, 5, (n,), generator=generator)
+    return Batch(ids, mask, targets), Batch(ids, mask, labels=labels)
+
+
+@pytest.mark.parametrize(
+    ("layer", "layout"), [("last", "low_rank"), ("last", "dense"), (1, "low_rank"), ("embeddings", "dense")]
+)
+def test_gradients_on_random_inputs_equal_autograd(tiny_model, tokenizer, layer, layout):
     _, group = parameter_group(tiny_model, layer)
     grads = GroupGradients(tiny_model, group)
+    grads.low_rank = set(grads.linears) if layout == "low_rank" else set()
+    mlm_batch, task_batch = _random_batches(len(tokenizer))
+    for loss_fn, batch in ((per_sample_mlm_loss, mlm_batch), (per_sample_task_loss, task_batch)):
+        fast = grads.flatten(grads.compute(loss_fn, batch))
+        for row in range(len(batch.input_ids)):
+            reference = autograd_gradient(tiny_model, group, loss_fn, _rows(batch, [row]))
+            torch.testing.assert_close(fast[row], reference, rtol=1e-4, atol=1e-4 * reference.abs().max().item())
+        # mini-batch matching: the mean of member rows is the gradient of the batch-mean loss
+        groups = [np.array([0, 2, 5]), np.array([1, 3, 4])]
+        matched = grads.flatten(grads.compute(loss_fn, batch).group_mean(groups))
+        for index, members in enumerate(groups):
+            reference = autograd_gradient(tiny_model, group, loss_fn, _rows(batch, members))
+            torch.testing.assert_close(matched[index], reference, rtol=1e-4, atol=1e-4 * reference.abs().max().item())
+
+
+def test_cost_rule_factors_the_last_blocks_position_wise_layers(tiny_model, tokenizer, chemprot_texts, corpus_texts):
+    """[CLS]-only task gradients make query/output/feed-forward weights rank-1 per task sample; keys and values
+    see every token, so they stay dense."""
+    grads = _grads(tiny_model, "last", tokenizer, chemprot_texts, corpus_texts, "auto")
+    names = {
+        name.split(".")[-1] if "attention" in name else name
+        for name, m in grads.group.named_modules()
+        if m in grads.low_rank
+    }
+    assert {"query", "intermediate.dense", "output.dense"} <= names
+    assert not names & {"key", "value"}
+
+
+@pytest.mark.parametrize(
+    ("layer", "pool_batch", "task_batch", "layout"),
+    [
+        ("last", 1, 1, "auto"),
+        ("last", 3, 2, "auto"),
+        ("last", 2, 3, "dense"),
+        ("embeddings", 2, 3, "auto"),
+        (1, 1, 4, "low_rank"),
+    ],
+)
+def test_pipeline_scores_equal_autograd_dot_products(
+    tiny_model, tokenizer, chemprot_texts, corpus_texts, layer, pool_batch, task_batch, layout
+):
+    """The scorer's kept scores are the dot products of autograd gradients of batch-mean losses."""
+    pool_texts, pool_keys, task_texts, task_labels = _pool_and_task(chemprot_texts, corpus_texts)
+    grads = _grads(tiny_model, layer, tokenizer, chemprot_texts, corpus_texts, layout)
     task_groups = seeded_groups(len(task_texts), task_batch, SEED)
     unit_groups = seeded_groups(len(pool_texts), pool_batch, SEED + 1)
 
-    bank = task_gradient_bank(
-        grads, tokenizer, task_texts, task_labels, task_groups, 5, MAX_LENGTH, torch.device("cpu")
-    )
-    top = score_pool(
-        grads,
-        tokenizer,
-        bank,
-        pool_texts,
-        pool_keys,
-        unit_groups,
-        len(unit_groups),
-        4,
-        0.15,
-        SEED,
-        MAX_LENGTH,
-        torch.device("cpu"),
-    )
+    bank = task_gradient_bank(grads, tokenizer, task_texts, task_labels, task_groups, 5, MAX_LENGTH, CPU)
+    scorer = PoolScorer(grads, tokenizer, bank, len(unit_groups), 4, 0.15, SEED, MAX_LENGTH, CPU)
+    top = scorer.score(pool_texts, pool_keys, unit_groups)
 
-    task_refs = []
-    for members in task_groups:
-        batch = encode(tokenizer, [task_texts[i] for i in members], MAX_LENGTH)
-        batch.labels = torch.from_numpy(task_labels[members])
-        task_refs.append(_reference_grad(tiny_model, group, per_sample_task_loss, batch))
-    unit_refs = []
-    for members in unit_groups:
-        batch = encode(tokenizer, [pool_texts[i] for i in members], MAX_LENGTH)
-        batch = mask_tokens(batch, tokenizer, 0.15, SEED, pool_keys[members])
-        unit_refs.append(_reference_grad(tiny_model, group, per_sample_mlm_loss, batch))
+    task_all = labelled_batch(tokenizer, task_texts, task_labels, MAX_LENGTH)
+    pool_all = masked_batch(tokenizer, pool_texts, pool_keys, 0.15, SEED, MAX_LENGTH)
+    task_refs = [
+        autograd_gradient(tiny_model, grads.group, per_sample_task_loss, _rows(task_all, g)) for g in task_groups
+    ]
+    unit_refs = [
+        autograd_gradient(tiny_model, grads.group, per_sample_mlm_loss, _rows(pool_all, g)) for g in unit_groups
+    ]
     expected = torch.stack(unit_refs) @ torch.stack(task_refs).T  # [pool units, task units]
 
     for task_unit in range(len(task_groups)):
@@ -138,6 +165,38 @@ def test_pipeline_scores_equal_autograd_dot_products(
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
         assert sorted(kept.tolist()) == list(range(len(unit_groups)))  # k = all units: every unit kept once
         assert torch.all(got[:-1] >= got[1:])  # best first
+
+
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+def test_projection_is_the_kronecker_projection_of_the_exact_gradient(
+    tiny_model, tokenizer, chemprot_texts, corpus_texts, kind
+):
+    pool_texts, pool_keys, _, _ = _pool_and_task(chemprot_texts, corpus_texts)
+    batch = masked_batch(tokenizer, pool_texts, pool_keys, 0.15, SEED, MAX_LENGTH)
+    exact_grads = _grads(tiny_model, "last", tokenizer, chemprot_texts, corpus_texts, "dense")
+    exact = exact_grads.flatten(exact_grads.compute(per_sample_mlm_loss, batch))
+
+    projected_grads = _grads(tiny_model, "last", tokenizer, chemprot_texts, corpus_texts, "dense")
+    projected_grads.project(512, kind, seed=3)
+    projected = projected_grads.compute(per_sample_mlm_loss, batch).dense
+    assert projected.shape[1] < exact.shape[1] / 4
+
+    # Rebuild the projected features from the exact gradients: P_out^T G P_in per Linear, the rest unchanged.
+    offset, expected = 0, []
+    for module in projected_grads.modules:
+        for name, parameter in module.named_parameters(recurse=False):
+            block = exact[:, offset : offset + parameter.numel()]
+            offset += parameter.numel()
+            if name == "weight" and module in projected_grads.projections:
+                projection = projected_grads.projections[module]
+                weight = block.reshape(-1, *parameter.shape)
+                block = (projection.out_matrix.T @ weight @ projection.in_matrix).reshape(len(batch.input_ids), -1)
+            expected.append(block)
+    torch.testing.assert_close(projected, torch.cat(expected, dim=1), rtol=1e-4, atol=1e-5)
+
+    again = _grads(tiny_model, "last", tokenizer, chemprot_texts, corpus_texts, "dense")
+    again.project(512, kind, seed=3)
+    assert torch.equal(again.compute(per_sample_mlm_loss, batch).dense, projected)
 
 
 def test_streaming_top_k_equals_full_matrix_top_k():
@@ -152,22 +211,32 @@ def test_streaming_top_k_equals_full_matrix_top_k():
     assert torch.equal(top.units, expected.indices)
 
 
-def test_score_pool_resumes_from_saved_state(tiny_model, tokenizer, chemprot_texts, corpus_texts, tmp_path):
-    pool_texts, pool_keys, task_texts, task_labels = _pool_and_task(chemprot_texts, corpus_texts, tokenizer, 12)
-    _, group = parameter_group(tiny_model, "last")
-    grads = GroupGradients(tiny_model, group)
+class _Killed(Exception):
+    pass
+
+
+def test_scorer_resumes_from_last_finished_shard(tiny_model, tokenizer, chemprot_texts, corpus_texts, tmp_path):
+    pool_texts, pool_keys, task_texts, task_labels = _pool_and_task(chemprot_texts, corpus_texts, 14)
+    grads = _grads(tiny_model, "last", tokenizer, chemprot_texts, corpus_texts, "auto")
     groups = seeded_groups(len(task_texts), 1, 0)
     units = seeded_groups(len(pool_texts), 1, 1)
-    cpu = torch.device("cpu")
-    bank = task_gradient_bank(grads, tokenizer, task_texts, task_labels, groups, 8, MAX_LENGTH, cpu)
-    args = (grads, tokenizer, bank, pool_texts, pool_keys)
-    whole = score_pool(*args, units, 5, 4, 0.15, 0, MAX_LENGTH, cpu)
+    bank = task_gradient_bank(grads, tokenizer, task_texts, task_labels, groups, 8, MAX_LENGTH, CPU)
+    scorer = PoolScorer(grads, tokenizer, bank, 5, 2, 0.15, 0, MAX_LENGTH, CPU, shard_units=4)
+    whole = scorer.score(pool_texts, pool_keys, units)
 
-    state = tmp_path / "topk.pt"
-    # An interrupted run: only the first 8 units were scored and saved.
-    score_pool(*args, units[:8], 5, 4, 0.15, 0, MAX_LENGTH, cpu, state_path=state)
-    assert torch.load(state, weights_only=True)["next_unit"] == 8
-    resumed = score_pool(*args, units, 5, 4, 0.15, 0, MAX_LENGTH, cpu, state_path=state)
+    state, seen = tmp_path / "topk.pt", []
+
+    def die_after_ten(n: int) -> None:
+        seen.append(n)
+        if sum(seen) >= 10:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        scorer.score(pool_texts, pool_keys, units, state, die_after_ten)
+    assert torch.load(state, weights_only=True)["next_unit"] == 8  # shards of 4: two finished before the kill
+    resumed_progress = []
+    resumed = scorer.score(pool_texts, pool_keys, units, state, resumed_progress.append)
+    assert resumed_progress[0] == 8 and sum(resumed_progress) == len(units)
     torch.testing.assert_close(resumed.scores, whole.scores)
     assert torch.equal(resumed.units, whole.units)
 

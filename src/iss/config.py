@@ -121,6 +121,11 @@ class InfluenceConfig(_Section):
     )
     compute_batch: int = Field(32, ge=1, description="Candidates per forward/backward pass.")
     mlm_probability: float = Field(0.15, gt=0, lt=1)
+    shard_units: int = Field(4096, ge=1, description="Candidate units per checkpointed shard (resume point).")
+    projection_dim: int | None = Field(
+        None, ge=16, description="Randomly project Linear weight gradients to about this many numbers (approximate)."
+    )
+    projection: Literal["rademacher", "gaussian"] = "rademacher"
 
     @field_validator("layer")
     @classmethod

@@ -14,7 +14,6 @@ everything else is dense. Influence (Eq. 6 of the paper) is then a sum of dense 
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,22 +25,92 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerFast
 
-from iss.model import Batch, TaskMLMModel, encode, mask_tokens, per_sample_mlm_loss, per_sample_task_loss
+from iss.model import (
+    Batch,
+    TaskMLMModel,
+    labelled_batch,
+    masked_batch,
+    per_sample_mlm_loss,
+    per_sample_task_loss,
+)
 
 LossFn = Callable[[TaskMLMModel, Batch], torch.Tensor]
 SUPPORTED = (nn.Linear, nn.LayerNorm, nn.Embedding)
 
 
 @dataclass
+class LowRank:
+    """Per-sample gradients of one Linear weight kept as token factors.
+
+    Sample i's gradient is the sum, over the rows r with ``owner[r] == i``, of outer(grad_out[r], inputs[r]).
+    Only tokens with a non-zero output gradient are kept: the task loss reads [CLS] alone, so in the last block's
+    feed-forward and output layers a task sample has one row, and a candidate one row per masked token. A dot
+    product then costs rows x rows x (in + out) instead of in x out, and is still exact.
+    """
+
+    grad_out: torch.Tensor
+    inputs: torch.Tensor
+    owner: torch.Tensor
+    n: int
+
+    @classmethod
+    def from_tokens(cls, inputs: torch.Tensor, grad: torch.Tensor) -> LowRank:
+        batch = grad.shape[0]
+        grad = grad.reshape(batch, -1, grad.shape[-1]).float()
+        inputs = inputs.reshape(batch, -1, inputs.shape[-1]).float()
+        keep = grad.ne(0).any(-1)
+        owner = torch.arange(batch, device=grad.device).unsqueeze(1).expand_as(keep)[keep]
+        return cls(grad[keep], inputs[keep], owner, batch)
+
+    @classmethod
+    def stack(cls, parts: list[LowRank]) -> LowRank:
+        offsets = np.cumsum([0] + [p.n for p in parts])
+        return cls(
+            torch.cat([p.grad_out for p in parts]),
+            torch.cat([p.inputs for p in parts]),
+            torch.cat([p.owner + int(o) for p, o in zip(parts, offsets, strict=False)]),
+            int(offsets[-1]),
+        )
+
+    def dot(self, other: LowRank, chunk_rows: int = 8192) -> torch.Tensor:
+        """[self.n, other.n] dot products: sum over row pairs of (a . a') * (x . x')."""
+        scores = self.grad_out.new_zeros(self.n, other.n)
+        for start in range(0, other.owner.numel(), chunk_rows):
+            part = slice(start, start + chunk_rows)
+            products = (self.grad_out @ other.grad_out[part].T) * (self.inputs @ other.inputs[part].T)
+            per_sample = products.new_zeros(self.n, products.shape[1]).index_add_(0, self.owner, products)
+            scores.index_add_(1, other.owner[part], per_sample)
+        return scores
+
+    def group_mean(self, groups: list[np.ndarray]) -> LowRank:
+        """Factors of the groups' mean gradients: member rows re-owned by their group, scaled by 1/size."""
+        group_of, weight = np.zeros(self.n, np.int64), np.zeros(self.n, np.float32)
+        for index, members in enumerate(groups):
+            group_of[members], weight[members] = index, 1.0 / len(members)
+        owner = self.owner.cpu().numpy()
+        scale = torch.from_numpy(weight[owner]).to(self.grad_out).unsqueeze(1)
+        return LowRank(
+            self.grad_out * scale, self.inputs, torch.from_numpy(group_of[owner]).to(self.owner), len(groups)
+        )
+
+    def to_dense(self) -> torch.Tensor:
+        """[n, out * in] explicit gradients (tests and reference checks only)."""
+        outer = torch.einsum("ro,ri->roi", self.grad_out, self.inputs).reshape(self.owner.numel(), -1)
+        return outer.new_zeros(self.n, outer.shape[1]).index_add_(0, self.owner, outer)
+
+
+@dataclass
 class GradientFeatures:
     """Gradients of n samples (or sample groups) at one parameter group.
 
-    ``dense`` holds the Linear/LayerNorm parameters flattened in ``named_parameters`` order, ``sparse`` one
-    CSR matrix of shape [n, num_embeddings * dim] per Embedding module.
+    ``dense`` holds flattened Linear/LayerNorm parameters (or their random projections), ``low_rank`` the Linear
+    weights kept as token factors, ``sparse`` one CSR matrix [n, num_embeddings * dim] per Embedding. Which
+    parameter lands where is the :class:`GroupGradients` layout, the same for every batch it computes.
     """
 
     dense: torch.Tensor
     sparse: list[sp.csr_matrix]
+    low_rank: list[LowRank]
 
     def __len__(self) -> int:
         return self.dense.shape[0]
@@ -49,6 +118,8 @@ class GradientFeatures:
     def dot(self, other: GradientFeatures) -> torch.Tensor:
         """Matrix of dot products, shape [len(self), len(other)]."""
         scores = self.dense @ other.dense.T
+        for mine, theirs in zip(self.low_rank, other.low_rank, strict=True):
+            scores += mine.dot(theirs)
         for mine, theirs in zip(self.sparse, other.sparse, strict=True):
             scores += torch.from_numpy((mine @ theirs.T).toarray()).to(scores)
         return scores
@@ -57,12 +128,11 @@ class GradientFeatures:
         """Gradients of batch-mean losses: the mean of the member samples' gradients, one row per group."""
         averager = _averaging_matrix(groups, len(self))
         dense_averager = torch.from_numpy(averager.toarray()).to(self.dense)
-        return GradientFeatures(dense_averager @ self.dense, [(averager @ m).tocsr() for m in self.sparse])
-
-    def flat(self) -> torch.Tensor:
-        """Dense [n, D] copy of everything (for tests and small groups only)."""
-        blocks = [self.dense] + [torch.from_numpy(m.toarray()).to(self.dense) for m in self.sparse]
-        return torch.cat(blocks, dim=1)
+        return GradientFeatures(
+            dense_averager @ self.dense,
+            [(averager @ m).tocsr() for m in self.sparse],
+            [m.group_mean(groups) for m in self.low_rank],
+        )
 
 
 def _averaging_matrix(groups: list[np.ndarray], n: int) -> sp.csr_matrix:
@@ -78,6 +148,39 @@ def group_mean_scores(scores: torch.Tensor, groups: list[np.ndarray]) -> torch.T
     return averager @ scores
 
 
+@dataclass(frozen=True)
+class Projection:
+    """Seeded Kronecker random projection of one Linear weight's gradient: P_out^T G P_in, [k_out x k_in].
+
+    Entries are Rademacher signs or Gaussians scaled by 1/sqrt(k), so projected dot products equal exact ones in
+    expectation. The per-sample cost is two thin matmuls per token; no D x d matrix is ever built.
+    """
+
+    out_matrix: torch.Tensor
+    in_matrix: torch.Tensor
+
+    @classmethod
+    def draw(cls, out_features: int, in_features: int, dim: int, kind: str, seed: list[int]) -> Projection:
+        k_in = int(np.clip(round(np.sqrt(dim * in_features / out_features)), 1, in_features))
+        k_out = int(np.clip(round(dim / k_in), 1, out_features))
+        generator = torch.Generator().manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
+
+        def matrix(rows: int, cols: int) -> torch.Tensor:
+            if kind == "gaussian":
+                values = torch.randn(rows, cols, generator=generator)
+            else:
+                values = torch.randint(0, 2, (rows, cols), generator=generator).float() * 2 - 1
+            return values / np.sqrt(cols)
+
+        return cls(matrix(out_features, k_out), matrix(in_features, k_in))
+
+    def apply(self, inputs: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        batch = grad.shape[0]
+        grad = grad.reshape(batch, -1, grad.shape[-1]).float() @ self.out_matrix.to(grad.device)
+        inputs = inputs.reshape(batch, -1, inputs.shape[-1]).float() @ self.in_matrix.to(grad.device)
+        return torch.einsum("bto,bti->boi", grad, inputs).reshape(batch, -1)
+
+
 class _Record:
     __slots__ = ("inputs", "output")
 
@@ -87,7 +190,11 @@ class _Record:
 
 
 class GroupGradients:
-    """Computes per-sample gradients of a loss at the parameters of one module (and its children)."""
+    """Computes per-sample gradients of a loss at the parameters of one module (and its children).
+
+    Each Linear weight is kept dense, as token factors (``low_rank``, see :meth:`choose_low_rank`) or randomly
+    projected (``project``); everything else is exact.
+    """
 
     def __init__(self, model: TaskMLMModel, group: nn.Module) -> None:
         self.model = model
@@ -98,8 +205,50 @@ class GroupGradients:
                 raise ValueError(f"per-sample gradients are not supported for {type(module).__name__} parameters")
             if isinstance(module, nn.LayerNorm) and module.weight is None:
                 raise ValueError("LayerNorm without affine parameters has nothing to differentiate")
+        self.low_rank: set[nn.Module] = set()
+        self.projections: dict[nn.Module, Projection] = {}
         self._records = {module: _Record() for module in self.modules}
         self._batch_size = 0
+
+    @property
+    def linears(self) -> list[nn.Linear]:
+        return [m for m in self.modules if isinstance(m, nn.Linear)]
+
+    def project(self, dim: int, kind: str, seed: int) -> None:
+        """Randomly project Linear weight gradients to about ``dim`` numbers in all, shared out by size."""
+        total = sum(m.weight.numel() for m in self.linears)
+        self.projections = {}
+        for index, module in enumerate(self.linears):
+            share = max(1, round(dim * module.weight.numel() / total))
+            if share < module.weight.numel():
+                self.projections[module] = Projection.draw(
+                    module.out_features, module.in_features, share, kind, [seed, index]
+                )
+        self.low_rank -= set(self.projections)
+
+    def choose_low_rank(self, task_batch: Batch, pool_batch: Batch, task_group_size: int = 1) -> None:
+        """Keep a Linear weight as token factors where that makes candidate x task dot products cheaper.
+
+        A factored dot costs (task unit rows) x (candidate rows) x (in + out), a dense one in x out; rows per
+        sample are measured on one batch of each side (they follow from the model's wiring, not the text), and a
+        task unit of B_t samples has B_t times as many.
+        """
+        task_rows = self._rows_per_sample(per_sample_task_loss, task_batch)
+        pool_rows = self._rows_per_sample(per_sample_mlm_loss, pool_batch)
+        self.low_rank = {
+            m
+            for m in self.linears
+            if m not in self.projections
+            and task_rows[m] * task_group_size * pool_rows[m] * (m.in_features + m.out_features)
+            < m.in_features * m.out_features
+        }
+
+    def _rows_per_sample(self, loss_fn: LossFn, batch: Batch) -> dict[nn.Module, float]:
+        rows = {}
+        for module, _, grad in self._backward(loss_fn, batch):
+            if isinstance(module, nn.Linear):
+                rows[module] = grad.reshape(grad.shape[0], -1, grad.shape[-1]).ne(0).any(-1).sum(1).float().mean()
+        return {m: float(r) for m, r in rows.items()}
 
     @contextmanager
     def _hooks(self) -> Iterator[None]:
@@ -131,8 +280,8 @@ class GroupGradients:
         record.output = output
         return None
 
-    def compute(self, loss_fn: LossFn, batch: Batch) -> GradientFeatures:
-        """Per-sample gradients of ``loss_fn`` (which returns one loss per row) for every row of ``batch``."""
+    def _backward(self, loss_fn: LossFn, batch: Batch) -> list[tuple[nn.Module, torch.Tensor, torch.Tensor]]:
+        """(module, its input, gradient of the summed per-sample losses w.r.t. its output) for every module."""
         for record in self._records.values():
             record.inputs = record.output = None
         self._batch_size = batch.input_ids.shape[0]
@@ -142,28 +291,59 @@ class GroupGradients:
             if any(o is None for o in outputs):
                 raise RuntimeError("a module of the chosen group did not run in the forward pass")
             grads = torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
-        dense, sparse = [], []
+        captured = []
         for module, grad in zip(self.modules, grads, strict=True):
             record = self._records[module]
-            grad = torch.zeros_like(record.output) if grad is None else grad
-            if isinstance(module, nn.Embedding):
-                sparse.append(_embedding_grads(module, record.inputs, grad))
-            else:
-                dense.extend(_dense_grads(module, record.inputs, grad))
+            captured.append((module, record.inputs, torch.zeros_like(record.output) if grad is None else grad))
             record.inputs = record.output = None
-        return GradientFeatures(torch.cat(dense, dim=1).float(), sparse)
+        return captured
+
+    def compute(self, loss_fn: LossFn, batch: Batch) -> GradientFeatures:
+        """Per-sample gradients of ``loss_fn`` (which returns one loss per row) for every row of ``batch``."""
+        dense, sparse, low_rank = [], [], []
+        for module, inputs, grad in self._backward(loss_fn, batch):
+            if isinstance(module, nn.Embedding):
+                sparse.append(_embedding_grads(module, inputs, grad))
+                continue
+            if module in self.low_rank:
+                low_rank.append(LowRank.from_tokens(inputs, grad))
+            elif module in self.projections:
+                dense.append(self.projections[module].apply(inputs, grad))
+            explicit_weight = module not in self.low_rank and module not in self.projections
+            dense.extend(_dense_grads(module, inputs, grad, explicit_weight))
+        return GradientFeatures(torch.cat(dense, dim=1).float(), sparse, low_rank)
+
+    def flatten(self, features: GradientFeatures) -> torch.Tensor:
+        """Explicit [n, D] gradients in ``group.parameters()`` order (for checks against plain autograd)."""
+        if self.projections:
+            raise ValueError("projected gradients have no explicit form")
+        pieces: dict[nn.Parameter, torch.Tensor] = {}
+        offset, low_rank, sparse = 0, iter(features.low_rank), iter(features.sparse)
+        for module in self.modules:
+            if isinstance(module, nn.Embedding):
+                pieces[module.weight] = torch.from_numpy(next(sparse).toarray()).to(features.dense)
+                continue
+            for name, parameter in module.named_parameters(recurse=False):
+                if name == "weight" and module in self.low_rank:
+                    pieces[parameter] = next(low_rank).to_dense()
+                else:
+                    pieces[parameter] = features.dense[:, offset : offset + parameter.numel()]
+                    offset += parameter.numel()
+        return torch.cat([pieces[p] for p in self.group.parameters()], dim=1)
 
 
-def _dense_grads(module: nn.Module, inputs: torch.Tensor, grad: torch.Tensor) -> list[torch.Tensor]:
-    """Per-sample [B, numel] gradients of a Linear or LayerNorm, in ``named_parameters`` order."""
+def _dense_grads(module: nn.Module, inputs: torch.Tensor, grad: torch.Tensor, weight: bool) -> list[torch.Tensor]:
+    """Per-sample [B, numel] gradients of a Linear or LayerNorm, in ``named_parameters`` order (the weight
+    left out when it is kept elsewhere)."""
     batch = grad.shape[0]
     grad = grad.reshape(batch, -1, grad.shape[-1])
     inputs = inputs.reshape(batch, -1, inputs.shape[-1])
-    if isinstance(module, nn.Linear):
-        parts = [torch.einsum("bto,bti->boi", grad, inputs).reshape(batch, -1)]
-    else:
+    parts = []
+    if weight and isinstance(module, nn.Linear):
+        parts.append(torch.einsum("bto,bti->boi", grad, inputs).reshape(batch, -1))
+    elif weight:
         normalised = nn.functional.layer_norm(inputs, module.normalized_shape, eps=module.eps)
-        parts = [(grad * normalised).sum(1)]
+        parts.append((grad * normalised).sum(1))
     if module.bias is not None:
         parts.append(grad.sum(1))
     return parts
@@ -184,6 +364,29 @@ def _embedding_grads(module: nn.Embedding, ids: torch.Tensor, grad: torch.Tensor
     cols = (token[:, None] * dim + np.arange(dim)[None, :]).ravel()
     indptr = np.searchsorted(sample, np.arange(batch + 1)) * dim
     return sp.csr_matrix((summed.numpy().ravel(), cols, indptr), shape=(batch, module.num_embeddings * dim))
+
+
+def autograd_gradient(model: TaskMLMModel, group: nn.Module, loss_fn: LossFn, batch: Batch) -> torch.Tensor:
+    """Plain autograd of the batch-mean loss, each row run alone and unpadded, flattened in parameter order.
+
+    The slow reference the hook path is checked against (tests) and timed against (benchmarks).
+    """
+    parameters = list(group.parameters())
+    with torch.enable_grad():
+        losses = []
+        for row in range(batch.input_ids.shape[0]):
+            length = int(batch.attention_mask[row].sum())
+            single = Batch(
+                batch.input_ids[row : row + 1, :length],
+                batch.attention_mask[row : row + 1, :length],
+                None if batch.mlm_labels is None else batch.mlm_labels[row : row + 1, :length],
+                None if batch.labels is None else batch.labels[row : row + 1],
+            )
+            losses.append(loss_fn(model, single))
+        grads = torch.autograd.grad(torch.cat(losses).mean(), parameters, allow_unused=True)
+    return torch.cat(
+        [torch.zeros(p.numel()) if g is None else g.reshape(-1) for p, g in zip(parameters, grads, strict=True)]
+    )
 
 
 # ------------------------------------------------------------------------------------ influence scoring
@@ -250,9 +453,9 @@ def task_gradient_bank(
     """
     dense: torch.Tensor | None = None
     sparse_parts: list[list[sp.csr_matrix]] = []
+    low_rank_parts: list[list[LowRank]] = []
     for first, rows, local in _group_chunks(groups, compute_batch):
-        batch = encode(tokenizer, [texts[i] for i in rows], max_length)
-        batch.labels = torch.from_numpy(label_ids[rows])
+        batch = labelled_batch(tokenizer, [texts[i] for i in rows], label_ids[rows], max_length)
         features = grads.compute(per_sample_task_loss, batch.to(device))
         if not all(len(g) == 1 for g in local):
             features = features.group_mean(local)
@@ -260,59 +463,79 @@ def task_gradient_bank(
             dense = features.dense.new_empty(len(groups), features.dense.shape[1])
         dense[first : first + len(local)] = features.dense
         sparse_parts.append(features.sparse)
+        low_rank_parts.append(features.low_rank)
         if progress:
             progress(len(rows))
     if dense is None:
         raise ValueError("no task samples to take gradients of")
     sparse = [sp.vstack(ms, format="csr") for ms in zip(*sparse_parts, strict=True)]
-    return GradientFeatures(dense, sparse)
+    low_rank = [LowRank.stack(list(ms)) for ms in zip(*low_rank_parts, strict=True)]
+    return GradientFeatures(dense, sparse, low_rank)
 
 
-def score_pool(
-    grads: GroupGradients,
-    tokenizer: PreTrainedTokenizerFast,
-    bank: GradientFeatures,
-    pool_texts: list[str],
-    pool_keys: np.ndarray,
-    unit_groups: list[np.ndarray],
-    top_k: int,
-    compute_batch: int,
-    mlm_probability: float,
-    seed: int,
-    max_length: int,
-    device: torch.device,
-    state_path: Path | None = None,
-    progress: Callable[[int], None] | None = None,
-    checkpoint_seconds: float = 30.0,
-) -> TopK:
-    """Stream candidate units (B_p documents each) against the task bank, keeping the top-k per task unit.
+@dataclass
+class PoolScorer:
+    """Streams candidate units (B_p documents each) against the task bank, keeping the top-k per task unit.
 
-    A candidate's MLM mask is keyed by ``pool_keys`` (its corpus id), so scores do not depend on batching.
-    With ``state_path`` the running top-k is saved every ``checkpoint_seconds`` (and at the end), and a rerun
-    resumes from the last save.
+    A candidate's MLM mask is keyed by its corpus id, so scores do not depend on batching. Candidates are scored
+    in shards of ``shard_units`` units; with a ``state_path`` the running top-k is saved after each finished
+    shard, and a rerun resumes from the last one.
     """
-    top = TopK.empty(len(bank), min(top_k, len(unit_groups)))
-    resume_from, saved_at = 0, time.monotonic()
-    if state_path is not None and state_path.is_file():
-        state = torch.load(state_path, weights_only=True)
-        top, resume_from = TopK(state["scores"], state["units"]), int(state["next_unit"])
-        if progress:
-            progress(int(sum(len(g) for g in unit_groups[:resume_from])))
-    for first, rows, local in _group_chunks(unit_groups[resume_from:], compute_batch):
-        first += resume_from
-        batch = encode(tokenizer, [pool_texts[i] for i in rows], max_length)
-        batch = mask_tokens(batch, tokenizer, mlm_probability, seed, pool_keys[rows].tolist())
-        features = grads.compute(per_sample_mlm_loss, batch.to(device))
-        scores = features.dot(bank)
-        if not all(len(g) == 1 for g in local):
-            scores = group_mean_scores(scores, local)
-        top.update(scores.cpu(), torch.arange(first, first + len(local)))
-        done = first + len(local)
-        if state_path is not None and (time.monotonic() - saved_at > checkpoint_seconds or done == len(unit_groups)):
-            tmp = state_path.with_suffix(".tmp")
-            torch.save({"scores": top.scores, "units": top.units, "next_unit": done}, tmp)
-            os.replace(tmp, state_path)
-            saved_at = time.monotonic()
-        if progress:
-            progress(len(rows))
-    return top
+
+    grads: GroupGradients
+    tokenizer: PreTrainedTokenizerFast
+    bank: GradientFeatures
+    top_k: int
+    compute_batch: int
+    mlm_probability: float
+    seed: int
+    max_length: int
+    device: torch.device
+    shard_units: int = 4096
+    merge_units: int = 512  # score blocks merged into the running top-k at once: one top-k per block, not batch
+
+    def score(
+        self,
+        texts: list[str],
+        keys: np.ndarray,
+        unit_groups: list[np.ndarray],
+        state_path: Path | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> TopK:
+        top = TopK.empty(len(self.bank), min(self.top_k, len(unit_groups)))
+        resume_from = 0
+        if state_path is not None and state_path.is_file():
+            state = torch.load(state_path, weights_only=True)
+            top, resume_from = TopK(state["scores"], state["units"]), int(state["next_unit"])
+            if progress:
+                progress(int(sum(len(g) for g in unit_groups[:resume_from])))
+        for shard_start in range(resume_from, len(unit_groups), self.shard_units):
+            shard = unit_groups[shard_start : shard_start + self.shard_units]
+            pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+            for first, rows, local in _group_chunks(shard, self.compute_batch):
+                first += shard_start
+                batch = masked_batch(
+                    self.tokenizer,
+                    [texts[i] for i in rows],
+                    keys[rows],
+                    self.mlm_probability,
+                    self.seed,
+                    self.max_length,
+                )
+                features = self.grads.compute(per_sample_mlm_loss, batch.to(self.device))
+                scores = features.dot(self.bank)
+                if not all(len(g) == 1 for g in local):
+                    scores = group_mean_scores(scores, local)
+                pending.append((scores.cpu(), torch.arange(first, first + len(local))))
+                if sum(len(units) for _, units in pending) >= self.merge_units:
+                    top.update(*map(torch.cat, zip(*pending, strict=True)))
+                    pending = []
+                if progress:
+                    progress(len(rows))
+            if pending:
+                top.update(*map(torch.cat, zip(*pending, strict=True)))
+            if state_path is not None:
+                tmp = state_path.with_suffix(".tmp")
+                torch.save({"scores": top.scores, "units": top.units, "next_unit": shard_start + len(shard)}, tmp)
+                os.replace(tmp, state_path)
+        return top

@@ -237,6 +237,27 @@ def mask_tokens(
     return Batch(input_ids, batch.attention_mask, labels, batch.labels)
 
 
+def masked_batch(
+    tokenizer: PreTrainedTokenizerFast,
+    texts: list[str],
+    keys: np.ndarray,
+    probability: float,
+    seed: int,
+    max_length: int,
+) -> Batch:
+    """Encoded and masked candidate documents (the MLM side of influence)."""
+    return mask_tokens(encode(tokenizer, texts, max_length), tokenizer, probability, seed, keys.tolist())
+
+
+def labelled_batch(
+    tokenizer: PreTrainedTokenizerFast, texts: list[str], label_ids: np.ndarray, max_length: int
+) -> Batch:
+    """Encoded task samples with their label ids (the task side of influence)."""
+    batch = encode(tokenizer, texts, max_length)
+    batch.labels = torch.as_tensor(np.array(label_ids, dtype=np.int64))
+    return batch
+
+
 def per_sample_mlm_loss(model: TaskMLMModel, batch: Batch) -> torch.Tensor:
     """Mean MLM cross-entropy over each row's masked tokens: shape [batch]."""
     masked = batch.mlm_labels != -100

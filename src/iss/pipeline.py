@@ -21,8 +21,16 @@ from tqdm.auto import tqdm
 
 from iss.config import IssConfig
 from iss.data import TaskData, iter_corpus, load_task, read_task, save_task
-from iss.gradients import GroupGradients, score_pool, seeded_groups, task_gradient_bank
-from iss.model import TaskMLMModel, load_tokenizer, parameter_group, pick_device, train_tokenizer
+from iss.gradients import GroupGradients, PoolScorer, seeded_groups, task_gradient_bank
+from iss.model import (
+    TaskMLMModel,
+    labelled_batch,
+    load_tokenizer,
+    masked_batch,
+    parameter_group,
+    pick_device,
+    train_tokenizer,
+)
 from iss.retrieval import BM25Index, collect_pool
 from iss.runs import RunFolder, StageResult, file_signature, fingerprint
 from iss.selection import RankedLists, hits_lists, random_lists, resolve_budget, round_robin, subset_table
@@ -197,9 +205,20 @@ class Pipeline:
             group_name, group = parameter_group(model, influence.layer)
             grads = GroupGradients(model, group)
             pool = pq.read_table(retrieval.path / "pool.parquet", columns=["corpus_id", "text"])
+            pool_texts, pool_keys = pool.column("text").to_pylist(), pool.column("corpus_id").to_numpy()
             task_texts, task_labels = task.texts(influence.task_split), task.label_ids(influence.task_split)
             task_groups = seeded_groups(len(task_texts), influence.task_batch, config.seed)
             unit_groups = seeded_groups(pool.num_rows, influence.pool_batch, config.seed + 1)
+            if influence.projection_dim:
+                grads.project(influence.projection_dim, influence.projection, config.seed)
+            probe, max_length = slice(0, influence.compute_batch), config.model.max_length
+            grads.choose_low_rank(
+                labelled_batch(tokenizer, task_texts[probe], task_labels[probe], max_length).to(self.device),
+                masked_batch(
+                    tokenizer, pool_texts[probe], pool_keys[probe], influence.mlm_probability, config.seed, max_length
+                ).to(self.device),
+                influence.task_batch,
+            )
             with self._bar(len(task_texts), "task gradients") as bar:
                 bank = task_gradient_bank(
                     grads,
@@ -208,26 +227,25 @@ class Pipeline:
                     task_labels,
                     task_groups,
                     influence.compute_batch,
-                    config.model.max_length,
+                    max_length,
                     self.device,
                     bar.update,
                 )
+            scorer = PoolScorer(
+                grads,
+                tokenizer,
+                bank,
+                top_k=influence.top_k,
+                compute_batch=influence.compute_batch,
+                mlm_probability=influence.mlm_probability,
+                seed=config.seed,
+                max_length=max_length,
+                device=self.device,
+                shard_units=influence.shard_units,
+            )
             with self._bar(pool.num_rows, "influence") as bar:
-                top = score_pool(
-                    grads,
-                    tokenizer,
-                    bank,
-                    pool.column("text").to_pylist(),
-                    pool.column("corpus_id").to_numpy(),
-                    unit_groups,
-                    influence.top_k,
-                    influence.compute_batch,
-                    influence.mlm_probability,
-                    config.seed,
-                    config.model.max_length,
-                    self.device,
-                    state_path=self.run.work_dir("influence") / "topk.pt",
-                    progress=bar.update,
+                top = scorer.score(
+                    pool_texts, pool_keys, unit_groups, self.run.work_dir("influence") / "topk.pt", bar.update
                 )
             corpus_ids = pool.column("corpus_id").to_numpy()
             task_ids = task.splits[influence.task_split].column("id").to_numpy()
@@ -260,6 +278,8 @@ class Pipeline:
                     "pool_units": len(unit_groups),
                     "pool_docs": pool.num_rows,
                     "distinct_candidates_ranked": int(torch.unique(top.units[top.units >= 0]).numel()),
+                    "low_rank_modules": sorted(n for n, m in group.named_modules() if m in grads.low_rank),
+                    "projected_modules": sorted(n for n, m in group.named_modules() if m in grads.projections),
                 }
             )
 

@@ -1,0 +1,440 @@
+"""Influence-stage throughput: per-sample autograd loop, torch.func vmap(grad), iss's hook path, forward-only floor.
+
+Usage: python benchmarks/bench_influence.py [--config configs/chemprot.yaml] [--run-dir DIR] [--limit N]
+
+The candidate pool is the config's BM25 pool over the shared corpus, the task bank its dev split, the layer the
+config's (default: the last block), sequences up to the config's max_length (128). Every method scores candidates
+against the same bank (gradient dot products), except the forward-only floor, which computes the MLM loss and
+nothing else. Each method runs in a child process so its peak RSS is its own (wait4). Also: BM25 index build
+docs/s and queries/s, and the error of random projections against exact scores.
+Prints a Markdown table and writes benchmarks/results/influence_<task>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from scipy.stats import spearmanr
+from torch.func import functional_call, grad, vmap
+
+from iss.config import IssConfig, load_config
+from iss.gradients import GroupGradients, PoolScorer, autograd_gradient, seeded_groups, task_gradient_bank
+from iss.model import (
+    TaskMLMModel,
+    labelled_batch,
+    load_tokenizer,
+    masked_batch,
+    parameter_group,
+    per_sample_mlm_loss,
+)
+from iss.pipeline import Pipeline
+from iss.retrieval import BM25Index
+
+RESULTS = Path(__file__).resolve().parent / "results"
+METHODS = ("forward", "iss", "iss-matched", "vmap", "loop", "projection", "bm25")
+
+
+@dataclass
+class Setup:
+    """Everything a method needs, loaded from the finished stages of the run folder."""
+
+    config: IssConfig
+    pipeline: Pipeline
+    model: TaskMLMModel
+    group: torch.nn.Module
+    tokenizer: object
+    pool_texts: list[str]
+    pool_keys: np.ndarray
+    task_texts: list[str]
+    task_labels: np.ndarray
+
+    @classmethod
+    def load(cls, config: IssConfig, limit: int | None) -> Setup:
+        pipeline = Pipeline(config, show_progress=False)
+        retrieval, warmup = pipeline.retrieval(), pipeline.warmup()
+        tokenizer = load_tokenizer(pipeline.tokenizer().path)
+        model = TaskMLMModel.load(warmup.path / "model").eval()
+        _, group = parameter_group(model, config.influence.layer)
+        pool = pq.read_table(retrieval.path / "pool.parquet", columns=["corpus_id", "text"])
+        # A seeded shuffle, so the first N candidates the slower methods time are a random sample of the pool.
+        order = np.random.default_rng(config.seed).permutation(pool.num_rows)[:limit]
+        pool = pool.take(order)
+        task = pipeline.task()
+        split = config.influence.task_split
+        return cls(
+            config,
+            pipeline,
+            model,
+            group,
+            tokenizer,
+            pool.column("text").to_pylist(),
+            pool.column("corpus_id").to_numpy(),
+            task.texts(split),
+            task.label_ids(split),
+        )
+
+    def candidates(self, start: int, stop: int):
+        influence = self.config.influence
+        return masked_batch(
+            self.tokenizer,
+            self.pool_texts[start:stop],
+            self.pool_keys[start:stop],
+            influence.mlm_probability,
+            self.config.seed,
+            self.config.model.max_length,
+        )
+
+    def gradients(self, projection_dim: int | None = None, task_batch: int = 1) -> GroupGradients:
+        grads = GroupGradients(self.model, self.group)
+        if projection_dim:
+            grads.project(projection_dim, self.config.influence.projection, self.config.seed)
+        size = self.config.influence.compute_batch
+        task_probe = labelled_batch(
+            self.tokenizer, self.task_texts[:size], self.task_labels[:size], self.config.model.max_length
+        )
+        grads.choose_low_rank(task_probe, self.candidates(0, size), task_batch)
+        return grads
+
+    def bank(self, grads: GroupGradients, task_batch: int = 1):
+        groups = seeded_groups(len(self.task_texts), task_batch, self.config.seed)
+        return task_gradient_bank(
+            grads,
+            self.tokenizer,
+            self.task_texts,
+            self.task_labels,
+            groups,
+            self.config.influence.compute_batch,
+            self.config.model.max_length,
+            torch.device("cpu"),
+        )
+
+    def batches(self, n: int):
+        size = self.config.influence.compute_batch
+        for start in range(0, n, size):
+            yield start, self.candidates(start, min(n, start + size))
+
+
+def _timed(function) -> tuple[object, float]:
+    start = time.perf_counter()
+    result = function()
+    return result, time.perf_counter() - start
+
+
+def run_forward(setup: Setup, n: int) -> dict:
+    def forward() -> None:
+        with torch.no_grad():
+            for _, batch in setup.batches(n):
+                per_sample_mlm_loss(setup.model, batch)
+
+    _, seconds = _timed(forward)
+    return {"docs": n, "seconds": seconds}
+
+
+def run_iss(setup: Setup, n: int, task_batch: int = 1) -> dict:
+    """The influence stage's own scorer; ``task_batch`` > 1 is mini-batch matching (B_t samples per bank row)."""
+    grads = setup.gradients(task_batch=task_batch)
+    bank, bank_seconds = _timed(lambda: setup.bank(grads, task_batch))
+    influence = setup.config.influence
+    scorer = PoolScorer(
+        grads,
+        setup.tokenizer,
+        bank,
+        influence.top_k,
+        influence.compute_batch,
+        influence.mlm_probability,
+        setup.config.seed,
+        setup.config.model.max_length,
+        torch.device("cpu"),
+    )
+    units = seeded_groups(n, 1, setup.config.seed + 1)
+    _, seconds = _timed(lambda: scorer.score(setup.pool_texts[:n], setup.pool_keys[:n], units))
+    low_rank = sorted(name for name, m in setup.group.named_modules() if m in grads.low_rank)
+    return {
+        "docs": n,
+        "seconds": seconds,
+        "task_batch": task_batch,
+        "bank_seconds": bank_seconds,
+        "bank_rows": len(bank),
+        "low_rank": low_rank,
+    }
+
+
+def _exact_scores(setup: Setup, grads: GroupGradients, bank, n: int) -> torch.Tensor:
+    return torch.cat([grads.compute(per_sample_mlm_loss, batch).dot(bank) for _, batch in setup.batches(n)])
+
+
+def _agreement(scores: torch.Tensor, exact: torch.Tensor) -> float:
+    """Largest score error relative to the largest exact score magnitude."""
+    return float((scores - exact).abs().max() / exact.abs().max())
+
+
+def _time_baseline(setup: Setup, n: int, scores_of) -> dict:
+    """Time a baseline scoring n candidates against the explicit [task, D] bank; check it against iss's scores."""
+    grads = setup.gradients()
+    bank = setup.bank(grads)
+    flat_bank = grads.flatten(bank)
+    scores, seconds = _timed(lambda: scores_of(flat_bank))
+    return {
+        "docs": n,
+        "seconds": seconds,
+        "max_rel_error_vs_iss": _agreement(scores, _exact_scores(setup, grads, bank, n)),
+    }
+
+
+def run_loop(setup: Setup, n: int) -> dict:
+    def loop(flat_bank: torch.Tensor) -> torch.Tensor:
+        rows = []
+        for _, batch in setup.batches(n):
+            for row in range(batch.input_ids.shape[0]):
+                single = type(batch)(
+                    batch.input_ids[row : row + 1], batch.attention_mask[row : row + 1], batch.mlm_labels[row : row + 1]
+                )
+                rows.append(autograd_gradient(setup.model, setup.group, per_sample_mlm_loss, single) @ flat_bank.T)
+        return torch.stack(rows)
+
+    return _time_baseline(setup, n, loop)
+
+
+def run_vmap(setup: Setup, n: int) -> dict:
+    """vmap(grad) over the chosen block and the MLM head; the frozen layers below run once, batched.
+
+    HF's mask preparation branches on data, so the whole model cannot be vmapped; the block alone can.
+    """
+    if setup.config.influence.layer == "embeddings":
+        raise SystemExit("the vmap baseline covers transformer blocks, not the embeddings")
+    block, head = setup.group, setup.model.mlm_head
+    blocks = list(setup.model.encoder.encoder.layer)
+    if block is not blocks[-1]:
+        raise SystemExit("the vmap baseline covers the last block (the layer below the MLM head)")
+    params = {name: p.detach() for name, p in block.named_parameters()}
+
+    def one_loss(params, hidden, mask, positions, targets, weights):
+        out = functional_call(block, params, (hidden[None], mask[None]))
+        out = out[0] if isinstance(out, tuple) else out
+        token_loss = torch.nn.functional.cross_entropy(head(out[0][positions]), targets, reduction="none")
+        return (token_loss * weights).sum() / weights.sum()
+
+    per_sample = vmap(grad(one_loss), in_dims=(None, 0, 0, 0, 0, 0))
+    captured: dict = {}
+
+    def capture(module, args, kwargs):
+        captured["args"] = args
+
+    def run(flat_bank: torch.Tensor) -> torch.Tensor:
+        rows = []
+        for _, batch in setup.batches(n):
+            handle = block.register_forward_pre_hook(capture, with_kwargs=True)
+            with torch.no_grad():
+                setup.model.encoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+            handle.remove()
+            hidden, mask = captured["args"][0], captured["args"][1]
+            masked = batch.mlm_labels != -100
+            width = int(masked.sum(1).max())
+            positions = torch.zeros(len(masked), width, dtype=torch.long)
+            targets = torch.zeros(len(masked), width, dtype=torch.long)
+            weights = torch.zeros(len(masked), width)
+            for row in range(len(masked)):
+                where = masked[row].nonzero()[:, 0]
+                positions[row, : len(where)] = where
+                targets[row, : len(where)] = batch.mlm_labels[row, where]
+                weights[row, : len(where)] = 1
+            grads_by_name = per_sample(params, hidden, mask, positions, targets, weights)
+            flat = torch.cat([grads_by_name[name].reshape(len(masked), -1) for name in params], dim=1)
+            rows.append(flat @ flat_bank.T)
+        return torch.cat(rows)
+
+    return _time_baseline(setup, n, run)
+
+
+def run_projection(setup: Setup, n: int, dims: list[int], k: int = 10) -> dict:
+    """Projected scores against exact ones on the same candidates: relative error, rank agreement, top-k overlap."""
+    exact_grads = setup.gradients()
+    exact = _exact_scores(setup, exact_grads, setup.bank(exact_grads), n)
+    rows = []
+    for dim in dims:
+        grads = setup.gradients(dim)
+        bank = setup.bank(grads)
+        scores, seconds = _timed(lambda grads=grads, bank=bank: _exact_scores(setup, grads, bank, n))
+        rho = [spearmanr(scores[:, j], exact[:, j]).statistic for j in range(exact.shape[1])]
+        top_exact, top_projected = exact.topk(k, dim=0).indices, scores.topk(k, dim=0).indices
+        overlap = [
+            len(set(top_exact[:, j].tolist()) & set(top_projected[:, j].tolist())) / k for j in range(exact.shape[1])
+        ]
+        rows.append(
+            {
+                "dim": int(bank.dense.shape[1]),
+                "requested_dim": dim,
+                "relative_frobenius_error": float((scores - exact).norm() / exact.norm()),
+                "mean_spearman": float(np.nanmean(rho)),
+                f"top{k}_overlap": float(np.mean(overlap)),
+                "docs_per_second": n / seconds,
+            }
+        )
+    return {"docs": n, "exact_dim": sum(p.numel() for p in setup.group.parameters()), "rows": rows}
+
+
+def run_bm25(setup: Setup) -> dict:
+    config = setup.config
+    queries = setup.pipeline.task().texts("train")
+    with tempfile.TemporaryDirectory() as work:
+        index = BM25Index(config.retrieval, Path(work))
+        _, build_seconds = _timed(lambda: index.build(config.corpus))
+        _, search_seconds = _timed(lambda: index.search(queries, config.retrieval.top_k))
+    return {
+        "docs": index.n_docs,
+        "index_docs_per_second": index.n_docs / build_seconds,
+        "queries": len(queries),
+        "queries_per_second": len(queries) / search_seconds,
+    }
+
+
+def child(args: argparse.Namespace) -> None:
+    torch.manual_seed(0)
+    config = load_config(args.config).with_overrides({"run_dir": str(args.run_dir)})
+    setup = Setup.load(config, args.limit)
+    n = len(setup.pool_texts)
+    results = {
+        "forward": lambda: run_forward(setup, n),
+        "iss": lambda: run_iss(setup, n),
+        "iss-matched": lambda: run_iss(setup, n, args.matched_task_batch),
+        "vmap": lambda: run_vmap(setup, min(n, args.vmap_docs)),
+        "loop": lambda: run_loop(setup, min(n, args.loop_docs)),
+        "projection": lambda: run_projection(setup, min(n, args.projection_docs), args.projection_dims),
+        "bm25": lambda: run_bm25(setup),
+    }[args.child]()
+    print(json.dumps(results))
+
+
+def run_child(args: argparse.Namespace, method: str) -> dict:
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        method,
+        "--config",
+        str(args.config),
+        "--run-dir",
+        str(args.run_dir),
+    ]
+    for flag in ("limit", "vmap_docs", "loop_docs", "projection_docs", "matched_task_batch"):
+        if getattr(args, flag) is not None:
+            command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    command += ["--projection-dims", *map(str, args.projection_dims)]
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen(command, stdout=out, stderr=err)
+        _, status, usage = os.wait4(process.pid, 0)
+        out.seek(0), err.seek(0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise SystemExit(f"{method} failed:\n{err.read()[-3000:]}")
+        result = json.loads(out.read().strip().splitlines()[-1])
+    result["peak_rss_gib"] = round(usage.ru_maxrss / 2**20, 2)
+    return result
+
+
+def table(runs: dict) -> list[str]:
+    rate = {
+        m: runs[m]["docs"] / runs[m]["seconds"] for m in ("forward", "iss", "iss-matched", "vmap", "loop") if m in runs
+    }
+    labels = {
+        "loop": "(a) per-sample backward loop",
+        "vmap": "(b) torch.func vmap(grad)",
+        "iss": "(c) iss hook path",
+        "iss-matched": f"(c') iss, B_t={runs.get('iss-matched', {}).get('task_batch')}",
+        "forward": "(d) forward only (floor)",
+    }
+    lines = ["| method | docs | docs/s | peak RSS GiB | max rel. error vs (c) |", "| --- | ---: | ---: | ---: | ---: |"]
+    for method in ("loop", "vmap", "iss", "iss-matched", "forward"):
+        if method in runs:
+            run = runs[method]
+            error = run.get("max_rel_error_vs_iss")
+            lines.append(
+                f"| {labels[method]} | {run['docs']} | {rate[method]:.1f} | {run['peak_rss_gib']} | "
+                f"{'' if error is None else f'{error:.1e}'} |"
+            )
+    if {"iss", "forward"} <= rate.keys():
+        lines.append(f"\n(c)/(d) time per doc: {rate['forward'] / rate['iss']:.2f} (target <= 1.3)")
+    if {"iss-matched", "forward"} <= rate.keys():
+        lines.append(f"(c')/(d) time per doc: {rate['forward'] / rate['iss-matched']:.2f}")
+    if {"iss", "loop"} <= rate.keys():
+        lines.append(f"(a)/(c) time per doc: {rate['iss'] / rate['loop']:.1f} (target >= 20)")
+    if {"iss", "vmap"} <= rate.keys():
+        lines.append(f"(b)/(c) time per doc: {rate['iss'] / rate['vmap']:.1f}")
+    for method in ("iss", "iss-matched"):
+        if method in runs:
+            run = runs[method]
+            lines.append(f"{labels[method]}: task bank {run['bank_rows']} rows in {run['bank_seconds']:.1f} s; "
+                         f"token-factored weights: {', '.join(run['low_rank']) or 'none'}")  # fmt: skip
+    if "projection" in runs:
+        projection = runs["projection"]
+        lines += [
+            f"\nRandom projection vs exact scores ({projection['docs']} candidates, "
+            f"exact dim {projection['exact_dim']}):",
+            "| dim | rel. Frobenius error | mean Spearman | top-10 overlap | docs/s |",
+            "| ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for row in projection["rows"]:
+            lines.append(
+                f"| {row['dim']} | {row['relative_frobenius_error']:.3f} | {row['mean_spearman']:.3f} | "
+                f"{row['top10_overlap']:.2f} | {row['docs_per_second']:.1f} |"
+            )
+    if "bm25" in runs:
+        bm25 = runs["bm25"]
+        lines.append(
+            f"\nBM25: index build {bm25['index_docs_per_second']:.0f} docs/s over {bm25['docs']} docs; "
+            f"search {bm25['queries_per_second']:.0f} queries/s ({bm25['queries']} queries); "
+            f"peak RSS {bm25['peak_rss_gib']} GiB"
+        )
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=Path("configs/chemprot.yaml"))
+    parser.add_argument("--run-dir", type=Path, default=Path("runs/bench-influence"))
+    parser.add_argument("--limit", type=int, help="Score only the first N pool candidates.")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--vmap-docs", type=int, default=512)
+    parser.add_argument("--loop-docs", type=int, default=128)
+    parser.add_argument("--matched-task-batch", type=int, default=16, help="B_t of the mini-batch matching row.")
+    parser.add_argument("--projection-docs", type=int, default=1024)
+    parser.add_argument("--projection-dims", type=int, nargs="+", default=[1024, 4096, 16384])
+    parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+    config = load_config(args.config).with_overrides({"run_dir": str(args.run_dir)})
+    Pipeline(config).warmup()  # build (or reuse) the stages every method reads
+    Pipeline(config).retrieval()
+    runs = {}
+    for method in args.methods:
+        print(f"running {method} ...", file=sys.stderr, flush=True)
+        runs[method] = run_child(args, method)
+    lines = table(runs)
+    print("\n".join(lines))
+    machine = {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": "cpu",
+    }
+    report = {"config": str(args.config), "layer": str(config.influence.layer), "machine": machine, "runs": runs}
+    report["table"] = lines
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"influence_{config.task.name}.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
