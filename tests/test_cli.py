@@ -100,3 +100,28 @@ def test_cli_reports_bad_config_in_one_line(tmp_path):
     assert result.returncode == 2
     assert "layer must be 'last', 'embeddings' or a block number" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_run_writes_a_table_with_every_method_and_finite_scores(config_file):
+    overrides = ["--set", "pretrain.steps=6", "--set", "pretrain.batch_size=8", "--set", "pretrain.save_every=3",
+                 "--set", "finetune.epochs=1", "--set", "finetune.seeds=[0, 1]"]  # fmt: skip
+    result = _iss("run", str(config_file), "--quiet", "--json", *overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = config_file.parent / "run" / "results"
+    report = json.loads((folder / "results.json").read_text())
+    runs = report["runs"]
+    assert {(r["method"], r["seed"]) for r in runs} == {
+        (m, s) for m in ("iss", "tlm", "random", "none") for s in (0, 1)
+    }
+    assert all(0 <= r["test"] <= 1 and 0 <= r["dev"] <= 1 for r in runs)
+    table = {line["method"]: line for line in report["table"]}
+    assert set(table) == {"ISS", "TLM (BM25)", "random", "no pretraining"}
+    for line in table.values():
+        assert line["chemprot"]["seeds"] == 2 and 0 <= line["chemprot"]["mean"] <= 100
+    # same budget and steps for every pretrained method, so the same FLOPs; none pretrains nothing
+    assert table["ISS"]["flops"] == table["TLM (BM25)"]["flops"] == table["random"]["flops"] > 0
+    assert table["no pretraining"]["flops"] == 0 and table["ISS"]["data_docs"] == BUDGET
+    markdown = (folder / "results.md").read_text()
+    assert "| ISS |" in markdown and "chemprot" in markdown
+    assert len((folder / "results.csv").read_text().strip().splitlines()) == 1 + len(runs)

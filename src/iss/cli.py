@@ -121,6 +121,20 @@ _stage_command("tokenizer", "Train (or copy) the WordPiece tokenizer.")
 _stage_command("retrieval", "BM25-retrieve the candidate pool (the TLM pool) from the corpus.")
 _stage_command("warmup", "Warm up the model on the task with MLM + task loss.")
 _stage_command("influence", "Score candidates by gradient matching and keep the top-k per task sample.")
+_stage_command("pretrain", "Pretrain on the selected subset (TLM objective from scratch, or further pretraining).")
+_stage_command("finetune", "Fine-tune the pretrained model; dev/test F1 at the best dev epoch.")
+
+
+@app.command("run")
+def run_all(
+    config: ConfigArg = None,
+    run_dir: RunDirOpt = None,
+    overrides: SetOpt = None,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """The whole loop for every method and seed: select, pretrain, fine-tune, evaluate; writes the results table."""
+    _run("run_all", config, overrides, quiet, as_json, run_dir=run_dir)
 
 
 @app.command("config")

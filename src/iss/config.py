@@ -109,6 +109,40 @@ class WarmupConfig(_Section):
     task_loss_weight: float = Field(1.0, ge=0)
 
 
+class PretrainConfig(_Section):
+    """Pretraining on the selected subset: TLM's joint objective (from scratch) or further pretraining."""
+
+    steps: int = Field(300, ge=1, description="Optimizer steps (the same for every method).")
+    batch_size: int = Field(32, ge=1)
+    accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    mlm_probability: float = Field(0.15, gt=0, lt=1)
+    rho1: float = Field(1.0, ge=0, description="Task batches per subset batch (TLM's rho1).")
+    rho2: float = Field(20.0, ge=0, description="Weight of the task loss on task batches (TLM's rho2).")
+    save_every: int = Field(50, ge=0, description="Steps between resumable checkpoints (0 = none).")
+
+
+class FinetuneConfig(_Section):
+    """Fine-tuning for evaluation: the task loss only; the best dev epoch's test score is reported."""
+
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(32, ge=1)
+    learning_rate: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+
+
+class EvaluationConfig(_Section):
+    """What `iss run` compares: every method pretrains on a subset of the same budget for the same steps."""
+
+    methods: list[Literal["iss", "tlm", "random", "none"]] = Field(
+        default_factory=lambda: ["iss", "tlm", "random", "none"], min_length=1
+    )
+
+
 class InfluenceConfig(_Section):
     """Gradient-matching influence (Eq. 6) at one parameter group, with mini-batch matching (section 3.3)."""
 
@@ -201,6 +235,9 @@ class IssConfig(_Section):
     warmup: WarmupConfig = Field(default_factory=WarmupConfig)
     influence: InfluenceConfig = Field(default_factory=InfluenceConfig)
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
 
     def with_overrides(self, overrides: dict[str, Any]) -> IssConfig:
         """Return a copy with dotted-key overrides applied (``{"selection.method": "tlm"}``), re-validated."""

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from iss.config import IssConfig
 from iss.data import TaskData, iter_corpus, load_task, read_task, save_task
+from iss.evaluation import finetune as finetune_model
 from iss.gradients import GroupGradients, PoolScorer, seeded_groups, task_gradient_bank
 from iss.model import (
     TaskMLMModel,
@@ -31,9 +32,11 @@ from iss.model import (
     pick_device,
     train_tokenizer,
 )
+from iss.report import write_results
 from iss.retrieval import BM25Index, collect_pool
 from iss.runs import RunFolder, StageResult, file_signature, fingerprint
 from iss.selection import RankedLists, hits_lists, random_lists, resolve_budget, round_robin, subset_table
+from iss.training import pretrain as pretrain_model
 from iss.training import warmup_train
 
 log = logging.getLogger("iss")
@@ -81,6 +84,20 @@ class Pipeline:
     def _corpus_signature(self) -> dict:
         corpus = self.config.corpus
         return {"corpus": corpus.model_dump(mode="json"), "files": file_signature(corpus.paths)}
+
+    def _initial_model(self, task: TaskData, tokenizer, seed: int) -> TaskMLMModel:
+        """A fresh model sized by the config (from scratch) or the local checkpoint (further pretraining)."""
+        config = self.config
+        torch.manual_seed(seed)
+        if not config.model.path:
+            return TaskMLMModel.from_scratch(config.model, tokenizer, len(task.labels))
+        model = TaskMLMModel.load(config.model.path, num_labels=len(task.labels))
+        if model.mlm.config.vocab_size < len(tokenizer):
+            raise ValueError(
+                f"tokenizer has {len(tokenizer)} tokens but model {config.model.path} only "
+                f"{model.mlm.config.vocab_size} embeddings: they do not belong together"
+            )
+        return model
 
     # ------------------------------------------------------------------------------------------- stages
 
@@ -159,16 +176,7 @@ class Pipeline:
         def body(folder: Path, summary: dict) -> None:
             task = self.task()
             tokenizer = load_tokenizer(tokenizer_stage.path)
-            torch.manual_seed(config.seed)
-            if config.model.path:
-                model = TaskMLMModel.load(config.model.path, num_labels=len(task.labels))
-                if model.mlm.config.vocab_size < len(tokenizer):
-                    raise ValueError(
-                        f"tokenizer has {len(tokenizer)} tokens but model {config.model.path} only "
-                        f"{model.mlm.config.vocab_size} embeddings: they do not belong together"
-                    )
-            else:
-                model = TaskMLMModel.from_scratch(config.model, tokenizer, len(task.labels))
+            model = self._initial_model(task, tokenizer, config.seed)
             summary.update(
                 warmup_train(
                     model,
@@ -339,6 +347,119 @@ class Pipeline:
 
         parts = {"selection": config.selection.model_dump(mode="json"), "seed": config.seed, **upstream}
         return self._stage(f"select-{method}", parts, body)
+
+    def pretrain(self, seed: int | None = None) -> StageResult:
+        """Pretrain on the configured method's subset: from scratch (TLM's joint objective) or further."""
+        config = self.config
+        seed = config.seed if seed is None else seed
+        selected, tokenizer_stage, data = self.select(), self.tokenizer(), self.data()
+        name = f"pretrain-{config.selection.method}-seed{seed}"
+
+        def body(folder: Path, summary: dict) -> None:
+            task = self.task()
+            tokenizer = load_tokenizer(tokenizer_stage.path)
+            subset = pq.read_table(selected.path / "subset.parquet", columns=["text"]).column("text").to_pylist()
+            model = self._initial_model(task, tokenizer, seed)
+            checkpoint = self.run.work_dir(name) / "checkpoint"
+            summary.update(
+                pretrain_model(
+                    model,
+                    tokenizer,
+                    subset,
+                    task,
+                    config.pretrain,
+                    config.model.max_length,
+                    seed,
+                    self.device,
+                    checkpoint,
+                    self.show_progress,
+                )
+            )
+            parameters = sum(p.numel() for p in model.mlm.parameters())
+            summary.update({"subset_docs": len(subset), "parameters": parameters})
+            summary["flops"] = 6 * summary["tokens"] * parameters
+            model.save(folder / "model")
+
+        parts = {
+            "pretrain": config.pretrain.model_dump(mode="json"),
+            "model": config.model.model_dump(mode="json"),
+            "seed": seed,
+            "selection": selected.fingerprint,
+            "tokenizer": tokenizer_stage.fingerprint,
+            "data": data.fingerprint,
+        }
+        return self._stage(name, parts, body)
+
+    def finetune(self, seed: int | None = None, pretrained: bool = True) -> StageResult:
+        """Fine-tune the pretrained model (or, with ``pretrained=False``, a fresh one) and score dev/test."""
+        config = self.config
+        seed = config.seed if seed is None else seed
+        tokenizer_stage, data = self.tokenizer(), self.data()
+        upstream = self.pretrain(seed) if pretrained else None
+        name = f"finetune-{config.selection.method if pretrained else 'none'}-seed{seed}"
+
+        def body(folder: Path, summary: dict) -> None:
+            task = self.task()
+            tokenizer = load_tokenizer(tokenizer_stage.path)
+            if upstream is None:
+                model = self._initial_model(task, tokenizer, seed)
+            else:
+                model = TaskMLMModel.load(upstream.path / "model", num_labels=len(task.labels))
+            result = finetune_model(
+                model,
+                tokenizer,
+                task,
+                config.finetune,
+                config.task.metric,
+                config.model.max_length,
+                seed,
+                self.device,
+                self.show_progress,
+            )
+            (folder / "scores.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+            summary.update({k: result[k] for k in ("seed", "metric", "best_epoch", "dev", "test")})
+
+        parts = {
+            "finetune": config.finetune.model_dump(mode="json"),
+            "metric": config.task.metric,
+            "seed": seed,
+            "upstream": upstream.fingerprint if upstream else config.model.model_dump(mode="json"),
+            "tokenizer": tokenizer_stage.fingerprint,
+            "data": data.fingerprint,
+        }
+        return self._stage(name, parts, body)
+
+    def run_all(self) -> StageResult:
+        """Select, pretrain, fine-tune and evaluate every configured method over every seed; write the table."""
+        config = self.config
+        rows = []
+        for method in config.evaluation.methods:
+            pipeline = self
+            if method != "none" and method != config.selection.method:
+                pipeline = Pipeline(config.with_overrides({"selection.method": method}), self.show_progress)
+            for seed in config.finetune.seeds:
+                scores = pipeline.finetune(seed, pretrained=method != "none")
+                pretrained = pipeline.results.get(f"pretrain-{method}-seed{seed}")
+                rows.append(
+                    {
+                        "method": method,
+                        "task": config.task.name,
+                        "seed": seed,
+                        "test": scores.summary["test"],
+                        "dev": scores.summary["dev"],
+                        "subset_docs": pretrained.summary["subset_docs"] if pretrained else 0,
+                        "flops": pretrained.summary["flops"] if pretrained else 0,
+                        "fingerprint": scores.fingerprint,
+                    }
+                )
+            self.results.update(pipeline.results)
+
+        def body(folder: Path, summary: dict) -> None:
+            table = write_results([{k: v for k, v in row.items() if k != "fingerprint"} for row in rows], folder)
+            summary["average"] = {line["method"]: round(line["average"], 2) for line in table}
+            summary.update({"methods": len(config.evaluation.methods), "seeds": len(config.finetune.seeds)})
+
+        return self._stage("results", {"runs": [row["fingerprint"] for row in rows]}, body)
 
     def _ranked_lists(self, method: str, corpus_ids: np.ndarray) -> RankedLists:
         if method == "random":

@@ -1,21 +1,137 @@
-"""Warm-up training (Algorithm 1, line 2): the model learns the task with MLM loss plus task loss.
+"""Training: the warm-up (Algorithm 1, line 2) and pretraining on a selected subset (TLM's joint objective).
 
-The influence scores are only as good as the model they are taken at: a warmed-up model has task-aware
-gradients, where a random one would rank candidates by noise.
+Both run through one loop whose every micro-batch is a pure function of (seed, step, micro-batch index), so a
+run resumed from a checkpoint sees exactly the batches and masks an uninterrupted run would; checkpoints hold
+the weights (safetensors) plus optimizer, schedule and RNG state, written to a temporary folder and renamed.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast, get_linear_schedule_with_warmup
 
-from iss.config import WarmupConfig
+from iss.config import PretrainConfig, WarmupConfig
 from iss.data import TaskData
-from iss.model import TaskMLMModel, encode, mask_tokens, per_sample_mlm_loss, per_sample_task_loss
+from iss.model import TaskMLMModel, encode, labelled_batch, mask_tokens, per_sample_mlm_loss, per_sample_task_loss
+
+StepLoss = Callable[[int, int], tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """Optimisation settings shared by warm-up and pretraining."""
+
+    total_steps: int
+    learning_rate: float
+    weight_decay: float
+    warmup_ratio: float
+    accumulation: int = 1
+    save_every: int = 0  # steps between checkpoints; 0 = none
+    description: str = "train"
+
+
+def train_loop(
+    model: TaskMLMModel,
+    settings: LoopSettings,
+    step_loss: StepLoss,
+    seed: int,
+    checkpoint_dir: Path | None = None,
+    show_progress: bool = True,
+    after_step: Callable[[int], None] | None = None,
+) -> dict[str, float]:
+    """AdamW with linear warm-up/decay over ``step_loss(step, micro)``; returns smoothed final losses.
+
+    With ``checkpoint_dir`` the state is saved every ``save_every`` steps and loaded on start if present.
+    ``after_step(step)`` runs after each optimizer step (evaluation); the model is back in train mode after it.
+    """
+    torch.manual_seed(seed)
+    model.train()
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=settings.learning_rate,
+    )
+    total = settings.total_steps
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(settings.warmup_ratio * total), total)
+    step, running = 0, {}
+    if checkpoint_dir is not None and (checkpoint_dir / "state.pt").is_file():
+        step, running = _load_checkpoint(checkpoint_dir, model, optimizer, scheduler)
+    bar = tqdm(total=total, initial=step, desc=settings.description, disable=not show_progress, unit="step")
+    while step < total:
+        optimizer.zero_grad(set_to_none=True)
+        for micro in range(settings.accumulation):
+            loss, parts = step_loss(step, micro)
+            (loss / settings.accumulation).backward()
+            for name, value in parts.items():
+                running[name] = _smooth(running.get(name, math.nan), value)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        bar.set_postfix({name: f"{value:.3f}" for name, value in running.items()})
+        bar.update()
+        if after_step is not None:
+            after_step(step)
+            model.train()
+        if checkpoint_dir is not None and settings.save_every and (step % settings.save_every == 0 or step == total):
+            _save_checkpoint(checkpoint_dir, model, optimizer, scheduler, step, running)
+    bar.close()
+    model.eval()
+    return {"steps": total, **{name: round(value, 4) for name, value in running.items()}}
+
+
+def _save_checkpoint(folder: Path, model, optimizer, scheduler, step: int, running: dict[str, float]) -> None:
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(
+        {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors")
+    )
+    state = {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "step": step,
+        "running": running,
+        "torch_rng": torch.get_rng_state(),
+    }
+    torch.save(state, tmp / "state.pt")
+    old = folder.with_name(folder.name + ".old")
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(folder: Path, model, optimizer, scheduler) -> tuple[int, dict[str, float]]:
+    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    state = torch.load(folder / "state.pt", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["step"]), dict(state["running"])
+
+
+def _smooth(previous: float, value: float, weight: float = 0.9) -> float:
+    return value if math.isnan(previous) else weight * previous + (1 - weight) * value
+
+
+def epoch_rows(n: int, batch_size: int, seed: int, index: int) -> np.ndarray:
+    """Rows of the ``index``-th batch of an endless stream of seeded per-epoch permutations of 0..n-1."""
+    per_epoch = math.ceil(n / batch_size)
+    epoch, position = divmod(index, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    return order[position * batch_size : (position + 1) * batch_size]
 
 
 def warmup_train(
@@ -28,58 +144,84 @@ def warmup_train(
     device: torch.device,
     show_progress: bool = True,
 ) -> dict[str, float]:
-    """Train ``model`` in place on the task's train split; returns final losses and dev accuracy."""
-    torch.manual_seed(seed)
-    texts, labels = task.texts("train"), torch.as_tensor(task.label_ids("train").copy())
-    steps_per_epoch = math.ceil(len(texts) / config.batch_size)
-    total_steps = max(1, math.ceil(config.epochs * steps_per_epoch))
-    model.to(device).train()
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.learning_rate,
+    """Train ``model`` in place on the task's train split with MLM + task loss; returns losses and dev accuracy."""
+    texts, labels = task.texts("train"), task.label_ids("train")
+    total_steps = max(1, math.ceil(config.epochs * math.ceil(len(texts) / config.batch_size)))
+    model.to(device)
+
+    def step_loss(step: int, micro: int) -> tuple[torch.Tensor, dict[str, float]]:
+        rows = epoch_rows(len(texts), config.batch_size, seed, step)
+        batch = labelled_batch(tokenizer, [texts[i] for i in rows], labels[rows], max_length)
+        batch = mask_tokens(batch, tokenizer, config.mlm_probability, seed, (step * len(texts) + rows).tolist())
+        batch = batch.to(device)
+        mlm_loss = per_sample_mlm_loss(model, batch).mean()
+        task_loss = per_sample_task_loss(model, batch).mean()
+        return mlm_loss + config.task_loss_weight * task_loss, {"mlm": mlm_loss.item(), "task": task_loss.item()}
+
+    settings = LoopSettings(
+        total_steps, config.learning_rate, config.weight_decay, config.warmup_ratio, description="warm-up"
     )
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
-    rng = np.random.default_rng(seed)
-    mlm_running = task_running = math.nan
-    bar = tqdm(total=total_steps, desc="warm-up", disable=not show_progress, unit="step")
-    step = 0
-    while step < total_steps:
-        order = rng.permutation(len(texts))
-        for start in range(0, len(order), config.batch_size):
-            if step == total_steps:
-                break
-            rows = order[start : start + config.batch_size]
-            batch = encode(tokenizer, [texts[i] for i in rows], max_length)
-            batch.labels = labels[rows]
-            keys = (step * len(texts) + rows).tolist()
-            batch = mask_tokens(batch, tokenizer, config.mlm_probability, seed, keys).to(device)
-            mlm_loss = per_sample_mlm_loss(model, batch).mean()
-            task_loss = per_sample_task_loss(model, batch).mean()
-            loss = mlm_loss + config.task_loss_weight * task_loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            mlm_running = _smooth(mlm_running, mlm_loss.item())
-            task_running = _smooth(task_running, task_loss.item())
-            bar.set_postfix(mlm=f"{mlm_running:.3f}", task=f"{task_running:.3f}")
-            bar.update()
-    bar.close()
-    model.eval()
-    return {
-        "steps": total_steps,
-        "mlm_loss": round(mlm_running, 4),
-        "task_loss": round(task_running, 4),
-        "dev_accuracy": round(accuracy(model, tokenizer, task, "dev", max_length, device), 4),
-    }
+    summary = train_loop(model, settings, step_loss, seed, show_progress=show_progress)
+    summary["dev_accuracy"] = round(accuracy(model, tokenizer, task, "dev", max_length, device), 4)
+    return summary
 
 
-def _smooth(previous: float, value: float, weight: float = 0.9) -> float:
-    return value if math.isnan(previous) else weight * previous + (1 - weight) * value
+def pretrain(
+    model: TaskMLMModel,
+    tokenizer: PreTrainedTokenizerFast,
+    subset_texts: list[str],
+    task: TaskData,
+    config: PretrainConfig,
+    max_length: int,
+    seed: int,
+    device: torch.device,
+    checkpoint_dir: Path | None = None,
+    show_progress: bool = True,
+) -> dict[str, float]:
+    """TLM's joint objective: MLM on subset batches; MLM + rho2 x task loss on task batches.
+
+    Each micro-batch is a task batch with probability rho1 / (1 + rho1) (so rho1 task batches per subset batch
+    on average), drawn from a seeded schedule fixed up front, so resuming replays the same sequence.
+    """
+    texts, labels = task.texts("train"), task.label_ids("train")
+    if not subset_texts:
+        raise ValueError("the subset is empty: nothing to pretrain on")
+    micro_batches = config.steps * config.accumulation
+    is_task = np.random.default_rng([seed, 1]).random(micro_batches) < config.rho1 / (1 + config.rho1)
+    position = np.where(is_task, np.cumsum(is_task) - 1, np.cumsum(~is_task) - 1)
+    model.to(device)
+
+    def step_loss(step: int, micro: int) -> tuple[torch.Tensor, dict[str, float]]:
+        index = step * config.accumulation + micro
+        if is_task[index]:
+            rows = epoch_rows(len(texts), config.batch_size, seed, int(position[index]))
+            batch = labelled_batch(tokenizer, [texts[i] for i in rows], labels[rows], max_length)
+            keys = 2 * (rows * micro_batches + index)  # distinct per (source, row, micro-batch): even = task
+        else:
+            rows = epoch_rows(len(subset_texts), config.batch_size, seed + 1, int(position[index]))
+            batch = encode(tokenizer, [subset_texts[i] for i in rows], max_length)
+            keys = 2 * (rows * micro_batches + index) + 1
+        batch = mask_tokens(batch, tokenizer, config.mlm_probability, seed, keys.tolist()).to(device)
+        mlm_loss = per_sample_mlm_loss(model, batch).mean()
+        if not is_task[index]:
+            return mlm_loss, {"mlm": mlm_loss.item()}
+        task_loss = per_sample_task_loss(model, batch).mean()
+        return mlm_loss + config.rho2 * task_loss, {"mlm": mlm_loss.item(), "task": task_loss.item()}
+
+    settings = LoopSettings(
+        config.steps,
+        config.learning_rate,
+        config.weight_decay,
+        config.warmup_ratio,
+        config.accumulation,
+        config.save_every,
+        "pretrain",
+    )
+    summary = train_loop(model, settings, step_loss, seed, checkpoint_dir, show_progress)
+    summary["task_micro_batches"] = int(is_task.sum())
+    summary["subset_micro_batches"] = int((~is_task).sum())
+    summary["tokens"] = micro_batches * config.batch_size * max_length  # as the paper counts them, for FLOPs
+    return summary
 
 
 @torch.no_grad()

@@ -1,0 +1,86 @@
+"""Pretraining (TLM's joint objective) resumes exactly; fine-tuning scores are scikit-learn's F1."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from sklearn.metrics import f1_score
+
+from iss.config import ModelConfig, PretrainConfig
+from iss.data import TaskData
+from iss.evaluation import f1
+from iss.model import TaskMLMModel
+from iss.training import pretrain
+
+
+def test_f1_matches_scikit_learn_on_known_predictions():
+    labels = np.array([0, 0, 1, 1, 2, 2, 2, 3])
+    predictions = np.array([0, 1, 1, 1, 2, 0, 2, 2])
+    # micro-F1 over single-label predictions is accuracy: 5 of 8 right
+    assert f1(labels, predictions, "micro_f1") == pytest.approx(5 / 8)
+    # macro, by hand: class 0 P=R=1/2 -> 1/2; class 1 P=2/3 R=1 -> 4/5; class 2 P=R=2/3 -> 2/3; class 3 -> 0
+    assert f1(labels, predictions, "macro_f1") == pytest.approx((1 / 2 + 4 / 5 + 2 / 3 + 0) / 4)
+    assert f1(labels, predictions, "macro_f1") == pytest.approx(f1_score(labels, predictions, average="macro"))
+
+
+def _task(chemprot_texts) -> TaskData:
+    rows = chemprot_texts[:40]
+    labels = sorted({label for _, label in rows})
+    table = pa.table(
+        {
+            "id": list(range(len(rows))),
+            "text": [t for t, _ in rows],
+            "label": [label for _, label in rows],
+            "label_id": [labels.index(label) for _, label in rows],
+        }
+    )
+    return TaskData("chemprot", {"train": table, "dev": table}, labels)
+
+
+def _fresh(tokenizer, n_labels: int) -> TaskMLMModel:
+    torch.manual_seed(0)
+    config = ModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_length=48)
+    return TaskMLMModel.from_scratch(config, tokenizer, n_labels)
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_pretraining_resumed_after_a_kill_ends_with_the_same_weights(tokenizer, chemprot_texts, corpus_texts, tmp_path):
+    task = _task(chemprot_texts)
+    subset = corpus_texts[:60]
+    config = PretrainConfig(steps=8, batch_size=4, accumulation=2, rho1=1.0, rho2=5.0, save_every=3)
+    cpu = torch.device("cpu")
+
+    whole = _fresh(tokenizer, len(task.labels))
+    summary = pretrain(whole, tokenizer, subset, task, config, 48, 3, cpu, show_progress=False)
+    assert summary["task_micro_batches"] + summary["subset_micro_batches"] == 16
+    assert 0 < summary["task_micro_batches"] < 16  # both sources are sampled
+
+    checkpoint = tmp_path / "checkpoint"
+    interrupted = _fresh(tokenizer, len(task.labels))
+    encoder, original = interrupted.encoder, interrupted.encoder.forward
+    calls = {"n": 0}
+
+    def dying_forward(*args, **kwargs):
+        # 1-2 encoder calls per micro-batch, 2 micro-batches per step: call 14 comes after the step-3
+        # checkpoint (at most 12 calls by then) and before the run ends (at least 16 calls).
+        calls["n"] += 1
+        if calls["n"] == 14:
+            raise _Killed
+        return original(*args, **kwargs)
+
+    encoder.forward = dying_forward
+    with pytest.raises(_Killed):
+        pretrain(interrupted, tokenizer, subset, task, config, 48, 3, cpu, checkpoint, show_progress=False)
+    assert checkpoint.joinpath("state.pt").is_file()
+
+    resumed = _fresh(tokenizer, len(task.labels))
+    pretrain(resumed, tokenizer, subset, task, config, 48, 3, cpu, checkpoint, show_progress=False)
+    for (name, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    changed = _fresh(tokenizer, len(task.labels))
+    assert not torch.equal(changed.classifier.weight, resumed.classifier.weight)  # training did move the weights
