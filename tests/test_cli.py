@@ -125,3 +125,34 @@ def test_run_writes_a_table_with_every_method_and_finite_scores(config_file):
     markdown = (folder / "results.md").read_text()
     assert "| ISS |" in markdown and "chemprot" in markdown
     assert len((folder / "results.csv").read_text().strip().splitlines()) == 1 + len(runs)
+
+    # `iss evaluate` reuses the fine-tuned runs of the configured method and aggregates them
+    result = _iss("evaluate", str(config_file), "--quiet", "--json", *overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    evaluated = json.loads(result.stdout)["evaluate-iss"]
+    assert all(json.loads(result.stdout)[f"finetune-iss-seed{s}"]["reused"] for s in (0, 1))
+    iss_tests = [r["test"] for r in runs if r["method"] == "iss"]
+    assert evaluated["test_mean"] == pytest.approx(sum(iss_tests) / 2)
+
+
+@pytest.mark.slow
+def test_budget_sweep_runs_each_method_once_per_budget(config_file):
+    overrides = ["--set", "evaluation.budgets=[100 docs, 200 docs]", "--set", "evaluation.methods=[iss, random, none]",
+                 "--set", "pretrain.steps=3", "--set", "pretrain.batch_size=8", "--set", "finetune.epochs=1",
+                 "--set", "finetune.seeds=[0]", "--run-dir", str(config_file.parent / "sweep")]  # fmt: skip
+    result = _iss("run", str(config_file), "--quiet", *overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = config_file.parent / "sweep"
+    table = {line["method"]: line for line in json.loads((folder / "results" / "results.json").read_text())["table"]}
+    assert set(table) == {
+        "ISS (100 docs)",
+        "ISS (200 docs)",
+        "random (100 docs)",
+        "random (200 docs)",
+        "no pretraining",
+    }
+    assert table["ISS (100 docs)"]["data_docs"] == 100 and table["random (200 docs)"]["data_docs"] == 200
+    assert table["ISS (200 docs)"]["flops"] == table["ISS (100 docs)"]["flops"]  # same steps, whatever the budget
+    subsets = {b: pq.read_table(folder / f"select-iss@{b}docs" / "subset.parquet") for b in (100, 200)}
+    small, large = (set(subsets[b].column("corpus_id").to_pylist()) for b in (100, 200))
+    assert small < large  # a smaller budget keeps a prefix of the same ranking

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM
 
 from iss.config import IssConfig, TaskConfig
-from iss.data import _load_hub_task
+from iss.data import DataError, _load_hub_task, load_task
 from iss.pipeline import Pipeline
 
 from .conftest import CHEMPROT, CORPUS, require_shared
@@ -66,6 +66,8 @@ def test_further_pretraining_setting_uses_local_tokenizer_and_checkpoint(tmp_pat
         tokenizer={"path": str(tmp_path / "tok")},
         model={"path": str(tmp_path / "ckpt")},
         influence={"layer": "embeddings"},
+        pretrain={"steps": 3, "batch_size": 4},
+        finetune={"epochs": 1},
     )
     pipeline = Pipeline(config, show_progress=False)
     result = pipeline.select()
@@ -75,6 +77,15 @@ def test_further_pretraining_setting_uses_local_tokenizer_and_checkpoint(tmp_pat
     before = original.bert.encoder.layer[0].output.dense.weight
     after = warmed.bert.encoder.layer[0].output.dense.weight
     assert before.shape == after.shape and not torch.allclose(before, after)
+
+    # further pretraining starts from the checkpoint (not from scratch) and writes a loadable model
+    pretrained = pipeline.pretrain()
+    further = AutoModelForMaskedLM.from_pretrained(str(pretrained.path / "model"))
+    moved = further.bert.encoder.layer[0].output.dense.weight
+    assert moved.shape == before.shape and not torch.allclose(before, moved)
+    assert (moved - before).abs().max() < (moved - torch.randn_like(moved) * 0.02).abs().max()
+    scores = pipeline.finetune()
+    assert 0 <= scores.summary["test"] <= 1 and scores.summary["metric"] == "micro_f1"
 
 
 def test_mismatched_tokenizer_and_model_fail_clearly(tmp_path, tokenizer):
@@ -99,6 +110,14 @@ def test_hub_loader_reads_a_datasets_source(tmp_path, monkeypatch):
         (source / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     config = TaskConfig(path=str(source), text_column="sentence", splits={"train": "train", "dev": "validation",
                                                                           "test": "test"})  # fmt: skip
-    raw = _load_hub_task(config)
+    raw = _load_hub_task(config.path, config.splits)
     assert {role: table.num_rows for role, (table, _) in raw.items()} == {"train": 6, "dev": 2, "test": 3}
     assert raw["dev"][0].column("sentence").to_pylist() == ["validation text 0", "validation text 1"]
+
+    # A config whose local folder is absent falls back to its hub dataset (what the bundled configs do).
+    fallback = TaskConfig(path=str(tmp_path / "absent"), hub=str(source), text_column="sentence")
+    task = load_task(fallback)
+    assert {role: t.num_rows for role, t in task.splits.items()} == {"train": 6, "dev": 2, "test": 3}
+    assert task.labels == ["0", "1"]
+    with pytest.raises(DataError, match="not found"):
+        load_task(TaskConfig(path=str(tmp_path / "absent")))

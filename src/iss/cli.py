@@ -123,6 +123,7 @@ _stage_command("warmup", "Warm up the model on the task with MLM + task loss.")
 _stage_command("influence", "Score candidates by gradient matching and keep the top-k per task sample.")
 _stage_command("pretrain", "Pretrain on the selected subset (TLM objective from scratch, or further pretraining).")
 _stage_command("finetune", "Fine-tune the pretrained model; dev/test F1 at the best dev epoch.")
+_stage_command("evaluate", "Fine-tune once per seed (finetune.seeds); mean and std of dev/test F1.")
 
 
 @app.command("run")

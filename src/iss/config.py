@@ -26,6 +26,11 @@ class TaskConfig(_Section):
         "../shared/data/tasks/chemprot",
         description="Folder with one file per split, a single file, or a Hugging Face dataset name.",
     )
+    hub: str | None = Field(None, description="Hugging Face dataset loaded instead when `path` does not exist.")
+    hub_splits: dict[str, str] = Field(
+        default_factory=lambda: {"train": "train", "dev": "validation", "test": "test"},
+        description="Split role -> split name in the `hub` dataset.",
+    )
     text_column: str | list[str] = "text"
     label_column: str = "label"
     splits: dict[str, str] = Field(
@@ -135,14 +140,6 @@ class FinetuneConfig(_Section):
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
 
 
-class EvaluationConfig(_Section):
-    """What `iss run` compares: every method pretrains on a subset of the same budget for the same steps."""
-
-    methods: list[Literal["iss", "tlm", "random", "none"]] = Field(
-        default_factory=lambda: ["iss", "tlm", "random", "none"], min_length=1
-    )
-
-
 class InfluenceConfig(_Section):
     """Gradient-matching influence (Eq. 6) at one parameter group, with mini-batch matching (section 3.3)."""
 
@@ -219,6 +216,23 @@ class SelectionConfig(_Section):
     @classmethod
     def _parse_budget(cls, value: Any) -> Any:
         return value if isinstance(value, (Budget, dict)) else Budget.parse(value)
+
+
+class EvaluationConfig(_Section):
+    """What `iss run` compares: every method pretrains on a subset of the same budget for the same steps."""
+
+    methods: list[Literal["iss", "tlm", "random", "none"]] = Field(
+        default_factory=lambda: ["iss", "tlm", "random", "none"], min_length=1
+    )
+    budgets: list[Budget] = Field(
+        default_factory=list,
+        description="Subset-size sweep (e.g. [10%, 20%, 40%, 60%, 80%] of the pool); empty = selection.budget only.",
+    )
+
+    @field_validator("budgets", mode="before")
+    @classmethod
+    def _parse_budgets(cls, value: Any) -> Any:
+        return [v if isinstance(v, (Budget, dict)) else Budget.parse(v) for v in value]
 
 
 class IssConfig(_Section):

@@ -8,6 +8,7 @@ any selected document can be traced back to its file and row.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,9 @@ from iss.config import CorpusConfig, TaskConfig
 TASK_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 CORPUS_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")
 SPLIT_ROLES = ("train", "dev", "test")
+
+
+log = logging.getLogger("iss")
 
 
 class DataError(ValueError):
@@ -55,7 +59,10 @@ def load_task(config: TaskConfig, seed: int = 0) -> TaskData:
     elif path.is_file():
         raw = _split_table(_read_table(path, config), config, seed, origin=path)
     elif _looks_like_hub_name(config.path):
-        raw = _load_hub_task(config)
+        raw = _load_hub_task(config.path, config.splits)
+    elif config.hub:
+        log.info("task path %s not found: loading %s from the hub", config.path, config.hub)
+        raw = _load_hub_task(config.hub, config.hub_splits)
     else:
         raise DataError(f"task path not found: {config.path}")
 
@@ -124,14 +131,12 @@ def _split_table(table: pa.Table, config: TaskConfig, seed: int, origin: Path) -
     return {role: (table.take(np.sort(rows)), origin) for role, rows in parts.items()}
 
 
-def _load_hub_task(config: TaskConfig) -> dict[str, tuple[pa.Table, Path]]:
-    """Load a Hugging Face dataset by name (needs network or a warm cache)."""
+def _load_hub_task(name: str, splits: dict[str, str]) -> dict[str, tuple[pa.Table, Path]]:
+    """Load a Hugging Face dataset by name (needs network or a warm cache); ``splits`` maps role -> split."""
     import datasets
 
-    dataset = datasets.load_dataset(config.path)
-    return {
-        role: (dataset[split].data.table, Path(f"hub:{config.path}/{split}")) for role, split in config.splits.items()
-    }
+    dataset = datasets.load_dataset(name)
+    return {role: (dataset[split].data.table, Path(f"hub:{name}/{split}")) for role, split in splits.items()}
 
 
 def _standardise(table: pa.Table, config: TaskConfig, origin: Path) -> pa.Table:

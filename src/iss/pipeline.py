@@ -45,8 +45,9 @@ log = logging.getLogger("iss")
 class Pipeline:
     """Runs (or reuses) the stages of one config in its run folder."""
 
-    def __init__(self, config: IssConfig, show_progress: bool = True) -> None:
+    def __init__(self, config: IssConfig, show_progress: bool = True, tag: str = "") -> None:
         self.config = config
+        self.tag = tag  # suffix of per-budget stage names in a subset-size sweep
         self.run = RunFolder(config.run_dir)
         self.show_progress = show_progress
         self.device = pick_device(config.device)
@@ -346,14 +347,14 @@ class Pipeline:
             )
 
         parts = {"selection": config.selection.model_dump(mode="json"), "seed": config.seed, **upstream}
-        return self._stage(f"select-{method}", parts, body)
+        return self._stage(f"select-{method}{self.tag}", parts, body)
 
     def pretrain(self, seed: int | None = None) -> StageResult:
         """Pretrain on the configured method's subset: from scratch (TLM's joint objective) or further."""
         config = self.config
         seed = config.seed if seed is None else seed
         selected, tokenizer_stage, data = self.select(), self.tokenizer(), self.data()
-        name = f"pretrain-{config.selection.method}-seed{seed}"
+        name = f"pretrain-{config.selection.method}{self.tag}-seed{seed}"
 
         def body(folder: Path, summary: dict) -> None:
             task = self.task()
@@ -396,7 +397,7 @@ class Pipeline:
         seed = config.seed if seed is None else seed
         tokenizer_stage, data = self.tokenizer(), self.data()
         upstream = self.pretrain(seed) if pretrained else None
-        name = f"finetune-{config.selection.method if pretrained else 'none'}-seed{seed}"
+        name = f"finetune-{config.selection.method}{self.tag}-seed{seed}" if pretrained else f"finetune-none-seed{seed}"
 
         def body(folder: Path, summary: dict) -> None:
             task = self.task()
@@ -429,30 +430,52 @@ class Pipeline:
         }
         return self._stage(name, parts, body)
 
-    def run_all(self) -> StageResult:
-        """Select, pretrain, fine-tune and evaluate every configured method over every seed; write the table."""
+    def evaluate(self) -> StageResult:
+        """Fine-tune the configured method's pretrained model once per seed; mean and std of dev/test F1."""
         config = self.config
+        method = config.selection.method
+        runs = [self.finetune(seed) for seed in config.finetune.seeds]
+
+        def body(folder: Path, summary: dict) -> None:
+            scores = {split: [run.summary[split] for run in runs] for split in ("dev", "test")}
+            summary.update({"method": method, "metric": config.task.metric, "seeds": config.finetune.seeds})
+            for split, values in scores.items():
+                summary[f"{split}_mean"], summary[f"{split}_std"] = float(np.mean(values)), float(np.std(values))
+            (folder / "scores.json").write_text(json.dumps({**summary, **scores}, indent=2), encoding="utf-8")
+
+        return self._stage(f"evaluate-{method}{self.tag}", {"runs": [run.fingerprint for run in runs]}, body)
+
+    def run_all(self) -> StageResult:
+        """Select, pretrain, fine-tune and evaluate every configured method over every seed; write the table.
+
+        With ``evaluation.budgets`` every pretrained method runs once per budget (the paper's Table 5 sweep).
+        """
+        config = self.config
+        budgets = config.evaluation.budgets or [config.selection.budget]
+        sweep = bool(config.evaluation.budgets)
         rows = []
         for method in config.evaluation.methods:
-            pipeline = self
-            if method != "none" and method != config.selection.method:
-                pipeline = Pipeline(config.with_overrides({"selection.method": method}), self.show_progress)
-            for seed in config.finetune.seeds:
-                scores = pipeline.finetune(seed, pretrained=method != "none")
-                pretrained = pipeline.results.get(f"pretrain-{method}-seed{seed}")
-                rows.append(
-                    {
-                        "method": method,
-                        "task": config.task.name,
-                        "seed": seed,
-                        "test": scores.summary["test"],
-                        "dev": scores.summary["dev"],
-                        "subset_docs": pretrained.summary["subset_docs"] if pretrained else 0,
-                        "flops": pretrained.summary["flops"] if pretrained else 0,
-                        "fingerprint": scores.fingerprint,
-                    }
-                )
-            self.results.update(pipeline.results)
+            for budget in budgets if method != "none" else [None]:
+                overrides = {} if method == "none" else {"selection.method": method, "selection.budget": str(budget)}
+                tag = f"@{str(budget).replace('%', 'pct').replace(' ', '')}" if sweep and budget else ""
+                pipeline = Pipeline(config.with_overrides(overrides), self.show_progress, tag)
+                for seed in config.finetune.seeds:
+                    scores = pipeline.finetune(seed, pretrained=method != "none")
+                    pretrained = pipeline.results.get(f"pretrain-{method}{tag}-seed{seed}")
+                    rows.append(
+                        {
+                            "method": method,
+                            "budget": str(budget) if budget and sweep else "",
+                            "task": config.task.name,
+                            "seed": seed,
+                            "test": scores.summary["test"],
+                            "dev": scores.summary["dev"],
+                            "subset_docs": pretrained.summary["subset_docs"] if pretrained else 0,
+                            "flops": pretrained.summary["flops"] if pretrained else 0,
+                            "fingerprint": scores.fingerprint,
+                        }
+                    )
+                self.results.update(pipeline.results)
 
         def body(folder: Path, summary: dict) -> None:
             table = write_results([{k: v for k, v in row.items() if k != "fingerprint"} for row in rows], folder)

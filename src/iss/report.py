@@ -17,14 +17,16 @@ METHOD_NAMES = {"none": "no pretraining", "random": "random", "tlm": "TLM (BM25)
 def results_table(rows: list[dict]) -> list[dict]:
     """One line per method: mean/std test F1 per task (x100), their average, subset docs and FLOPs.
 
-    ``rows`` are single runs with keys method, task, seed, test, subset_docs, flops.
+    ``rows`` are single runs with keys method, task, seed, test, subset_docs, flops, and optionally budget (a
+    subset-size sweep gives one line per method and budget).
     """
     tasks = sorted({row["task"] for row in rows})
     lines = []
-    for method in dict.fromkeys(row["method"] for row in rows):
-        mine = [row for row in rows if row["method"] == method]
+    for method, budget in dict.fromkeys((row["method"], row.get("budget", "")) for row in rows):
+        mine = [row for row in rows if row["method"] == method and row.get("budget", "") == budget]
+        name = METHOD_NAMES.get(method, method)
         line: dict = {
-            "method": METHOD_NAMES.get(method, method),
+            "method": f"{name} ({budget})" if budget else name,
             "data_docs": int(np.mean([row["subset_docs"] for row in mine])),
             "flops": float(np.mean([row["flops"] for row in mine])),
         }
@@ -58,9 +60,10 @@ def write_results(rows: list[dict], folder: Path) -> list[dict]:
     table = results_table(rows)
     (folder / "results.md").write_text(markdown(table), encoding="utf-8")
     with (folder / "results.csv").open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["method", "task", "seed", "dev", "test", "subset_docs", "flops"])
+        fields = ["method", "budget", "task", "seed", "dev", "test", "subset_docs", "flops"]
+        writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         for row in rows:
-            writer.writerow({key: row[key] for key in writer.fieldnames})
+            writer.writerow({key: row.get(key, "") for key in fields})
     (folder / "results.json").write_text(json.dumps({"runs": rows, "table": table}, indent=2), encoding="utf-8")
     return table
