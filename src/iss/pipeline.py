@@ -421,7 +421,7 @@ class Pipeline:
             summary.update({k: result[k] for k in ("seed", "metric", "best_epoch", "dev", "test")})
 
         parts = {
-            "finetune": config.finetune.model_dump(mode="json"),
+            "finetune": config.finetune.model_dump(mode="json", exclude={"seeds"}),  # one seed per stage
             "metric": config.task.metric,
             "seed": seed,
             "upstream": upstream.fingerprint if upstream else config.model.model_dump(mode="json"),
