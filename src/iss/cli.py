@@ -102,7 +102,7 @@ def select(
     )
 
 
-def _stage_command(stage: str, doc: str) -> None:
+def _stage_command(stage: str, doc: str, name: str | None = None) -> None:
     def command(
         config: ConfigArg = None,
         run_dir: RunDirOpt = None,
@@ -113,7 +113,7 @@ def _stage_command(stage: str, doc: str) -> None:
         _run(stage, config, overrides, quiet, as_json, run_dir=run_dir)
 
     command.__doc__ = doc
-    app.command(name=stage.replace("_", "-"))(command)
+    app.command(name=name or stage.replace("_", "-"))(command)
 
 
 _stage_command("data", "Load the task splits and label mapping into the run folder.")
@@ -124,18 +124,11 @@ _stage_command("influence", "Score candidates by gradient matching and keep the 
 _stage_command("pretrain", "Pretrain on the selected subset (TLM objective from scratch, or further pretraining).")
 _stage_command("finetune", "Fine-tune the pretrained model; dev/test F1 at the best dev epoch.")
 _stage_command("evaluate", "Fine-tune once per seed (finetune.seeds); mean and std of dev/test F1.")
-
-
-@app.command("run")
-def run_all(
-    config: ConfigArg = None,
-    run_dir: RunDirOpt = None,
-    overrides: SetOpt = None,
-    quiet: QuietOpt = False,
-    as_json: JsonOpt = False,
-) -> None:
-    """The whole loop for every method and seed: select, pretrain, fine-tune, evaluate; writes the results table."""
-    _run("run_all", config, overrides, quiet, as_json, run_dir=run_dir)
+_stage_command(
+    "run_all",
+    "The whole loop for every method and seed: select, pretrain, fine-tune, evaluate; writes the results table.",
+    name="run",
+)
 
 
 @app.command("config")

@@ -102,41 +102,39 @@ class ModelConfig(_Section):
         return self
 
 
-class WarmupConfig(_Section):
-    """Algorithm 1, line 2: MLM + task loss on the task training set."""
+class OptimizerConfig(_Section):
+    """AdamW with linear warm-up and decay: what every training loop (warm-up, pretrain, fine-tune) shares."""
 
-    epochs: float = Field(3, gt=0)
     batch_size: int = Field(32, ge=1)
     learning_rate: float = Field(5e-4, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.06, ge=0, lt=1)
+
+
+class WarmupConfig(OptimizerConfig):
+    """Algorithm 1, line 2: MLM + task loss on the task training set."""
+
+    epochs: float = Field(3, gt=0)
     mlm_probability: float = Field(0.15, gt=0, lt=1)
     task_loss_weight: float = Field(1.0, ge=0)
 
 
-class PretrainConfig(_Section):
+class PretrainConfig(OptimizerConfig):
     """Pretraining on the selected subset: TLM's joint objective (from scratch) or further pretraining."""
 
     steps: int = Field(300, ge=1, description="Optimizer steps (the same for every method).")
-    batch_size: int = Field(32, ge=1)
     accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    learning_rate: float = Field(5e-4, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
-    warmup_ratio: float = Field(0.06, ge=0, lt=1)
     mlm_probability: float = Field(0.15, gt=0, lt=1)
     rho1: float = Field(1.0, ge=0, description="Task batches per subset batch (TLM's rho1).")
     rho2: float = Field(20.0, ge=0, description="Weight of the task loss on task batches (TLM's rho2).")
     save_every: int = Field(50, ge=0, description="Steps between resumable checkpoints (0 = none).")
 
 
-class FinetuneConfig(_Section):
+class FinetuneConfig(OptimizerConfig):
     """Fine-tuning for evaluation: the task loss only; the best dev epoch's test score is reported."""
 
-    epochs: int = Field(3, ge=1)
-    batch_size: int = Field(32, ge=1)
     learning_rate: float = Field(2e-4, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
-    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    epochs: int = Field(3, ge=1)
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
 
 

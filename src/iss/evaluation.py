@@ -61,13 +61,7 @@ def finetune(
             }
             epochs.append({"epoch": step // steps_per_epoch, **scores})
 
-    settings = LoopSettings(
-        config.epochs * steps_per_epoch,
-        config.learning_rate,
-        config.weight_decay,
-        config.warmup_ratio,
-        description=f"fine-tune (seed {seed})",
-    )
+    settings = LoopSettings(config, config.epochs * steps_per_epoch, description=f"fine-tune (seed {seed})")
     summary = train_loop(model, settings, step_loss, seed, show_progress=show_progress, after_step=evaluate)
     best = max(epochs, key=lambda e: e["dev"])  # first epoch among equals
     return {

@@ -256,7 +256,6 @@ class Pipeline:
                 top = scorer.score(
                     pool_texts, pool_keys, unit_groups, self.run.work_dir("influence") / "topk.pt", bar.update
                 )
-            corpus_ids = pool.column("corpus_id").to_numpy()
             task_ids = task.splits[influence.task_split].column("id").to_numpy()
             pq.write_table(
                 pa.table(
@@ -265,9 +264,7 @@ class Pipeline:
                 folder / "task_units.parquet",
             )
             pq.write_table(
-                pa.table(
-                    {"unit": range(len(unit_groups)), "corpus_ids": [corpus_ids[g].tolist() for g in unit_groups]}
-                ),
+                pa.table({"unit": range(len(unit_groups)), "corpus_ids": [pool_keys[g].tolist() for g in unit_groups]}),
                 folder / "pool_units.parquet",
             )
             pq.write_table(

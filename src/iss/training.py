@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast, get_linear_schedule_with_warmup
 
-from iss.config import PretrainConfig, WarmupConfig
+from iss.config import OptimizerConfig, PretrainConfig, WarmupConfig
 from iss.data import TaskData
 from iss.model import TaskMLMModel, encode, labelled_batch, mask_tokens, per_sample_mlm_loss, per_sample_task_loss
 
@@ -29,12 +29,10 @@ StepLoss = Callable[[int, int], tuple[torch.Tensor, dict[str, float]]]
 
 @dataclass(frozen=True)
 class LoopSettings:
-    """Optimisation settings shared by warm-up and pretraining."""
+    """One training loop: the optimiser section of its config, its length and checkpointing."""
 
+    optimizer: OptimizerConfig
     total_steps: int
-    learning_rate: float
-    weight_decay: float
-    warmup_ratio: float
     accumulation: int = 1
     save_every: int = 0  # steps between checkpoints; 0 = none
     description: str = "train"
@@ -59,11 +57,11 @@ def train_loop(
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=settings.learning_rate,
+        [{"params": decay, "weight_decay": settings.optimizer.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=settings.optimizer.learning_rate,
     )
     total = settings.total_steps
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(settings.warmup_ratio * total), total)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(settings.optimizer.warmup_ratio * total), total)
     step, running = 0, {}
     if checkpoint_dir is not None and (checkpoint_dir / "state.pt").is_file():
         step, running = _load_checkpoint(checkpoint_dir, model, optimizer, scheduler)
@@ -158,9 +156,7 @@ def warmup_train(
         task_loss = per_sample_task_loss(model, batch).mean()
         return mlm_loss + config.task_loss_weight * task_loss, {"mlm": mlm_loss.item(), "task": task_loss.item()}
 
-    settings = LoopSettings(
-        total_steps, config.learning_rate, config.weight_decay, config.warmup_ratio, description="warm-up"
-    )
+    settings = LoopSettings(config, total_steps, description="warm-up")
     summary = train_loop(model, settings, step_loss, seed, show_progress=show_progress)
     summary["dev_accuracy"] = round(accuracy(model, tokenizer, task, "dev", max_length, device), 4)
     return summary
@@ -208,15 +204,7 @@ def pretrain(
         task_loss = per_sample_task_loss(model, batch).mean()
         return mlm_loss + config.rho2 * task_loss, {"mlm": mlm_loss.item(), "task": task_loss.item()}
 
-    settings = LoopSettings(
-        config.steps,
-        config.learning_rate,
-        config.weight_decay,
-        config.warmup_ratio,
-        config.accumulation,
-        config.save_every,
-        "pretrain",
-    )
+    settings = LoopSettings(config, config.steps, config.accumulation, config.save_every, "pretrain")
     summary = train_loop(model, settings, step_loss, seed, checkpoint_dir, show_progress)
     summary["task_micro_batches"] = int(is_task.sum())
     summary["subset_micro_batches"] = int((~is_task).sum())
