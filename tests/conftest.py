@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from iss.config import ModelConfig, TokenizerConfig
 from iss.model import TaskMLMModel, train_tokenizer
@@ -15,6 +18,10 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 CHEMPROT = SHARED / "tasks" / "chemprot"
 CORPUS = SHARED / "corpus" / "general.jsonl"
+CLI_BUDGET = 300
+# pretraining and fine-tuning small enough for CI; shared by every test that runs `iss run` on config_file
+TINY_TRAINING = ["--set", "pretrain.steps=6", "--set", "pretrain.batch_size=8", "--set", "pretrain.save_every=3",
+                 "--set", "finetune.epochs=1", "--set", "finetune.seeds=[0, 1]"]  # fmt: skip
 
 
 def require_shared() -> None:
@@ -47,3 +54,29 @@ def tiny_model(tokenizer) -> TaskMLMModel:
     torch.manual_seed(0)
     config = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_length=64)
     return TaskMLMModel.from_scratch(config, tokenizer, num_labels=5).eval()
+
+
+def iss_command(*args: str) -> subprocess.CompletedProcess:
+    """Run the ``iss`` command line in a subprocess, as a user would."""
+    return subprocess.run([sys.executable, "-m", "iss", *args], capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="session")
+def config_file(tmp_path_factory) -> Path:
+    """A small real job: ChemProt (200 train, 40 dev) against the shared corpus, a 2-block tiny BERT."""
+    require_shared()
+    folder = tmp_path_factory.mktemp("cli")
+    config = {
+        "run_dir": str(folder / "run"),
+        "task": {"name": "chemprot", "path": str(CHEMPROT), "max_train": 200, "max_dev": 40, "metric": "micro_f1"},
+        "corpus": {"paths": [str(CORPUS)], "shard_size": 30000},
+        "tokenizer": {"vocab_size": 4000, "max_corpus_docs": 20000},
+        "retrieval": {"top_k": 10},
+        "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64, "max_length": 64},
+        "warmup": {"epochs": 1, "batch_size": 16},
+        "influence": {"top_k": 60, "compute_batch": 64},
+        "selection": {"budget": f"{CLI_BUDGET} docs"},
+    }
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path

@@ -3,40 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
-from .conftest import CHEMPROT, CORPUS, require_shared
-
-BUDGET = 300
-
-
-def _iss(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "iss", *args], capture_output=True, text=True, timeout=900)
-
-
-@pytest.fixture(scope="module")
-def config_file(tmp_path_factory):
-    require_shared()
-    folder = tmp_path_factory.mktemp("cli")
-    config = {
-        "run_dir": str(folder / "run"),
-        "task": {"name": "chemprot", "path": str(CHEMPROT), "max_train": 200, "max_dev": 40, "metric": "micro_f1"},
-        "corpus": {"paths": [str(CORPUS)], "shard_size": 30000},
-        "tokenizer": {"vocab_size": 4000, "max_corpus_docs": 20000},
-        "retrieval": {"top_k": 10},
-        "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64, "max_length": 64},
-        "warmup": {"epochs": 1, "batch_size": 16},
-        "influence": {"top_k": 60, "compute_batch": 64},
-        "selection": {"budget": f"{BUDGET} docs"},
-    }
-    path = folder / "config.yaml"
-    path.write_text(yaml.safe_dump(config), encoding="utf-8")
-    return path
+from .conftest import CLI_BUDGET as BUDGET
+from .conftest import TINY_TRAINING
+from .conftest import iss_command as _iss
 
 
 @pytest.mark.slow
@@ -90,7 +63,10 @@ def test_select_iss_tlm_random_end_to_end(config_file):
     assert layer.returncode == 0, layer.stderr[-3000:]
     stages = json.loads(layer.stdout)
     assert stages["warmup"]["reused"] and stages["retrieval"]["reused"]
-    assert not stages["influence"]["reused"] and stages["influence"]["layer"] == "embeddings"
+    assert "influence" not in stages  # the last block's artifact stays, next to the new layer's
+    assert not stages["influence-layerembeddings"]["reused"]
+    assert stages["influence-layerembeddings"]["layer"] == "embeddings"
+    assert (run_dir / "influence" / "topk.parquet").is_file()
 
 
 def test_cli_reports_bad_config_in_one_line(tmp_path):
@@ -104,9 +80,7 @@ def test_cli_reports_bad_config_in_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_run_writes_a_table_with_every_method_and_finite_scores(config_file):
-    overrides = ["--set", "pretrain.steps=6", "--set", "pretrain.batch_size=8", "--set", "pretrain.save_every=3",
-                 "--set", "finetune.epochs=1", "--set", "finetune.seeds=[0, 1]"]  # fmt: skip
-    result = _iss("run", str(config_file), "--quiet", "--json", *overrides)
+    result = _iss("run", str(config_file), "--quiet", "--json", *TINY_TRAINING)
     assert result.returncode == 0, result.stderr[-3000:]
     folder = config_file.parent / "run" / "results"
     report = json.loads((folder / "results.json").read_text())
@@ -127,7 +101,7 @@ def test_run_writes_a_table_with_every_method_and_finite_scores(config_file):
     assert len((folder / "results.csv").read_text().strip().splitlines()) == 1 + len(runs)
 
     # `iss evaluate` reuses the fine-tuned runs of the configured method and aggregates them
-    result = _iss("evaluate", str(config_file), "--quiet", "--json", *overrides)
+    result = _iss("evaluate", str(config_file), "--quiet", "--json", *TINY_TRAINING)
     assert result.returncode == 0, result.stderr[-3000:]
     evaluated = json.loads(result.stdout)["evaluate-iss"]
     assert all(json.loads(result.stdout)[f"finetune-iss-seed{s}"]["reused"] for s in (0, 1))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,8 +17,10 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
+from iss.analysis import analyze_layers, analyze_tsne, analyze_words
 from iss.config import IssConfig, load_config
 from iss.pipeline import Pipeline
+from iss.report import write_report
 from iss.runs import StageResult
 
 app = typer.Typer(
@@ -31,6 +35,9 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a conf
 RunDirOpt = Annotated[str | None, typer.Option("--run-dir", help="Run folder (overrides run_dir).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or logs.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the stage summaries as JSON on stdout.")]
+BackendOpt = Annotated[
+    str | None, typer.Option("--backend", help="local (default) or ray: where retrieval and influence run.")
+]
 
 
 def _build_config(config: Path | None, overrides: list[str] | None, extra: dict[str, Any]) -> IssConfig:
@@ -45,21 +52,39 @@ def _build_config(config: Path | None, overrides: list[str] | None, extra: dict[
 
 
 def _run(
-    stage: str, config: Path | None, overrides: list[str] | None, quiet: bool, as_json: bool, **extra: Any
+    stage: str | Callable[[Pipeline], StageResult],
+    config: Path | None,
+    overrides: list[str] | None,
+    quiet: bool,
+    as_json: bool,
+    **extra: Any,
 ) -> None:
+    """Build the config, run ``stage`` (a Pipeline method name or a function of the pipeline), print results."""
+    _logging(quiet)
+    action = stage if callable(stage) else lambda pipeline: getattr(pipeline, stage)()
+    with _one_line_errors():
+        settings = _build_config(config, overrides, extra)
+        pipeline = Pipeline(settings, show_progress=not quiet)
+        result = action(pipeline)
+    _report(pipeline, result, quiet, as_json)
+
+
+def _logging(quiet: bool) -> None:
     logging.basicConfig(
         level=logging.WARNING if quiet else logging.INFO,
         format="%(message)s",
         handlers=[RichHandler(console=console, show_path=False, show_time=False)],
     )
+
+
+@contextmanager
+def _one_line_errors() -> Iterator[None]:
+    """Expected failures (bad config, bad data, missing files) end the command with one line and exit code 2."""
     try:
-        settings = _build_config(config, overrides, extra)
-        pipeline = Pipeline(settings, show_progress=not quiet)
-        result: StageResult = getattr(pipeline, stage)()
+        yield
     except (ValidationError, ValueError, FileNotFoundError, KeyError) as error:
         console.print(f"[red]error:[/red] {error}")
         raise typer.Exit(2) from error
-    _report(pipeline, result, quiet, as_json)
 
 
 def _report(pipeline: Pipeline, result: StageResult, quiet: bool, as_json: bool) -> None:
@@ -87,6 +112,7 @@ def select(
     method: Annotated[str | None, typer.Option(help="iss, tlm (BM25 only) or random.")] = None,
     budget: Annotated[str | None, typer.Option(help="'2000 docs', '1e6 tokens' or '20%' of the pool.")] = None,
     run_dir: RunDirOpt = None,
+    backend: BackendOpt = None,
     overrides: SetOpt = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
@@ -98,22 +124,25 @@ def select(
         overrides,
         quiet,
         as_json,
-        **{"selection.method": method, "selection.budget": budget, "run_dir": run_dir},
+        **{"selection.method": method, "selection.budget": budget, "run_dir": run_dir, "backend": backend},
     )
 
 
-def _stage_command(stage: str, doc: str, name: str | None = None) -> None:
+def _stage_command(
+    stage: str | Callable[[Pipeline], StageResult], doc: str, name: str | None = None, group: typer.Typer = app
+) -> None:
     def command(
         config: ConfigArg = None,
         run_dir: RunDirOpt = None,
+        backend: BackendOpt = None,
         overrides: SetOpt = None,
         quiet: QuietOpt = False,
         as_json: JsonOpt = False,
     ) -> None:
-        _run(stage, config, overrides, quiet, as_json, run_dir=run_dir)
+        _run(stage, config, overrides, quiet, as_json, run_dir=run_dir, backend=backend)
 
     command.__doc__ = doc
-    app.command(name=name or stage.replace("_", "-"))(command)
+    group.command(name=name or stage.replace("_", "-"))(command)
 
 
 _stage_command("data", "Load the task splits and label mapping into the run folder.")
@@ -129,6 +158,45 @@ _stage_command(
     "The whole loop for every method and seed: select, pretrain, fine-tune, evaluate; writes the results table.",
     name="run",
 )
+
+
+analyze_app = typer.Typer(help="The paper's analyses: influential words, t-SNE of task features, layer ablation.")
+app.add_typer(analyze_app, name="analyze")
+_stage_command(
+    analyze_words,
+    "PMI of words and labels; frequency of the top task words in each subset and the corpus (Table 6).",
+    name="words",
+    group=analyze_app,
+)
+_stage_command(
+    analyze_tsne,
+    "t-SNE of the test texts' [CLS] features: ISS- vs TLM-pretrained vs untrained model (Figure 4).",
+    name="tsne",
+    group=analyze_app,
+)
+_stage_command(
+    analyze_layers,
+    "Select at the embeddings and each block, fine-tune each: F1 and selection time per layer (Fig. 3, Tab. 7).",
+    name="layers",
+    group=analyze_app,
+)
+
+
+@app.command("report")
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder (holds manifest.json).")],
+    out: Annotated[Path | None, typer.Option(help="Output folder (default RUN_DIR/report).")] = None,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """One self-contained HTML page (and Markdown) with config, results, selection, scores, plots, timings."""
+    _logging(quiet)
+    with _one_line_errors():
+        summary = write_report(run_dir, out)
+    if as_json:
+        print(json.dumps(summary, indent=2))
+    elif not quiet:
+        console.print(f"report: {summary['html']} ({len(summary['sections'])} sections, {summary['figures']} figures)")
 
 
 @app.command("config")

@@ -233,12 +233,39 @@ class EvaluationConfig(_Section):
         return [v if isinstance(v, (Budget, dict)) else Budget.parse(v) for v in value]
 
 
+class AnalysisConfig(_Section):
+    """Settings of `iss analyze` (the paper's Table 6, Figure 4, Figure 3 / Table 7)."""
+
+    words: int = Field(20, ge=1, description="Task-influential words shown (highest PMI with a label).")
+    min_word_docs: int = Field(10, ge=1, description="A word needs this many task train texts to get a PMI.")
+    tsne_samples: int = Field(2000, ge=10, description="Test texts embedded by t-SNE (a seeded sample if more).")
+    perplexity: float = Field(30.0, gt=0)
+    layers: list[Literal["embeddings"] | int] | None = Field(
+        None, description="Layers compared by `iss analyze layers`; default: embeddings and every block."
+    )
+
+
+class RayConfig(_Section):
+    """Where the Ray backend runs: a local Ray started on this machine, or an existing cluster."""
+
+    address: str | None = Field(
+        None, description="Cluster address ('auto' or 'ray://head:10001'); None starts a local Ray."
+    )
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray (None: all of this machine's).")
+    workers: int = Field(2, ge=1, description="Actors scoring shards at once (each holds the model and bank).")
+    cpus_per_worker: float = Field(1.0, gt=0)
+
+
 class IssConfig(_Section):
     """The whole job: one section per stage, plus the run folder and the global seed."""
 
     run_dir: str = "runs/chemprot"
     seed: int = 0
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda'.")
+    backend: Literal["local", "ray"] = Field(
+        "local", description="Where retrieval and influence scoring run; both give the same subset."
+    )
+    ray: RayConfig = Field(default_factory=RayConfig)
     task: TaskConfig = Field(default_factory=TaskConfig)
     corpus: CorpusConfig = Field(default_factory=CorpusConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
@@ -250,6 +277,7 @@ class IssConfig(_Section):
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
 
     def with_overrides(self, overrides: dict[str, Any]) -> IssConfig:
         """Return a copy with dotted-key overrides applied (``{"selection.method": "tlm"}``), re-validated."""

@@ -7,6 +7,7 @@ any selected document can be traced back to its file and row.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from collections.abc import Iterator
@@ -243,14 +244,22 @@ def iter_corpus(config: CorpusConfig, batch_size: int | None = None) -> Iterator
         yield CorpusBatch(np.asarray(ids, np.int64), texts, sources)
 
 
-def _iter_file(file: Path, config: CorpusConfig) -> Iterator[tuple[str, str | None]]:
+def _iter_file(
+    file: Path, config: CorpusConfig, start: int = 0, first_line: int = 1
+) -> Iterator[tuple[str, str | None]]:
+    """(text, source) records of one file, from byte offset ``start`` (text files) or row ``start`` (parquet)."""
     if file.suffix == ".parquet":
         columns = [config.text_column] + ([config.source_column] if config.source_column else [])
         parquet = pq.ParquetFile(file)
         columns = [c for c in columns if c in parquet.schema_arrow.names]
         if config.text_column not in columns:
             raise DataError(f"{file}: missing text column {config.text_column!r}")
+        skip = start
         for record_batch in parquet.iter_batches(columns=columns):
+            if skip >= record_batch.num_rows:
+                skip -= record_batch.num_rows
+                continue
+            record_batch, skip = record_batch.slice(skip), 0
             text_values = record_batch.column(config.text_column).to_pylist()
             source_values = (
                 record_batch.column(config.source_column).to_pylist()
@@ -260,7 +269,8 @@ def _iter_file(file: Path, config: CorpusConfig) -> Iterator[tuple[str, str | No
             yield from zip(text_values, source_values, strict=True)
         return
     with file.open("rb") as handle:
-        for line_number, raw in enumerate(handle, start=1):
+        handle.seek(start)
+        for line_number, raw in enumerate(handle, start=first_line):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as error:
@@ -278,3 +288,66 @@ def _iter_file(file: Path, config: CorpusConfig) -> Iterator[tuple[str, str | No
                 raise DataError(f"{file}: line {line_number}: no {config.text_column!r} field")
             source = record.get(config.source_column) if config.source_column else None
             yield record[config.text_column], source
+
+
+@dataclass(frozen=True)
+class CorpusShard:
+    """Consecutive records of one corpus file that a worker can read on its own, with their global row ids."""
+
+    file: str
+    first_id: int
+    rows: int
+    start: int = 0  # byte offset (text files) or row offset (parquet)
+    first_line: int = 1
+
+
+def corpus_shards(config: CorpusConfig, rows_per_shard: int | None = None) -> list[CorpusShard]:
+    """Split the corpus into shards of ``rows_per_shard`` records with the row ids `iter_corpus` gives them.
+
+    One pass over the bytes (no JSON parsing) finds where each shard starts, so a distributed reader can seek
+    straight to its shard.
+    """
+    rows_per_shard = rows_per_shard or config.shard_size
+    shards: list[CorpusShard] = []
+    next_id = 0
+    for file in corpus_files(config):
+        if file.suffix == ".parquet":
+            total = pq.ParquetFile(file).metadata.num_rows
+            for start in range(0, total, rows_per_shard):
+                shards.append(CorpusShard(str(file), next_id + start, min(rows_per_shard, total - start), start))
+            next_id += total
+            continue
+        rows, start, first_line, offset = 0, 0, 1, 0
+        with file.open("rb") as handle:
+            for line_number, raw in enumerate(handle, start=1):
+                counts = file.suffix == ".txt" or bool(raw.strip())
+                if counts and rows == rows_per_shard:
+                    shards.append(CorpusShard(str(file), next_id, rows, start, first_line))
+                    next_id, rows, start, first_line = next_id + rows, 0, offset, line_number
+                rows += counts
+                offset += len(raw)
+        if rows:
+            shards.append(CorpusShard(str(file), next_id, rows, start, first_line))
+            next_id += rows
+    if config.max_docs is not None:
+        shards = [
+            CorpusShard(s.file, s.first_id, min(s.rows, config.max_docs - s.first_id), s.start, s.first_line)
+            for s in shards
+            if s.first_id < config.max_docs
+        ]
+    return shards
+
+
+def read_shard(shard: CorpusShard, config: CorpusConfig) -> CorpusBatch:
+    """The non-empty documents of one shard, as `iter_corpus` would yield them."""
+    file = Path(shard.file)
+    ids: list[int] = []
+    texts: list[str] = []
+    sources: list[str] = []
+    records = itertools.islice(_iter_file(file, config, shard.start, shard.first_line), shard.rows)
+    for row_id, (text, source) in enumerate(records, start=shard.first_id):
+        if text and text.strip():
+            ids.append(row_id)
+            texts.append(text)
+            sources.append(source if source is not None else file.stem)
+    return CorpusBatch(np.asarray(ids, np.int64), texts, sources)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,9 @@ from iss.model import (
     Batch,
     TaskMLMModel,
     labelled_batch,
+    load_tokenizer,
     masked_batch,
+    parameter_group,
     per_sample_mlm_loss,
     per_sample_task_loss,
 )
@@ -405,14 +407,20 @@ class TopK:
 
     def update(self, scores: torch.Tensor, unit_ids: torch.Tensor) -> None:
         """Merge a [candidate units, task units] score block into the running lists."""
-        all_scores = torch.cat([self.scores, scores.T.to(self.scores)], dim=1)
-        all_units = torch.cat([self.units, unit_ids.expand(self.units.shape[0], -1)], dim=1)
-        k = self.scores.shape[1]
-        top = torch.topk(all_scores, min(k, all_scores.shape[1]), dim=1)
+        self.merge(TopK(scores.T.to(self.scores), unit_ids.expand(self.units.shape[0], -1)))
+
+    def merge(self, other: TopK) -> None:
+        """Keep the best k of both lists, ties broken by lower unit id, so the result does not depend on the
+        order shards are merged in (local and distributed scoring agree exactly)."""
+        all_scores = torch.cat([self.scores, other.scores], dim=1)
+        all_units = torch.cat([self.units, other.units], dim=1)
+        by_unit = torch.argsort(torch.where(all_units < 0, torch.iinfo(torch.long).max, all_units), dim=1, stable=True)
+        all_scores, all_units = all_scores.gather(1, by_unit), all_units.gather(1, by_unit)
+        order = torch.argsort(all_scores, dim=1, descending=True, stable=True)[:, : self.scores.shape[1]]
+        k = order.shape[1]
         self.scores = torch.full_like(self.scores, -torch.inf)
         self.units = torch.full_like(self.units, -1)
-        self.scores[:, : top.values.shape[1]] = top.values
-        self.units[:, : top.values.shape[1]] = torch.gather(all_units, 1, top.indices)
+        self.scores[:, :k], self.units[:, :k] = all_scores.gather(1, order), all_units.gather(1, order)
 
 
 def seeded_groups(n: int, size: int, seed: int) -> list[np.ndarray]:
@@ -509,33 +517,91 @@ class PoolScorer:
             top, resume_from = TopK(state["scores"], state["units"]), int(state["next_unit"])
             if progress:
                 progress(int(sum(len(g) for g in unit_groups[:resume_from])))
-        for shard_start in range(resume_from, len(unit_groups), self.shard_units):
-            shard = unit_groups[shard_start : shard_start + self.shard_units]
-            pending: list[tuple[torch.Tensor, torch.Tensor]] = []
-            for first, rows, local in _group_chunks(shard, self.compute_batch):
-                first += shard_start
-                batch = masked_batch(
-                    self.tokenizer,
-                    [texts[i] for i in rows],
-                    keys[rows],
-                    self.mlm_probability,
-                    self.seed,
-                    self.max_length,
-                )
-                features = self.grads.compute(per_sample_mlm_loss, batch.to(self.device))
-                scores = features.dot(self.bank)
-                if not all(len(g) == 1 for g in local):
-                    scores = group_mean_scores(scores, local)
-                pending.append((scores.cpu(), torch.arange(first, first + len(local))))
-                if sum(len(units) for _, units in pending) >= self.merge_units:
-                    top.update(*map(torch.cat, zip(*pending, strict=True)))
-                    pending = []
-                if progress:
-                    progress(len(rows))
-            if pending:
-                top.update(*map(torch.cat, zip(*pending, strict=True)))
+        for shard_start in self.shard_starts(len(unit_groups))[resume_from // self.shard_units :]:
+            top.merge(self.score_shard(texts, keys, unit_groups, shard_start, progress))
             if state_path is not None:
+                next_unit = min(shard_start + self.shard_units, len(unit_groups))
                 tmp = state_path.with_suffix(".tmp")
-                torch.save({"scores": top.scores, "units": top.units, "next_unit": shard_start + len(shard)}, tmp)
+                torch.save({"scores": top.scores, "units": top.units, "next_unit": next_unit}, tmp)
                 os.replace(tmp, state_path)
         return top
+
+    def shard_starts(self, n_units: int) -> list[int]:
+        """First unit of every shard: the resume points, and the work items of the Ray backend."""
+        return list(range(0, n_units, self.shard_units))
+
+    def score_shard(
+        self,
+        texts: list[str],
+        keys: np.ndarray,
+        unit_groups: list[np.ndarray],
+        shard_start: int,
+        progress: Callable[[int], None] | None = None,
+    ) -> TopK:
+        """Top-k of one shard's candidate units (global unit ids) for every task unit."""
+        shard = unit_groups[shard_start : shard_start + self.shard_units]
+        top = TopK.empty(len(self.bank), min(self.top_k, len(unit_groups)))
+        pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for first, rows, local in _group_chunks(shard, self.compute_batch):
+            first += shard_start
+            batch = masked_batch(
+                self.tokenizer, [texts[i] for i in rows], keys[rows], self.mlm_probability, self.seed, self.max_length
+            )
+            features = self.grads.compute(per_sample_mlm_loss, batch.to(self.device))
+            scores = features.dot(self.bank)
+            if not all(len(g) == 1 for g in local):
+                scores = group_mean_scores(scores, local)
+            pending.append((scores.cpu(), torch.arange(first, first + len(local))))
+            if sum(len(units) for _, units in pending) >= self.merge_units:
+                top.update(*map(torch.cat, zip(*pending, strict=True)))
+                pending = []
+            if progress:
+                progress(len(rows))
+        if pending:
+            top.update(*map(torch.cat, zip(*pending, strict=True)))
+        return top
+
+
+@dataclass(frozen=True)
+class ScorerSpec:
+    """What rebuilds the driver's influence scorer anywhere (paths and settings, no objects), so a Ray worker
+    scores candidates exactly as the local backend does."""
+
+    model_path: str
+    tokenizer_path: str
+    layer: str | int
+    top_k: int
+    compute_batch: int
+    mlm_probability: float
+    seed: int
+    max_length: int
+    shard_units: int
+    device: str = "cpu"
+    projection_dim: int | None = None
+    projection: str = "rademacher"
+    low_rank: tuple[str, ...] = field(default=())
+
+    def load(self) -> tuple[str, GroupGradients, PreTrainedTokenizerFast]:
+        """The warmed-up model's gradient machinery at the chosen layer: (group name, gradients, tokenizer)."""
+        device = torch.device(self.device)
+        model = TaskMLMModel.load(self.model_path).to(device).eval()
+        group_name, group = parameter_group(model, self.layer)
+        grads = GroupGradients(model, group)
+        if self.projection_dim:
+            grads.project(self.projection_dim, self.projection, self.seed)
+        grads.low_rank = {module for name, module in group.named_modules() if name in self.low_rank}
+        return group_name, grads, load_tokenizer(self.tokenizer_path)
+
+    def scorer(self, grads: GroupGradients, tokenizer: PreTrainedTokenizerFast, bank: GradientFeatures) -> PoolScorer:
+        return PoolScorer(
+            grads,
+            tokenizer,
+            bank,
+            top_k=self.top_k,
+            compute_batch=self.compute_batch,
+            mlm_probability=self.mlm_probability,
+            seed=self.seed,
+            max_length=self.max_length,
+            device=torch.device(self.device),
+            shard_units=self.shard_units,
+        )

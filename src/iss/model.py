@@ -150,9 +150,12 @@ class TaskMLMModel(nn.Module):
         hidden = self.encoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
         return self.mlm_head(hidden[batch.mlm_labels != -100])
 
+    def cls_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The first ([CLS]) hidden state: what the classifier reads and what t-SNE plots."""
+        return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, 0]
+
     def task_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.classifier(self.dropout(hidden[:, 0]))
+        return self.classifier(self.dropout(self.cls_hidden(input_ids, attention_mask)))
 
 
 def transformer_blocks(model: TaskMLMModel) -> nn.ModuleList:

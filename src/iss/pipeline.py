@@ -10,6 +10,7 @@ import json
 import logging
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,14 +22,14 @@ from tqdm.auto import tqdm
 
 from iss.config import IssConfig
 from iss.data import TaskData, iter_corpus, load_task, read_task, save_task
+from iss.distributed import ray_bm25_search, ray_score_pool
 from iss.evaluation import finetune as finetune_model
-from iss.gradients import GroupGradients, PoolScorer, seeded_groups, task_gradient_bank
+from iss.gradients import ScorerSpec, seeded_groups, task_gradient_bank
 from iss.model import (
     TaskMLMModel,
     labelled_batch,
     load_tokenizer,
     masked_batch,
-    parameter_group,
     pick_device,
     train_tokenizer,
 )
@@ -57,7 +58,8 @@ class Pipeline:
 
     # ------------------------------------------------------------------------------------------ helpers
 
-    def _stage(self, name: str, parts: dict, body: Callable[[Path, dict], None]) -> StageResult:
+    def stage(self, name: str, parts: dict, body: Callable[[Path, dict], None]) -> StageResult:
+        """Reuse the finished artifact ``name`` if its fingerprint matches ``parts``, else run ``body`` into it."""
         stage_fingerprint = fingerprint(name, parts)
         known = self.results.get(name)
         if known is not None and known.fingerprint == stage_fingerprint:
@@ -76,17 +78,30 @@ class Pipeline:
         self.run.update_manifest([result], {"config": self.config.model_dump(mode="json")})
         return result
 
-    def _bar(self, total: int | None, desc: str, unit: str = "doc") -> tqdm:
+    def progress(self, total: int | None, desc: str, unit: str = "doc") -> tqdm:
         return tqdm(total=total, desc=desc, unit=unit, disable=not self.show_progress, leave=False)
+
+    def variant(self, overrides: dict, tag: str = "") -> Pipeline:
+        """The same run folder under changed settings (another method, budget or layer), sharing finished
+        stages; ``tag`` keeps its selection/pretrain/fine-tune artifacts apart from the default ones."""
+        pipeline = Pipeline(self.config.with_overrides(overrides), self.show_progress, tag)
+        pipeline.results = self.results
+        return pipeline
+
+    @property
+    def influence_name(self) -> str:
+        """Influence artifacts of other layers than the last live beside it (layer ablation)."""
+        layer = self.config.influence.layer
+        return "influence" if layer == "last" else f"influence-layer{layer}"
 
     def task(self) -> TaskData:
         return read_task(self.data().path, self.config.task.name)
 
-    def _corpus_signature(self) -> dict:
+    def corpus_signature(self) -> dict:
         corpus = self.config.corpus
         return {"corpus": corpus.model_dump(mode="json"), "files": file_signature(corpus.paths)}
 
-    def _initial_model(self, task: TaskData, tokenizer, seed: int) -> TaskMLMModel:
+    def initial_model(self, task: TaskData, tokenizer, seed: int) -> TaskMLMModel:
         """A fresh model sized by the config (from scratch) or the local checkpoint (further pretraining)."""
         config = self.config
         torch.manual_seed(seed)
@@ -114,7 +129,7 @@ class Pipeline:
         parts = {"task": config.task.model_dump(mode="json"), "seed": config.seed}
         if Path(config.task.path).exists():
             parts["files"] = file_signature([config.task.path])
-        return self._stage("data", parts, body)
+        return self.stage("data", parts, body)
 
     def tokenizer(self) -> StageResult:
         config = self.config
@@ -136,8 +151,8 @@ class Pipeline:
 
         parts = {"tokenizer": config.tokenizer.model_dump(mode="json"), "data": data.fingerprint}
         if not config.tokenizer.path:
-            parts["corpus"] = self._corpus_signature()
-        return self._stage("tokenizer", parts, body)
+            parts["corpus"] = self.corpus_signature()
+        return self.stage("tokenizer", parts, body)
 
     def retrieval(self) -> StageResult:
         config = self.config
@@ -146,10 +161,16 @@ class Pipeline:
         def body(folder: Path, summary: dict) -> None:
             queries = self.task().texts("train")
             index = BM25Index(config.retrieval, self.run.work_dir("retrieval"))
-            with self._bar(None, "BM25 index") as bar:
-                index.build(config.corpus, progress=bar.update)
-            with self._bar(index.n_docs, "BM25 search") as bar:
-                hits = index.search(queries, config.retrieval.top_k, progress=bar.update)
+            if config.backend == "ray":
+                with self.progress(None, "BM25 on Ray (shards)", unit="shard") as bar:
+                    hits = ray_bm25_search(
+                        index, config.corpus, queries, config.retrieval.top_k, config.ray, bar.update
+                    )
+            else:
+                with self.progress(None, "BM25 index") as bar:
+                    index.build(config.corpus, progress=bar.update)
+                with self.progress(index.n_docs, "BM25 search") as bar:
+                    hits = index.search(queries, config.retrieval.top_k, progress=bar.update)
             pq.write_table(hits.table(), folder / "hits.parquet")
             pool = collect_pool(hits, config.corpus)
             pq.write_table(pool, folder / "pool.parquet")
@@ -166,9 +187,9 @@ class Pipeline:
         parts = {
             "retrieval": config.retrieval.model_dump(mode="json"),
             "data": data.fingerprint,
-            "corpus": self._corpus_signature(),
+            "corpus": self.corpus_signature(),
         }
-        return self._stage("retrieval", parts, body)
+        return self.stage("retrieval", parts, body)
 
     def warmup(self) -> StageResult:
         config = self.config
@@ -177,7 +198,7 @@ class Pipeline:
         def body(folder: Path, summary: dict) -> None:
             task = self.task()
             tokenizer = load_tokenizer(tokenizer_stage.path)
-            model = self._initial_model(task, tokenizer, config.seed)
+            model = self.initial_model(task, tokenizer, config.seed)
             summary.update(
                 warmup_train(
                     model,
@@ -200,26 +221,38 @@ class Pipeline:
             "data": data.fingerprint,
             "tokenizer": tokenizer_stage.fingerprint,
         }
-        return self._stage("warmup", parts, body)
+        return self.stage("warmup", parts, body)
 
     def influence(self) -> StageResult:
         config = self.config
         influence = config.influence
         retrieval, warmup, tokenizer_stage = self.retrieval(), self.warmup(), self.tokenizer()
 
+        name = self.influence_name
+
         def body(folder: Path, summary: dict) -> None:
             task = self.task()
-            tokenizer = load_tokenizer(tokenizer_stage.path)
-            model = TaskMLMModel.load(warmup.path / "model").to(self.device).eval()
-            group_name, group = parameter_group(model, influence.layer)
-            grads = GroupGradients(model, group)
+            spec = ScorerSpec(
+                model_path=str(warmup.path / "model"),
+                tokenizer_path=str(tokenizer_stage.path),
+                layer=influence.layer,
+                top_k=influence.top_k,
+                compute_batch=influence.compute_batch,
+                mlm_probability=influence.mlm_probability,
+                seed=config.seed,
+                max_length=config.model.max_length,
+                shard_units=influence.shard_units,
+                device=str(self.device),
+                projection_dim=influence.projection_dim,
+                projection=influence.projection,
+            )
+            group_name, grads, tokenizer = spec.load()
+            group = grads.group
             pool = pq.read_table(retrieval.path / "pool.parquet", columns=["corpus_id", "text"])
             pool_texts, pool_keys = pool.column("text").to_pylist(), pool.column("corpus_id").to_numpy()
             task_texts, task_labels = task.texts(influence.task_split), task.label_ids(influence.task_split)
             task_groups = seeded_groups(len(task_texts), influence.task_batch, config.seed)
             unit_groups = seeded_groups(pool.num_rows, influence.pool_batch, config.seed + 1)
-            if influence.projection_dim:
-                grads.project(influence.projection_dim, influence.projection, config.seed)
             probe, max_length = slice(0, influence.compute_batch), config.model.max_length
             grads.choose_low_rank(
                 labelled_batch(tokenizer, task_texts[probe], task_labels[probe], max_length).to(self.device),
@@ -228,7 +261,8 @@ class Pipeline:
                 ).to(self.device),
                 influence.task_batch,
             )
-            with self._bar(len(task_texts), "task gradients") as bar:
+            low_rank = tuple(sorted(n for n, m in group.named_modules() if m in grads.low_rank))
+            with self.progress(len(task_texts), "task gradients") as bar:
                 bank = task_gradient_bank(
                     grads,
                     tokenizer,
@@ -240,22 +274,17 @@ class Pipeline:
                     self.device,
                     bar.update,
                 )
-            scorer = PoolScorer(
-                grads,
-                tokenizer,
-                bank,
-                top_k=influence.top_k,
-                compute_batch=influence.compute_batch,
-                mlm_probability=influence.mlm_probability,
-                seed=config.seed,
-                max_length=max_length,
-                device=self.device,
-                shard_units=influence.shard_units,
-            )
-            with self._bar(pool.num_rows, "influence") as bar:
-                top = scorer.score(
-                    pool_texts, pool_keys, unit_groups, self.run.work_dir("influence") / "topk.pt", bar.update
-                )
+            state_path = self.run.work_dir(name) / "topk.pt"
+            with self.progress(pool.num_rows, "influence") as bar:
+                if config.backend == "ray":
+                    top = ray_score_pool(
+                        replace(spec, low_rank=low_rank), bank, pool_texts, pool_keys, unit_groups, state_path,
+                        config.ray, bar.update,
+                    )  # fmt: skip
+                else:
+                    top = spec.scorer(grads, tokenizer, bank).score(
+                        pool_texts, pool_keys, unit_groups, state_path, bar.update
+                    )
             task_ids = task.splits[influence.task_split].column("id").to_numpy()
             pq.write_table(
                 pa.table(
@@ -284,7 +313,7 @@ class Pipeline:
                     "pool_units": len(unit_groups),
                     "pool_docs": pool.num_rows,
                     "distinct_candidates_ranked": int(torch.unique(top.units[top.units >= 0]).numel()),
-                    "low_rank_modules": sorted(n for n, m in group.named_modules() if m in grads.low_rank),
+                    "low_rank_modules": list(low_rank),
                     "projected_modules": sorted(n for n, m in group.named_modules() if m in grads.projections),
                 }
             )
@@ -296,7 +325,7 @@ class Pipeline:
             "retrieval": retrieval.fingerprint,
             "warmup": warmup.fingerprint,
         }
-        return self._stage("influence", parts, body)
+        return self.stage(name, parts, body)
 
     def select(self) -> StageResult:
         """Run whatever the configured method needs, then pick the subset under the budget."""
@@ -305,7 +334,7 @@ class Pipeline:
         retrieval, tokenizer_stage = self.retrieval(), self.tokenizer()
         upstream = {"retrieval": retrieval.fingerprint, "tokenizer": tokenizer_stage.fingerprint}
         if method == "iss":
-            upstream["influence"] = self.influence().fingerprint
+            upstream[self.influence_name] = self.influence().fingerprint
 
         def body(folder: Path, summary: dict) -> None:
             pool = pq.read_table(retrieval.path / "pool.parquet")
@@ -344,7 +373,7 @@ class Pipeline:
             )
 
         parts = {"selection": config.selection.model_dump(mode="json"), "seed": config.seed, **upstream}
-        return self._stage(f"select-{method}{self.tag}", parts, body)
+        return self.stage(f"select-{method}{self.tag}", parts, body)
 
     def pretrain(self, seed: int | None = None) -> StageResult:
         """Pretrain on the configured method's subset: from scratch (TLM's joint objective) or further."""
@@ -357,7 +386,7 @@ class Pipeline:
             task = self.task()
             tokenizer = load_tokenizer(tokenizer_stage.path)
             subset = pq.read_table(selected.path / "subset.parquet", columns=["text"]).column("text").to_pylist()
-            model = self._initial_model(task, tokenizer, seed)
+            model = self.initial_model(task, tokenizer, seed)
             checkpoint = self.run.work_dir(name) / "checkpoint"
             summary.update(
                 pretrain_model(
@@ -386,7 +415,7 @@ class Pipeline:
             "tokenizer": tokenizer_stage.fingerprint,
             "data": data.fingerprint,
         }
-        return self._stage(name, parts, body)
+        return self.stage(name, parts, body)
 
     def finetune(self, seed: int | None = None, pretrained: bool = True) -> StageResult:
         """Fine-tune the pretrained model (or, with ``pretrained=False``, a fresh one) and score dev/test."""
@@ -400,7 +429,7 @@ class Pipeline:
             task = self.task()
             tokenizer = load_tokenizer(tokenizer_stage.path)
             if upstream is None:
-                model = self._initial_model(task, tokenizer, seed)
+                model = self.initial_model(task, tokenizer, seed)
             else:
                 model = TaskMLMModel.load(upstream.path / "model", num_labels=len(task.labels))
             result = finetune_model(
@@ -425,7 +454,7 @@ class Pipeline:
             "tokenizer": tokenizer_stage.fingerprint,
             "data": data.fingerprint,
         }
-        return self._stage(name, parts, body)
+        return self.stage(name, parts, body)
 
     def evaluate(self) -> StageResult:
         """Fine-tune the configured method's pretrained model once per seed; mean and std of dev/test F1."""
@@ -440,7 +469,7 @@ class Pipeline:
                 summary[f"{split}_mean"], summary[f"{split}_std"] = float(np.mean(values)), float(np.std(values))
             (folder / "scores.json").write_text(json.dumps({**summary, **scores}, indent=2), encoding="utf-8")
 
-        return self._stage(f"evaluate-{method}{self.tag}", {"runs": [run.fingerprint for run in runs]}, body)
+        return self.stage(f"evaluate-{method}{self.tag}", {"runs": [run.fingerprint for run in runs]}, body)
 
     def run_all(self) -> StageResult:
         """Select, pretrain, fine-tune and evaluate every configured method over every seed; write the table.
@@ -455,10 +484,10 @@ class Pipeline:
             for budget in budgets if method != "none" else [None]:
                 overrides = {} if method == "none" else {"selection.method": method, "selection.budget": str(budget)}
                 tag = f"@{str(budget).replace('%', 'pct').replace(' ', '')}" if sweep and budget else ""
-                pipeline = Pipeline(config.with_overrides(overrides), self.show_progress, tag)
+                pipeline = self.variant(overrides, tag)
                 for seed in config.finetune.seeds:
                     scores = pipeline.finetune(seed, pretrained=method != "none")
-                    pretrained = pipeline.results.get(f"pretrain-{method}{tag}-seed{seed}")
+                    pretrained = self.results.get(f"pretrain-{method}{tag}-seed{seed}")
                     rows.append(
                         {
                             "method": method,
@@ -472,14 +501,13 @@ class Pipeline:
                             "fingerprint": scores.fingerprint,
                         }
                     )
-                self.results.update(pipeline.results)
 
         def body(folder: Path, summary: dict) -> None:
             table = write_results([{k: v for k, v in row.items() if k != "fingerprint"} for row in rows], folder)
             summary["average"] = {line["method"]: round(line["average"], 2) for line in table}
             summary.update({"methods": len(config.evaluation.methods), "seeds": len(config.finetune.seeds)})
 
-        return self._stage("results", {"runs": [row["fingerprint"] for row in rows]}, body)
+        return self.stage("results", {"runs": [row["fingerprint"] for row in rows]}, body)
 
     def _ranked_lists(self, method: str, corpus_ids: np.ndarray) -> RankedLists:
         if method == "random":
@@ -494,7 +522,7 @@ class Pipeline:
             scores[query, rank] = hits.column("score").to_numpy()
             train_ids = task.splits["train"].column("id").to_pylist()
             return hits_lists(ids, scores, [f"train:{i}" for i in train_ids])
-        folder = self.results["influence"].path
+        folder = self.results[self.influence_name].path
         top = pq.read_table(folder / "topk.parquet")
         units = np.asarray(top.column("units").to_pylist(), np.int64)
         scores = np.asarray(top.column("scores").to_pylist(), np.float64)

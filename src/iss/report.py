@@ -1,15 +1,33 @@
-"""Results tables in the paper's layout (Table 3): method, data size, FLOPs, F1 per task, average.
+"""Results tables in the paper's layout (Table 3) and the run report.
 
-Each cell is the mean and standard deviation over seeds of the test score at the best dev epoch.
+Each table cell is the mean and standard deviation over seeds of the test score at the best dev epoch. The
+report (`iss report RUN_DIR`) gathers a run folder into one self-contained HTML page (images inlined) and a
+Markdown page with its PNGs beside it: config, results, what was selected from where, influence scores of
+selected vs rejected candidates, the analysis plots and the time every stage took.
 """
 
 from __future__ import annotations
 
+import base64
 import csv
 import json
+import os
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
+import jinja2
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers and CI
+import matplotlib.pyplot as plt
 import numpy as np
+import pyarrow.parquet as pq
+import yaml
+
+from iss.runs import MANIFEST_FILE
 
 METHOD_NAMES = {"none": "no pretraining", "random": "random", "tlm": "TLM (BM25)", "iss": "ISS"}
 
@@ -67,3 +85,289 @@ def write_results(rows: list[dict], folder: Path) -> list[dict]:
             writer.writerow({key: row.get(key, "") for key in fields})
     (folder / "results.json").write_text(json.dumps({"runs": rows, "table": table}, indent=2), encoding="utf-8")
     return table
+
+
+# ------------------------------------------------------------------------------------------ plots, rows
+
+
+def save_figure(fig: plt.Figure, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def markdown_rows(rows: list[dict]) -> str:
+    """A Markdown table of flat dict rows (floats to 3 significant digits)."""
+    if not rows:
+        return ""
+    header = list(rows[0])
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(_cell(row.get(key)) for key in header) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_rows(rows: list[dict], stem: Path) -> None:
+    """The numbers behind a plot as CSV, JSON and a Markdown table (for the report and for scripts)."""
+    stem.with_suffix(".json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
+    with stem.with_suffix(".csv").open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else [])
+        writer.writeheader()
+        writer.writerows(rows)
+    stem.with_suffix(".md").write_text(markdown_rows(rows), encoding="utf-8")
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return "—" if np.isnan(value) else f"{value:.3g}"
+    return "" if value is None else str(value)
+
+
+# ------------------------------------------------------------------------------------------ run report
+
+
+@dataclass
+class Section:
+    """One part of the report, rendered the same way to HTML and Markdown."""
+
+    title: str
+    text: str = ""
+    tables: list[tuple[str, list[dict]]] = field(default_factory=list)
+    figures: list[tuple[str, Path]] = field(default_factory=list)
+    code: str = ""
+
+
+HTML_TEMPLATE = jinja2.Template(
+    """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{{ title }}</title>
+<style>
+body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1100px; color: #222; }
+table { border-collapse: collapse; margin: .5rem 0 1.5rem; font-size: .9rem; }
+th, td { border: 1px solid #ccc; padding: .25rem .6rem; text-align: left; }
+th { background: #f0f0f0; }
+img { max-width: 100%; border: 1px solid #eee; }
+pre { background: #f7f7f7; padding: 1rem; overflow: auto; font-size: .8rem; }
+figcaption, .caption { color: #555; font-size: .85rem; }
+</style></head><body>
+<h1>{{ title }}</h1>
+<p class="caption">{{ subtitle }}</p>
+{% for section in sections %}<section>
+<h2>{{ section.title }}</h2>
+{% if section.text %}<p>{{ section.text }}</p>{% endif %}
+{% for caption, rows in section.tables %}<p class="caption">{{ caption }}</p>
+<table><thead><tr>{% for key in rows[0] %}<th>{{ key }}</th>{% endfor %}</tr></thead><tbody>
+{% for row in rows %}<tr>{% for key in rows[0] %}<td>{{ cell(row.get(key)) }}</td>{% endfor %}</tr>
+{% endfor %}</tbody></table>
+{% endfor %}{% for caption, path in section.figures %}<figure><img alt="{{ caption }}" src="{{ inline(path) }}">
+<figcaption>{{ caption }}</figcaption></figure>
+{% endfor %}{% if section.code %}<pre>{{ section.code }}</pre>{% endif %}
+</section>
+{% endfor %}</body></html>
+""",
+    autoescape=True,
+)
+
+
+def write_report(run_dir: Path, out: Path | None = None) -> dict:
+    """Write ``report.html`` (self-contained) and ``report.md`` (+ PNGs) for a run folder; return a summary."""
+    run_dir = Path(run_dir)
+    manifest_path = run_dir / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no {MANIFEST_FILE}; is this an iss run folder?")
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    out = Path(out) if out else run_dir / "report"
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    stages = {name: run_dir / entry["path"] for name, entry in manifest["stages"].items()}
+    sections = [
+        _results_section(stages),
+        _selection_section(manifest, stages, tmp),
+        _scores_section(stages, tmp),
+        *_analysis_sections(stages, tmp),
+        _timings_section(manifest),
+        Section("Config", code=yaml.safe_dump(manifest.get("config", {}), sort_keys=False)),
+    ]
+    sections = [section for section in sections if section.text or section.tables or section.figures or section.code]
+    task = manifest.get("config", {}).get("task", {}).get("name", run_dir.name)
+    title = f"ISS run report: {task}"
+    subtitle = f"{run_dir.resolve()} · updated {manifest.get('updated_at', '?')} · written {_now()}"
+    html = HTML_TEMPLATE.render(title=title, subtitle=subtitle, sections=sections, cell=_cell, inline=_data_uri)
+    (tmp / "report.html").write_text(html, encoding="utf-8")
+    (tmp / "report.md").write_text(_markdown(title, subtitle, sections, tmp), encoding="utf-8")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return {
+        "html": str(out / "report.html"),
+        "markdown": str(out / "report.md"),
+        "sections": [section.title for section in sections],
+        "figures": sum(len(section.figures) for section in sections),
+    }
+
+
+def _results_section(stages: dict[str, Path]) -> Section:
+    path = stages.get("results", Path("-")) / "results.json"
+    if not path.is_file():
+        return Section("Results", text="No results yet: run `iss run` to pretrain, fine-tune and compare.")
+    table = json.loads(path.read_text(encoding="utf-8"))["table"]
+    tasks = [key for key in table[0] if key not in ("method", "data_docs", "flops", "average")] if table else []
+    rows = []
+    for line in table:
+        row = {"method": line["method"], "data (docs)": line["data_docs"], "FLOPs": f"{line['flops']:.2e}"}
+        for task in tasks:
+            cell = line.get(task)
+            row[task] = f"{cell['mean']:.2f} ± {cell['std']:.2f} (n={cell['seeds']})" if cell else "—"
+        rows.append({**row, "average": f"{line['average']:.2f}"})
+    return Section("Results", text="Test F1 x100 at the best dev epoch, mean ± std over seeds.", tables=[("", rows)])
+
+
+def _subsets(stages: dict[str, Path]) -> dict[str, Path]:
+    return {
+        name.removeprefix("select-"): folder / "subset.parquet"
+        for name, folder in sorted(stages.items())
+        if name.startswith("select-") and (folder / "subset.parquet").is_file()
+    }
+
+
+def _selection_section(manifest: dict, stages: dict[str, Path], folder: Path) -> Section:
+    subsets = _subsets(stages)
+    if not subsets:
+        return Section("Selection")
+    summaries = manifest["stages"]
+    sizes = [
+        {
+            "subset": name,
+            **{k: summaries[f"select-{name}"]["summary"].get(k) for k in ("docs", "tokens", "budget", "budget_met")},
+        }
+        for name in subsets
+    ]
+    pool = stages.get("retrieval", Path("-")) / "pool.parquet"
+    tables = {**subsets, **({"BM25 pool": pool} if pool.is_file() else {})}
+    counts = {
+        name: Counter(pq.read_table(path, columns=["source"]).column("source").to_pylist())
+        for name, path in tables.items()
+    }
+    sources = sorted({source for counter in counts.values() for source in counter}, key=str)
+    shares = [
+        {"source": str(source), **{name: f"{c[source] / max(sum(c.values()), 1):.1%}" for name, c in counts.items()}}
+        for source in sources
+    ]
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(counts) + 1.5))
+    left = np.zeros(len(counts))
+    for source in sources:
+        share = np.array([c[source] / max(sum(c.values()), 1) for c in counts.values()])
+        ax.barh(list(counts), share, left=left, label=str(source))
+        left += share
+    ax.set_xlabel("share of documents")
+    ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1, 0.5))
+    save_figure(fig, folder / "sources.png")
+    return Section(
+        "Selection",
+        text="What each method selected and which corpus sources (domains) the documents came from.",
+        tables=[("Subset sizes", sizes), ("Share of documents by source", shares)],
+        figures=[("Sources of each subset and of the BM25 candidate pool", folder / "sources.png")],
+    )
+
+
+def _scores_section(stages: dict[str, Path], folder: Path) -> Section:
+    influence, selected = stages.get("influence"), stages.get("select-iss")
+    if not influence or not selected or not (influence / "topk.parquet").is_file():
+        return Section("Influence scores")
+    best = candidate_best_scores(influence)
+    chosen = set(pq.read_table(selected / "subset.parquet", columns=["corpus_id"]).column("corpus_id").to_pylist())
+    is_selected = np.array([doc in chosen for doc in best])
+    scores = np.array(list(best.values()))
+    pool_docs = pq.read_table(influence / "pool_units.parquet").num_rows
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bins = np.histogram_bin_edges(scores, bins=50) if scores.size else 10
+    ax.hist(scores[~is_selected], bins=bins, alpha=0.6, label=f"rejected ({(~is_selected).sum()})")
+    ax.hist(scores[is_selected], bins=bins, alpha=0.6, label=f"selected ({is_selected.sum()})")
+    ax.set_xlabel("best influence score over task units")
+    ax.set_ylabel("candidates")
+    ax.set_yscale("log")
+    ax.legend()
+    save_figure(fig, folder / "scores.png")
+    stats = [
+        {"group": name, "candidates": int(mask.sum()), **_quantiles(scores[mask])}
+        for name, mask in (("selected", is_selected), ("rejected", ~is_selected))
+    ]
+    return Section(
+        "Influence scores",
+        text=(
+            f"Each candidate's best score over the task units that ranked it. {len(best)} of {pool_docs} pool units "
+            "made some unit's top-k; the rest have no kept score and are not shown."
+        ),
+        tables=[("Score quantiles", stats)],
+        figures=[("Influence score of selected vs rejected candidates (log counts)", folder / "scores.png")],
+    )
+
+
+def candidate_best_scores(influence: Path) -> dict[int, float]:
+    """First corpus id of each ranked pool unit -> its best kept score over all task units."""
+    top = pq.read_table(influence / "topk.parquet")
+    units = np.asarray(top.column("units").to_pylist(), np.int64).ravel()
+    scores = np.asarray(top.column("scores").to_pylist(), np.float64).ravel()
+    kept = units >= 0
+    best = np.full(units.max() + 1 if kept.any() else 0, -np.inf)
+    np.maximum.at(best, units[kept], scores[kept])
+    unit_docs = pq.read_table(influence / "pool_units.parquet").column("corpus_ids").to_pylist()
+    return {unit_docs[unit][0]: float(best[unit]) for unit in np.flatnonzero(np.isfinite(best))}
+
+
+def _quantiles(values: np.ndarray) -> dict[str, float]:
+    if not values.size:
+        return {}
+    q = np.quantile(values, [0.1, 0.5, 0.9])
+    return {"mean": float(values.mean()), "p10": float(q[0]), "median": float(q[1]), "p90": float(q[2])}
+
+
+def _analysis_sections(stages: dict[str, Path], folder: Path) -> list[Section]:
+    """The `iss analyze` artifacts that exist: their tables and plots."""
+    parts = [
+        ("analysis-words", "words", "Task-influential words (Table 6)", "words.png"),
+        ("analysis-tsne", "separation", "t-SNE of task features (Figure 4)", "tsne.png"),
+        ("analysis-layers", "layers", "Influence layer ablation (Figure 3, Table 7)", "layers.png"),
+    ]
+    sections = []
+    for stage, stem, title, image in parts:
+        source = stages.get(stage)
+        if source is None or not (source / image).is_file():
+            continue
+        numbers = json.loads((source / f"{stem}.json").read_text(encoding="utf-8"))
+        if isinstance(numbers, dict):  # t-SNE: model -> silhouette of the labels
+            numbers = [{"model": model, "label silhouette": value} for model, value in numbers.items()]
+        shutil.copy(source / image, folder / image)
+        sections.append(Section(title, tables=[("", numbers)], figures=[(title, folder / image)]))
+    return sections
+
+
+def _timings_section(manifest: dict) -> Section:
+    rows = [
+        {"stage": name, "seconds": entry["summary"].get("seconds"), "reused last time": entry.get("reused")}
+        for name, entry in manifest["stages"].items()
+    ]
+    total = sum(row["seconds"] or 0 for row in rows)
+    return Section("Timings", text=f"Wall time of each stage when it ran; {total:.0f} s in all.", tables=[("", rows)])
+
+
+def _data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def _markdown(title: str, subtitle: str, sections: list[Section], folder: Path) -> str:
+    lines = [f"# {title}", "", subtitle, ""]
+    for section in sections:
+        lines += [f"## {section.title}", ""]
+        if section.text:
+            lines += [section.text, ""]
+        for caption, rows in section.tables:
+            lines += ([f"*{caption}*", ""] if caption else []) + [markdown_rows(rows)]
+        for caption, path in section.figures:
+            lines += [f"![{caption}]({Path(path).relative_to(folder)})", ""]
+        if section.code:
+            lines += ["```yaml", section.code.rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")

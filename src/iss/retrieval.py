@@ -9,6 +9,7 @@ shard plus the vocabulary, whatever the corpus size.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,23 +50,33 @@ def bm25_tokenizer(config: RetrievalConfig) -> Tokenizer:
 
 
 @dataclass
-class _Shard:
+class TokenizedShard:
     ids: np.ndarray
     lengths: np.ndarray
     offsets: np.ndarray
     terms: np.ndarray
 
+    @classmethod
+    def from_tokens(cls, ids: np.ndarray, token_lists: list[list[int]]) -> TokenizedShard:
+        lengths = np.fromiter((len(t) for t in token_lists), np.int64, len(token_lists))
+        terms = np.fromiter((t for tokens in token_lists for t in tokens), np.int64, int(lengths.sum()))
+        return cls(ids, lengths, np.concatenate([[0], np.cumsum(lengths)]), terms)
+
     def save(self, path: Path) -> None:
-        np.savez(path, ids=self.ids, lengths=self.lengths, offsets=self.offsets, terms=self.terms)
+        _atomic_savez(path, ids=self.ids, lengths=self.lengths, offsets=self.offsets, terms=self.terms)
 
     @classmethod
-    def load(cls, path: Path) -> _Shard:
+    def load(cls, path: Path) -> TokenizedShard:
         with np.load(path) as data:
             return cls(data["ids"], data["lengths"], data["offsets"], data["terms"])
 
 
 class BM25Index:
-    """Global BM25 statistics over a streamed corpus, with its tokenized shards kept on disk."""
+    """Global BM25 statistics over a streamed corpus, with its tokenized shards kept on disk.
+
+    Both passes checkpoint after every shard (temp file + rename) in ``work_dir``, so a killed build or search
+    resumes from the last finished shard and ends with the same hits as an uninterrupted run.
+    """
 
     def __init__(self, config: RetrievalConfig, work_dir: Path) -> None:
         self.config = config
@@ -76,35 +87,71 @@ class BM25Index:
         self.total_length = 0
         self.shards: list[Path] = []
 
+    @property
+    def _build_state(self) -> Path:
+        return self.work_dir / "index-state.npz"
+
     def build(self, corpus: CorpusConfig, progress: Progress | None = None) -> BM25Index:
         """Pass 1: tokenize every shard, count document frequencies and lengths."""
+        done = self._resume_build()
         for number, batch in enumerate(iter_corpus(corpus)):
+            if number < done:
+                if progress:
+                    progress(len(batch.texts))
+                continue
             token_lists = self.tokenizer.tokenize(batch.texts, update_vocab=True, return_as="ids", show_progress=False)
-            lengths = np.fromiter((len(t) for t in token_lists), np.int64, len(token_lists))
-            terms = np.fromiter((t for tokens in token_lists for t in tokens), np.int64, int(lengths.sum()))
-            offsets = np.concatenate([[0], np.cumsum(lengths)])
-            vocab_size = len(self.tokenizer.get_vocab_dict())
-            doc_of_token = np.repeat(np.arange(len(token_lists)), lengths)
-            unique_pairs = np.unique(doc_of_token * vocab_size + terms)
-            shard_df = np.bincount(unique_pairs % vocab_size, minlength=vocab_size)
-            self.doc_freq = np.pad(self.doc_freq, (0, vocab_size - self.doc_freq.size)) + shard_df
-            self.n_docs += len(token_lists)
-            self.total_length += int(lengths.sum())
+            shard = TokenizedShard.from_tokens(batch.ids, token_lists)
+            self.add_counts(shard_doc_freq(shard, len(self.tokenizer.get_vocab_dict())), shard)
             path = self.work_dir / f"bm25-shard-{number:05d}.npz"
-            _Shard(batch.ids, lengths, offsets, terms).save(path)
+            shard.save(path)
             self.shards.append(path)
+            self.save_build_state()
             if progress:
                 progress(len(token_lists))
         if self.n_docs == 0:
             raise ValueError("the corpus has no non-empty documents")
         return self
 
+    def add_counts(self, shard_df: np.ndarray, shard: TokenizedShard) -> None:
+        """Add one shard's document frequencies (over the vocabulary so far) and lengths to the totals."""
+        self.doc_freq = np.pad(self.doc_freq, (0, shard_df.size - self.doc_freq.size)) + shard_df
+        self.n_docs += shard.lengths.size
+        self.total_length += int(shard.lengths.sum())
+
+    @property
+    def vocabulary(self) -> list[str]:
+        """Words in id order (bm25s numbers new words in the order it first sees them)."""
+        words = self.tokenizer.get_vocab_dict()
+        return sorted(words, key=words.__getitem__)
+
+    def set_vocabulary(self, words: list[str]) -> None:
+        self.tokenizer.word_to_id = {word: i for i, word in enumerate(words)}
+
+    def save_build_state(self) -> None:
+        _atomic_savez(
+            self._build_state,
+            words=np.asarray(self.vocabulary, dtype=str),
+            doc_freq=self.doc_freq,
+            totals=np.asarray([self.n_docs, self.total_length, len(self.shards)], np.int64),
+        )
+
+    def _resume_build(self) -> int:
+        """Load the counts of the shards a killed build finished; return how many it finished."""
+        if not self._build_state.is_file():
+            return 0
+        with np.load(self._build_state) as state:
+            self.set_vocabulary(state["words"].tolist())
+            self.doc_freq = state["doc_freq"]
+            self.n_docs, self.total_length, done = (int(v) for v in state["totals"])
+        self.shards = [self.work_dir / f"bm25-shard-{number:05d}.npz" for number in range(done)]
+        return done
+
     @property
     def idf(self) -> np.ndarray:
         df = self.doc_freq.astype(np.float64)
         return np.log(1 + (self.n_docs - df + 0.5) / (df + 0.5)).astype(np.float32)
 
-    def shard_matrix(self, shard: _Shard) -> sp.csr_matrix:
+    def shard_matrix(self, shard: TokenizedShard) -> sp.csr_matrix:
         """BM25 term weights of one shard's documents under the global statistics: [docs, vocab]."""
         vocab_size = self.doc_freq.size
         doc_of_token = np.repeat(np.arange(shard.lengths.size), shard.lengths)
@@ -125,23 +172,67 @@ class BM25Index:
         matrix.sum_duplicates()
         return matrix
 
+    def shard_top_k(self, shard: TokenizedShard, query_matrix: sp.csr_matrix, top_k: int) -> Hits:
+        """The best ``top_k`` documents of one shard for every query."""
+        doc_matrix = self.shard_matrix(shard).T.tocsr()
+        n_queries = query_matrix.shape[0]
+        hits = Hits(np.full((n_queries, top_k), -1, np.int64), np.zeros((n_queries, top_k), np.float32))
+        for start in range(0, n_queries, self.config.query_batch_size):
+            stop = start + self.config.query_batch_size
+            scores = (query_matrix[start:stop] @ doc_matrix).toarray()
+            hits.ids[start:stop], hits.scores[start:stop] = _merge_top_k(
+                hits.ids[start:stop], hits.scores[start:stop], shard.ids, scores, top_k
+            )
+        return hits
+
     def search(self, queries: list[str], top_k: int, progress: Progress | None = None) -> Hits:
         """Pass 2: score every shard against every query, keeping a running top-K per query."""
         query_matrix = self.query_matrix(queries)
-        best_ids = np.full((len(queries), top_k), -1, np.int64)
-        best_scores = np.zeros((len(queries), top_k), np.float32)
-        for path in self.shards:
-            shard = _Shard.load(path)
-            doc_matrix = self.shard_matrix(shard).T.tocsr()
-            for start in range(0, len(queries), self.config.query_batch_size):
-                stop = start + self.config.query_batch_size
-                scores = (query_matrix[start:stop] @ doc_matrix).toarray()
-                best_ids[start:stop], best_scores[start:stop] = _merge_top_k(
-                    best_ids[start:stop], best_scores[start:stop], shard.ids, scores, top_k
-                )
+        state = SearchState(self.work_dir / "search-state.npz", len(queries), top_k)
+        for number, path in enumerate(self.shards):
+            if number in state.done:
+                continue
+            shard = TokenizedShard.load(path)
+            state.add(number, self.shard_top_k(shard, query_matrix, top_k))
             if progress:
                 progress(shard.ids.size)
-        return Hits(best_ids, best_scores)
+        return state.hits
+
+
+def shard_doc_freq(shard: TokenizedShard, vocab_size: int) -> np.ndarray:
+    """In how many of the shard's documents each term occurs."""
+    doc_of_token = np.repeat(np.arange(shard.lengths.size), shard.lengths)
+    unique_pairs = np.unique(doc_of_token * vocab_size + shard.terms)
+    return np.bincount(unique_pairs % vocab_size, minlength=vocab_size)
+
+
+class SearchState:
+    """The running top-K over the shards scored so far, saved after each one (shards may finish in any order)."""
+
+    def __init__(self, path: Path, n_queries: int, top_k: int) -> None:
+        self.path = path
+        self.hits = Hits(np.full((n_queries, top_k), -1, np.int64), np.zeros((n_queries, top_k), np.float32))
+        self.done: set[int] = set()
+        if path.is_file():
+            with np.load(path) as state:
+                self.hits = Hits(state["ids"], state["scores"])
+                self.done = set(state["done"].tolist())
+
+    def add(self, number: int, shard_hits: Hits) -> None:
+        top_k = self.hits.ids.shape[1]
+        self.hits.ids, self.hits.scores = _merge_top_k(
+            self.hits.ids, self.hits.scores, shard_hits.ids, shard_hits.scores, top_k
+        )
+        self.done.add(number)
+        _atomic_savez(
+            self.path, ids=self.hits.ids, scores=self.hits.scores, done=np.asarray(sorted(self.done), np.int64)
+        )
+
+
+def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.stem}.tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
 
 
 def _merge_top_k(

@@ -107,6 +107,7 @@ class RunFolder:
         tmp = self.root / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
+        self._claim_work_dir(name, stage_fingerprint)
         summary: dict[str, Any] = {}
         start = time.perf_counter()
         yield tmp, summary
@@ -130,6 +131,15 @@ class RunFolder:
         else:
             os.replace(tmp, final)
         shutil.rmtree(self.root / f".{name}.work", ignore_errors=True)
+
+    def _claim_work_dir(self, name: str, stage_fingerprint: str) -> None:
+        """Keep partial work only if it was made for this fingerprint: a changed config starts afresh."""
+        work = self.root / f".{name}.work"
+        marker = work / "fingerprint"
+        if work.exists() and (not marker.is_file() or marker.read_text(encoding="utf-8") != stage_fingerprint):
+            shutil.rmtree(work)
+        work.mkdir(parents=True, exist_ok=True)
+        marker.write_text(stage_fingerprint, encoding="utf-8")
 
     def update_manifest(self, results: list[StageResult], extra: dict[str, Any]) -> Path:
         """Merge stage records into ``manifest.json`` (one entry per stage name)."""

@@ -213,15 +213,25 @@ def pretrain(
 
 
 @torch.no_grad()
+@torch.inference_mode()
+def cls_features(
+    model: TaskMLMModel, tokenizer: PreTrainedTokenizerFast, texts: list[str], max_length: int, device: torch.device
+) -> torch.Tensor:
+    """[CLS] hidden states of ``texts`` in eval mode, [len(texts), hidden], on the CPU."""
+    model.eval()
+    features = [torch.zeros(0, model.mlm.config.hidden_size)]
+    for start in range(0, len(texts), 128):
+        batch = encode(tokenizer, texts[start : start + 128], max_length).to(device)
+        features.append(model.cls_hidden(batch.input_ids, batch.attention_mask).float().cpu())
+    return torch.cat(features)
+
+
+@torch.inference_mode()
 def predict(
     model: TaskMLMModel, tokenizer: PreTrainedTokenizerFast, texts: list[str], max_length: int, device: torch.device
 ) -> np.ndarray:
-    model.eval()
-    predictions = []
-    for start in range(0, len(texts), 128):
-        batch = encode(tokenizer, texts[start : start + 128], max_length).to(device)
-        predictions.append(model.task_logits(batch.input_ids, batch.attention_mask).argmax(-1).cpu().numpy())
-    return np.concatenate(predictions) if predictions else np.zeros(0, np.int64)
+    features = cls_features(model, tokenizer, texts, max_length, device)
+    return model.classifier(features.to(device)).argmax(-1).cpu().numpy() if len(texts) else np.zeros(0, np.int64)
 
 
 def accuracy(

@@ -1,0 +1,224 @@
+"""Ray Data backend for the corpus-scale stages: BM25 retrieval and influence scoring.
+
+Shards of the corpus (retrieval) or of the candidate pool (influence) are the rows of a Ray dataset, mapped by
+actors that hold what every shard needs (global BM25 statistics and queries; the warmed-up model and the
+task-gradient bank). Each returns its shard's partial top-k lists; the driver merges them with the same
+function the local backend uses (ties broken by id, so merge order does not matter) and checkpoints after each
+merged shard, so a rerun skips the shards already merged. Both backends therefore select the same subset.
+
+On a cluster set ``ray.address`` (``auto`` on a node of the cluster, or ``ray://head:10001``): every node
+needs this package installed, the corpus files at the same paths, and the run folder on storage all nodes
+share (workers load the warmed-up model and tokenizer from it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from iss.config import CorpusConfig, RayConfig, RetrievalConfig
+from iss.data import CorpusShard, corpus_shards, read_shard
+from iss.gradients import GradientFeatures, ScorerSpec, TopK
+from iss.retrieval import BM25Index, Hits, SearchState, TokenizedShard, bm25_tokenizer, shard_doc_freq
+
+Progress = Callable[[int], None]
+
+
+def start_ray(config: RayConfig) -> None:
+    """Connect to the configured cluster, or start a local Ray with ``num_cpus`` CPUs."""
+    import ray
+
+    if not ray.is_initialized():
+        if config.address:
+            ray.init(address=config.address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=config.num_cpus, include_dashboard=False, log_to_driver=False)
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True  # shard results arrive in shard order
+    context.enable_progress_bars = False  # the pipeline's own bar counts shards
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+# ------------------------------------------------------------------------------------------- retrieval
+
+
+def _corpus_shard(row: dict[str, Any]) -> CorpusShard:
+    """A shard description back from a Ray row (numpy scalars to Python values)."""
+    values = {f.name: row[f.name] for f in dataclasses.fields(CorpusShard)}
+    return CorpusShard(**{k: v.item() if isinstance(v, np.generic) else v for k, v in values.items()})
+
+
+def _count_shard(row: dict[str, Any], corpus: dict, retrieval: dict) -> dict[str, Any]:
+    """Pass 1 on a worker: one shard's own vocabulary (first-seen order), document frequencies and lengths."""
+    batch = read_shard(_corpus_shard(row), CorpusConfig(**corpus))
+    tokenizer = bm25_tokenizer(RetrievalConfig(**retrieval))
+    token_lists = tokenizer.tokenize(batch.texts, update_vocab=True, return_as="ids", show_progress=False)
+    tokens = TokenizedShard.from_tokens(batch.ids, token_lists)
+    words = tokenizer.get_vocab_dict()
+    return {
+        "number": row["number"],
+        "words": sorted(words, key=words.__getitem__),
+        "doc_freq": shard_doc_freq(tokens, len(words)),
+        "totals": np.asarray([tokens.lengths.size, int(tokens.lengths.sum())], np.int64),
+    }
+
+
+class _ShardSearcher:
+    """Pass 2 actor: holds the global statistics and the queries; scores one corpus shard per call."""
+
+    def __init__(self, payload: Any) -> None:
+        import ray
+
+        state = ray.get(payload)
+        self.corpus = CorpusConfig(**state["corpus"])
+        self.index = BM25Index(RetrievalConfig(**state["retrieval"]), Path("."))
+        self.index.set_vocabulary(state["words"])
+        self.index.doc_freq, self.index.n_docs, self.index.total_length = state["doc_freq"], *state["totals"]
+        self.queries, self.top_k = state["queries"], state["top_k"]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        out: dict[str, list] = {"number": [], "ids": [], "scores": []}
+        for i, number in enumerate(batch["number"]):
+            docs = read_shard(_corpus_shard({key: values[i] for key, values in batch.items()}), self.corpus)
+            tokenizer = self.index.tokenizer
+            token_lists = tokenizer.tokenize(docs.texts, update_vocab=False, return_as="ids", show_progress=False)
+            hits = self.index.shard_top_k(TokenizedShard.from_tokens(docs.ids, token_lists), self.queries, self.top_k)
+            out["number"].append(int(number))
+            out["ids"].append(hits.ids)
+            out["scores"].append(hits.scores)
+        return out
+
+
+def ray_bm25_search(
+    index: BM25Index,
+    corpus: CorpusConfig,
+    queries: list[str],
+    top_k: int,
+    config: RayConfig,
+    progress: Progress | None = None,
+) -> Hits:
+    """BM25 top-K per query over the corpus, both passes mapped over corpus shards by Ray workers."""
+    import ray
+
+    start_ray(config)
+    shards = [{"number": n, **dataclasses.asdict(s)} for n, s in enumerate(corpus_shards(corpus))]
+    retrieval = index.config.model_dump(mode="json")
+    counted = ray.data.from_items(shards).map(
+        _count_shard, fn_kwargs={"corpus": corpus.model_dump(mode="json"), "retrieval": retrieval}
+    )
+    word_ids: dict[str, int] = {}
+    for row in counted.iter_rows():  # in shard order, so global ids follow first-seen order, as locally
+        local_to_global = np.fromiter((word_ids.setdefault(w, len(word_ids)) for w in row["words"]), np.int64)
+        doc_freq = np.bincount(local_to_global, weights=np.asarray(row["doc_freq"]), minlength=len(word_ids))
+        index.doc_freq = np.pad(index.doc_freq, (0, doc_freq.size - index.doc_freq.size)) + doc_freq.astype(np.int64)
+        index.n_docs, index.total_length = (
+            index.n_docs + int(row["totals"][0]),
+            index.total_length + int(row["totals"][1]),
+        )
+    if index.n_docs == 0:
+        raise ValueError("the corpus has no non-empty documents")
+    index.set_vocabulary(list(word_ids))
+    state = SearchState(index.work_dir / "search-state-ray.npz", len(queries), top_k)
+    payload = ray.put(
+        {
+            "words": list(word_ids),
+            "doc_freq": index.doc_freq,
+            "totals": (index.n_docs, index.total_length),
+            "retrieval": retrieval,
+            "corpus": corpus.model_dump(mode="json"),
+            "queries": index.query_matrix(queries),
+            "top_k": top_k,
+        }
+    )
+    todo = [shard for shard in shards if shard["number"] not in state.done]
+    if todo:
+        scored = ray.data.from_items(todo).map_batches(
+            _ShardSearcher,
+            fn_constructor_kwargs={"payload": payload},
+            batch_size=1,
+            concurrency=config.workers,
+            num_cpus=config.cpus_per_worker,
+        )
+        for row in scored.iter_rows():
+            state.add(int(row["number"]), Hits(np.asarray(row["ids"]), np.asarray(row["scores"])))
+            if progress:
+                progress(1)
+    return state.hits
+
+
+# ------------------------------------------------------------------------------------------- influence
+
+
+class _PoolShardScorer:
+    """Actor holding the warmed-up model, the gradient machinery and the task bank; scores pool shards."""
+
+    def __init__(self, spec: ScorerSpec, bank: Any, pool: Any, threads: int) -> None:
+        import ray
+
+        torch.set_num_threads(threads)
+        _, grads, tokenizer = spec.load()
+        self.scorer = spec.scorer(grads, tokenizer, ray.get(bank))
+        self.texts, self.keys, self.unit_groups = ray.get(pool)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        out: dict[str, list] = {"start": [], "scores": [], "units": []}
+        for start in batch["start"]:
+            top = self.scorer.score_shard(self.texts, self.keys, self.unit_groups, int(start))
+            out["start"].append(int(start))
+            out["scores"].append(top.scores.numpy())
+            out["units"].append(top.units.numpy())
+        return out
+
+
+def ray_score_pool(
+    spec: ScorerSpec,
+    bank: GradientFeatures,
+    texts: list[str],
+    keys: np.ndarray,
+    unit_groups: list[np.ndarray],
+    state_path: Path,
+    config: RayConfig,
+    progress: Progress | None = None,
+) -> TopK:
+    """Influence top-k per task unit, pool shards scored by Ray actors and merged here (resumable per shard)."""
+    import ray
+
+    start_ray(config)
+    state_path = state_path.with_name(f"{state_path.stem}-ray.pt")
+    top = TopK.empty(len(bank), min(spec.top_k, len(unit_groups)))
+    done: set[int] = set()
+    if state_path.is_file():
+        state = torch.load(state_path, weights_only=True)
+        top, done = TopK(state["scores"], state["units"]), set(state["done"].tolist())
+    starts = [start for start in range(0, len(unit_groups), spec.shard_units) if start not in done]
+    if not starts:
+        return top
+    scored = ray.data.from_items([{"start": start} for start in starts]).map_batches(
+        _PoolShardScorer,
+        fn_constructor_kwargs={
+            "spec": spec,
+            "bank": ray.put(bank),
+            "pool": ray.put((texts, keys, unit_groups)),
+            "threads": max(1, int(config.cpus_per_worker)),
+        },
+        batch_size=1,
+        concurrency=config.workers,
+        num_cpus=config.cpus_per_worker,
+    )
+    for row in scored.iter_rows():
+        start = int(row["start"])
+        top.merge(TopK(torch.as_tensor(np.asarray(row["scores"])), torch.as_tensor(np.asarray(row["units"]))))
+        done.add(start)
+        tmp = state_path.with_suffix(".tmp")
+        torch.save({"scores": top.scores, "units": top.units, "done": torch.tensor(sorted(done))}, tmp)
+        os.replace(tmp, state_path)
+        if progress:
+            progress(int(sum(len(g) for g in unit_groups[start : start + spec.shard_units])))
+    return top
