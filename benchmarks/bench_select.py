@@ -23,11 +23,11 @@ from iss.config import load_config
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def run_select(config: Path, method: str, run_dir: Path) -> dict:
+def run_select(config: Path, method: str, run_dir: Path, extra: tuple[str, ...] = ()) -> dict:
     """One cold `iss select` in a child process; wait4 gives that child's own peak RSS."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         command = [sys.executable, "-m", "iss", "select", str(config), "--method", method,
-                   "--run-dir", str(run_dir), "--quiet", "--json"]  # fmt: skip
+                   "--run-dir", str(run_dir), "--quiet", "--json", *extra]  # fmt: skip
         start = time.perf_counter()
         child = subprocess.Popen(command, stdout=out, stderr=err)
         _, status, usage = os.wait4(child.pid, 0)

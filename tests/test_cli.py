@@ -130,3 +130,38 @@ def test_budget_sweep_runs_each_method_once_per_budget(config_file):
     subsets = {b: pq.read_table(folder / f"select-iss@{b}docs" / "subset.parquet") for b in (100, 200)}
     small, large = (set(subsets[b].column("corpus_id").to_pylist()) for b in (100, 200))
     assert small < large  # a smaller budget keeps a prefix of the same ranking
+
+
+def _one_error_line(result) -> str:
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr[-2000:]
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_budget_larger_than_the_pool_fails_in_one_line_and_keeps_finished_stages(config_file):
+    first = _iss("select", str(config_file), "--method", "tlm", "--quiet", "--json")
+    assert first.returncode == 0, first.stderr[-3000:]
+    pool_docs = json.loads(first.stdout)["retrieval"]["pool_docs"]
+    line = _one_error_line(_iss("select", str(config_file), "--method", "tlm", "--budget", "99999 docs", "--quiet"))
+    assert f"larger than the candidate pool ({pool_docs} docs)" in line
+    again = json.loads(_iss("select", str(config_file), "--method", "tlm", "--quiet", "--json").stdout)
+    assert again["retrieval"]["reused"] and again["select-tlm"]["reused"]  # nothing finished was lost
+
+
+def test_mismatched_tokenizer_and_model_fail_in_one_line(tokenizer, tmp_path):
+    from transformers import BertConfig, BertForMaskedLM
+
+    tokenizer.save_pretrained(str(tmp_path / "tokenizer"))
+    small = BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    BertForMaskedLM(small).save_pretrained(str(tmp_path / "model"))
+    task = tmp_path / "task"
+    task.mkdir()
+    for split in ("train", "dev", "test"):
+        rows = [{"text": f"{split} text {i}", "label": "AB"[i % 2]} for i in range(6)]
+        (task / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    overrides = [f"task.path={task}", f"tokenizer.path={tmp_path / 'tokenizer'}", f"model.path={tmp_path / 'model'}"]
+    args = [item for pair in (("--set", o) for o in overrides) for item in pair]
+    line = _one_error_line(_iss("warmup", "--run-dir", str(tmp_path / "run"), "--quiet", *args))
+    assert f"tokenizer has {len(tokenizer)} tokens but model" in line and "only 100 embeddings" in line

@@ -9,8 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from iss.config import Budget, CorpusConfig, IssConfig, TaskConfig, load_config
+from iss.config import Budget, CorpusConfig, IssConfig, RetrievalConfig, TaskConfig, load_config
 from iss.data import DataError, iter_corpus, load_task
+from iss.retrieval import BM25Index
 
 from .conftest import CORPUS, SHARED, require_shared
 
@@ -86,6 +87,27 @@ def test_bad_task_inputs_name_file_and_row(tmp_path):
     with pytest.raises(DataError, match="task path not found"):
         load_task(TaskConfig(path=str(tmp_path / "missing.jsonl")))
 
+    _write_split_folder(tmp_path / "labels", [{"text": "x", "sentence": "A"}], good, good)
+    with pytest.raises(DataError, match=r"train\.jsonl: missing label column 'label'"):
+        load_task(TaskConfig(path=str(tmp_path / "labels")))
+
+    _write_split_folder(tmp_path / "unseen_test", good, good, [*good, {"text": "z", "label": "D"}])
+    with pytest.raises(DataError, match=r"test\.jsonl: row 3: label 'D' does not occur in the train split"):
+        load_task(TaskConfig(path=str(tmp_path / "unseen_test")))
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "csv", "tsv"])
+def test_non_utf8_task_file_names_the_line(tmp_path, suffix):
+    rows = {
+        "jsonl": [b'{"text": "fine", "label": "A"}', b'{"text": "caf\xe9", "label": "B"}'],
+        "csv": [b"text,label", b"fine,A", b"caf\xe9,B"],
+        "tsv": [b"text\tlabel", b"fine\tA", b"caf\xe9\tB"],
+    }[suffix]
+    path = tmp_path / f"task.{suffix}"
+    path.write_bytes(b"\n".join(rows) + b"\n")
+    with pytest.raises(DataError, match=rf"task\.{suffix}: line {len(rows)}: not valid UTF-8"):
+        load_task(TaskConfig(path=str(path)))
+
 
 def test_corpus_streams_in_shards_with_global_ids():
     require_shared()
@@ -121,6 +143,36 @@ def test_bad_corpus_lines_name_file_and_line(tmp_path):
     no_text.write_text('{"body": "ok"}\n', encoding="utf-8")
     with pytest.raises(DataError, match=r"field\.jsonl: line 1: no 'text' field"):
         list(iter_corpus(CorpusConfig(paths=[str(no_text)])))
+
+
+def test_ten_megabyte_document_is_refused_with_its_line(tmp_path):
+    big = tmp_path / "big.jsonl"
+    with big.open("w", encoding="utf-8") as handle:
+        handle.write(json.dumps({"text": "a normal document"}) + "\n")
+        handle.write(json.dumps({"text": "word " * (2 * 1024 * 1024)}) + "\n")  # 10 MiB
+    with pytest.raises(DataError, match=r"big\.jsonl: line 2: document of 10,485,760 characters.*max_doc_chars"):
+        list(iter_corpus(CorpusConfig(paths=[str(big)])))
+    allowed = CorpusConfig(paths=[str(big)], max_doc_chars=20_000_000)
+    assert [len(t) for b in iter_corpus(allowed) for t in b.texts] == [17, 10 * 1024 * 1024]
+
+
+def test_empty_corpus_files_and_texts(tmp_path, caplog):
+    (tmp_path / "a.jsonl").write_text("", encoding="utf-8")
+    (tmp_path / "b.jsonl").write_text(
+        "".join(json.dumps({"text": t}) + "\n" for t in ["kept", "", "   ", "also kept"]), encoding="utf-8"
+    )
+    batches = list(iter_corpus(CorpusConfig(paths=[str(tmp_path)])))
+    assert [(int(i), t) for b in batches for i, t in zip(b.ids, b.texts, strict=True)] == [
+        (0, "kept"),
+        (3, "also kept"),
+    ]
+    assert "a.jsonl: empty corpus file, skipped" in caplog.text
+    only_empty = tmp_path / "only"
+    only_empty.mkdir()
+    (only_empty / "c.jsonl").write_text(json.dumps({"text": ""}) + "\n", encoding="utf-8")
+    index = BM25Index(RetrievalConfig(), tmp_path)
+    with pytest.raises(DataError, match=r"only: no non-empty documents"):
+        index.build(CorpusConfig(paths=[str(only_empty)]))
 
 
 def test_config_parsing_and_validation(tmp_path):

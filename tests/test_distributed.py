@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from iss.config import CorpusConfig, RayConfig, RetrievalConfig
+from iss.data import DataError
 from iss.distributed import ray_bm25_search
 from iss.retrieval import BM25Index
 
@@ -40,6 +41,15 @@ def test_ray_bm25_equals_local_on_the_shared_corpus(local_ray, tmp_path, chempro
     np.testing.assert_array_equal(hits.ids, expected.ids)
     np.testing.assert_array_equal(hits.scores, expected.scores)
     assert (hits.ids >= 0).sum() > 0.9 * hits.ids.size
+
+
+def test_bad_corpus_line_on_a_ray_worker_is_the_same_one_line_error(local_ray, tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_bytes(b'{"text": "fine"}\n{"text": "also fine"}\n{"text": "caf\xe9"}\n')
+    (tmp_path / "work").mkdir()
+    index = BM25Index(RetrievalConfig(), tmp_path / "work")
+    with pytest.raises(DataError, match=r"corpus\.jsonl: line 3: not valid UTF-8"):
+        ray_bm25_search(index, CorpusConfig(paths=[str(corpus)], shard_size=2), ["query"], 5, local_ray)
 
 
 @pytest.mark.slow

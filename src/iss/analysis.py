@@ -203,15 +203,18 @@ def analyze_tsne(pipeline: Pipeline) -> StageResult:
         models = {"untrained": pipeline.initial_model(task, tokenizer, seed)}
         models.update({name: TaskMLMModel.load(stage.path / "model") for name, stage in pretrained.items()})
         points, separation, columns = {}, {}, {"model": [], "x": [], "y": [], "label_id": []}
+        bar = pipeline.progress(len(models), "features + t-SNE", unit="model")
         for name, model in models.items():
             model = model.to(pipeline.device)
             features = cls_features(model, tokenizer, texts, config.model.max_length, pipeline.device).numpy()
             points[name] = tsne_embed(features, settings.perplexity, seed)
+            bar.update()
             separation[name] = label_separation(features, labels)
             columns["model"] += [name] * len(texts)
             columns["x"] += points[name][:, 0].tolist()
             columns["y"] += points[name][:, 1].tolist()
             columns["label_id"] += labels.tolist()
+        bar.close()
         pq.write_table(pa.table(columns), folder / "tsne.parquet")
         plot_tsne(points, labels, task.labels, folder / "tsne.png")
         (folder / "separation.json").write_text(json.dumps(separation, indent=2), encoding="utf-8")

@@ -15,6 +15,7 @@ import yaml
 from pydantic import ValidationError
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 from iss.analysis import analyze_layers, analyze_tsne, analyze_words
@@ -83,7 +84,7 @@ def _one_line_errors() -> Iterator[None]:
     try:
         yield
     except (ValidationError, ValueError, FileNotFoundError, KeyError) as error:
-        console.print(f"[red]error:[/red] {error}")
+        console.print(f"[red]error:[/red] {escape(str(error))}", soft_wrap=True)  # one line, brackets kept
         raise typer.Exit(2) from error
 
 

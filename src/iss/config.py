@@ -66,6 +66,9 @@ class CorpusConfig(_Section):
     source_column: str | None = "source"
     shard_size: int = Field(50_000, ge=1, description="Documents per shard in streamed stages.")
     max_docs: int | None = Field(None, ge=1, description="Read at most this many documents (quick runs).")
+    max_doc_chars: int = Field(
+        1_000_000, ge=1, description="Longer documents stop the run with their file and line (likely broken input)."
+    )
 
 
 class TokenizerConfig(_Section):
@@ -88,6 +91,9 @@ class ModelConfig(_Section):
     """Size of the from-scratch BERT, or a local checkpoint to continue from."""
 
     path: str | None = Field(None, description="Local AutoModelForMaskedLM folder (further pretraining).")
+    trust_remote_code: bool = Field(
+        False, description="Let transformers run Python code shipped with `path` / `tokenizer.path`. Off: never."
+    )
     hidden_size: int = Field(128, ge=8)
     num_layers: int = Field(2, ge=1)
     num_heads: int = Field(2, ge=1)

@@ -103,6 +103,8 @@ def _read_table(path: Path, config: TaskConfig) -> pa.Table:
     it is read again with the label column first and the text columns after it."""
     if path.stat().st_size == 0:
         raise DataError(f"{path}: file is empty")
+    if path.suffix != ".parquet":
+        _check_utf8(path)
     try:
         if path.suffix in (".jsonl", ".json"):
             return pajson.read_json(path)
@@ -119,6 +121,16 @@ def _read_table(path: Path, config: TaskConfig) -> pa.Table:
         return table
     except (pa.ArrowInvalid, UnicodeDecodeError) as error:
         raise DataError(f"{path}: cannot parse: {error}") from error
+
+
+def _check_utf8(path: Path) -> None:
+    """Name the first line that is not UTF-8 (Arrow's readers name no row, or keep the bytes silently)."""
+    with path.open("rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(f"{path}: line {line_number}: not valid UTF-8 ({error.reason})") from error
 
 
 def _split_table(table: pa.Table, config: TaskConfig, seed: int, origin: Path) -> dict[str, tuple[pa.Table, Path]]:
@@ -228,6 +240,8 @@ def iter_corpus(config: CorpusConfig, batch_size: int | None = None) -> Iterator
     sources: list[str] = []
     next_id = 0
     for file in corpus_files(config):
+        if file.stat().st_size == 0:
+            log.warning("%s: empty corpus file, skipped", file)
         for text, source in _iter_file(file, config):
             row_id, next_id = next_id, next_id + 1
             if config.max_docs is not None and row_id >= config.max_docs:
@@ -254,19 +268,22 @@ def _iter_file(
         columns = [c for c in columns if c in parquet.schema_arrow.names]
         if config.text_column not in columns:
             raise DataError(f"{file}: missing text column {config.text_column!r}")
-        skip = start
+        skip, batch_start = start, 0  # rows still to skip; file row of the record batch's first row
         for record_batch in parquet.iter_batches(columns=columns):
-            if skip >= record_batch.num_rows:
-                skip -= record_batch.num_rows
+            batch_rows = record_batch.num_rows
+            if skip >= batch_rows:
+                skip, batch_start = skip - batch_rows, batch_start + batch_rows
                 continue
-            record_batch, skip = record_batch.slice(skip), 0
+            first_row = batch_start + skip + 1  # 1-based, for error messages
+            record_batch, skip, batch_start = record_batch.slice(skip), 0, batch_start + batch_rows
             text_values = record_batch.column(config.text_column).to_pylist()
             source_values = (
                 record_batch.column(config.source_column).to_pylist()
                 if config.source_column in columns
                 else [None] * len(text_values)
             )
-            yield from zip(text_values, source_values, strict=True)
+            for row, (text, source) in enumerate(zip(text_values, source_values, strict=True), start=first_row):
+                yield _checked_length(text, config, file, f"row {row}"), source
         return
     with file.open("rb") as handle:
         handle.seek(start)
@@ -276,7 +293,7 @@ def _iter_file(
             except UnicodeDecodeError as error:
                 raise DataError(f"{file}: line {line_number}: not valid UTF-8 ({error.reason})") from error
             if file.suffix == ".txt":
-                yield line.rstrip("\n"), None
+                yield _checked_length(line.rstrip("\n"), config, file, f"line {line_number}"), None
                 continue
             if not line.strip():
                 continue
@@ -287,7 +304,16 @@ def _iter_file(
             if not isinstance(record, dict) or config.text_column not in record:
                 raise DataError(f"{file}: line {line_number}: no {config.text_column!r} field")
             source = record.get(config.source_column) if config.source_column else None
-            yield record[config.text_column], source
+            yield _checked_length(record[config.text_column], config, file, f"line {line_number}"), source
+
+
+def _checked_length(text: str | None, config: CorpusConfig, file: Path, where: str) -> str | None:
+    if text is not None and len(text) > config.max_doc_chars:
+        raise DataError(
+            f"{file}: {where}: document of {len(text):,} characters is longer than corpus.max_doc_chars "
+            f"({config.max_doc_chars:,}); split or drop it, or raise the limit"
+        )
+    return text
 
 
 @dataclass(frozen=True)

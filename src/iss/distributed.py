@@ -16,7 +16,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +25,12 @@ import numpy as np
 import torch
 
 from iss.config import CorpusConfig, RayConfig, RetrievalConfig
-from iss.data import CorpusShard, corpus_shards, read_shard
+from iss.data import CorpusShard, DataError, corpus_shards, read_shard
 from iss.gradients import GradientFeatures, ScorerSpec, TopK
 from iss.retrieval import BM25Index, Hits, SearchState, TokenizedShard, bm25_tokenizer, shard_doc_freq
 
 Progress = Callable[[int], None]
+log = logging.getLogger("iss")
 
 
 def start_ray(config: RayConfig) -> None:
@@ -44,6 +46,22 @@ def start_ray(config: RayConfig) -> None:
     context.execution_options.preserve_order = True  # shard results arrive in shard order
     context.enable_progress_bars = False  # the pipeline's own bar counts shards
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+@contextmanager
+def _worker_data_errors() -> Iterator[None]:
+    """Bad input found on a worker surfaces as the same one-line DataError the local backend raises."""
+    try:
+        yield
+    except Exception as error:
+        cause: BaseException | None = error
+        for _ in range(10):  # Ray wraps user errors a few levels deep
+            if cause is None or isinstance(cause, DataError):
+                break
+            cause = cause.__cause__ or getattr(cause, "cause", None)
+        if not isinstance(cause, DataError):
+            raise
+        raise DataError(str(cause)) from error
 
 
 # ------------------------------------------------------------------------------------------- retrieval
@@ -114,16 +132,13 @@ def ray_bm25_search(
         _count_shard, fn_kwargs={"corpus": corpus.model_dump(mode="json"), "retrieval": retrieval}
     )
     word_ids: dict[str, int] = {}
-    for row in counted.iter_rows():  # in shard order, so global ids follow first-seen order, as locally
-        local_to_global = np.fromiter((word_ids.setdefault(w, len(word_ids)) for w in row["words"]), np.int64)
-        doc_freq = np.bincount(local_to_global, weights=np.asarray(row["doc_freq"]), minlength=len(word_ids))
-        index.doc_freq = np.pad(index.doc_freq, (0, doc_freq.size - index.doc_freq.size)) + doc_freq.astype(np.int64)
-        index.n_docs, index.total_length = (
-            index.n_docs + int(row["totals"][0]),
-            index.total_length + int(row["totals"][1]),
-        )
+    with _worker_data_errors():
+        for row in counted.iter_rows():  # in shard order, so global ids follow first-seen order, as locally
+            local_to_global = np.fromiter((word_ids.setdefault(w, len(word_ids)) for w in row["words"]), np.int64)
+            doc_freq = np.bincount(local_to_global, weights=np.asarray(row["doc_freq"]), minlength=len(word_ids))
+            index.add_counts(doc_freq.astype(np.int64), int(row["totals"][0]), int(row["totals"][1]))
     if index.n_docs == 0:
-        raise ValueError("the corpus has no non-empty documents")
+        raise DataError(f"corpus {', '.join(corpus.paths)}: no non-empty documents")
     index.set_vocabulary(list(word_ids))
     state = SearchState(index.work_dir / "search-state-ray.npz", len(queries), top_k)
     payload = ray.put(
@@ -197,6 +212,7 @@ def ray_score_pool(
     if state_path.is_file():
         state = torch.load(state_path, weights_only=True)
         top, done = TopK(state["scores"], state["units"]), set(state["done"].tolist())
+        log.info("influence on Ray: resuming, %d pool shards already merged", len(done))
     starts = [start for start in range(0, len(unit_groups), spec.shard_units) if start not in done]
     if not starts:
         return top

@@ -13,6 +13,7 @@ everything else is dense. Influence (Eq. 6 of the paper) is then a sum of dense 
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -36,6 +37,7 @@ from iss.model import (
     per_sample_task_loss,
 )
 
+log = logging.getLogger("iss")
 LossFn = Callable[[TaskMLMModel, Batch], torch.Tensor]
 SUPPORTED = (nn.Linear, nn.LayerNorm, nn.Embedding)
 
@@ -515,6 +517,7 @@ class PoolScorer:
         if state_path is not None and state_path.is_file():
             state = torch.load(state_path, weights_only=True)
             top, resume_from = TopK(state["scores"], state["units"]), int(state["next_unit"])
+            log.info("influence: resuming at candidate unit %d of %d", resume_from, len(unit_groups))
             if progress:
                 progress(int(sum(len(g) for g in unit_groups[:resume_from])))
         for shard_start in self.shard_starts(len(unit_groups))[resume_from // self.shard_units :]:

@@ -65,9 +65,9 @@ def train_tokenizer(texts: Iterable[str], config: TokenizerConfig) -> PreTrained
     )
 
 
-def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
-    """Load a tokenizer folder; it must be able to mask (MLM) and pad."""
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerFast:
+    """Load a tokenizer folder; it must be able to mask (MLM) and pad. Code shipped with it runs only if trusted."""
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     if tokenizer.mask_token_id is None or tokenizer.pad_token_id is None:
         raise ValueError(f"{path}: tokenizer has no mask or pad token, so it cannot be used for MLM")
     return tokenizer
@@ -107,10 +107,16 @@ class TaskMLMModel(nn.Module):
         )
 
     @classmethod
-    def load(cls, folder: str | Path, num_labels: int | None = None) -> TaskMLMModel:
-        """Load a saved model, or a plain masked-LM checkpoint (a fresh head with ``num_labels`` outputs)."""
+    def load(cls, folder: str | Path, num_labels: int | None = None, trust_remote_code: bool = False) -> TaskMLMModel:
+        """Load a saved model, or a plain masked-LM checkpoint (a fresh head with ``num_labels`` outputs).
+
+        Weights come from safetensors (or, for old .bin checkpoints, transformers' ``torch.load(weights_only=True)``,
+        which unpickles no code); Python code shipped with the folder runs only if trusted.
+        """
         folder = Path(folder)
-        mlm = AutoModelForMaskedLM.from_pretrained(str(folder), attn_implementation="eager")
+        mlm = AutoModelForMaskedLM.from_pretrained(
+            str(folder), attn_implementation="eager", trust_remote_code=trust_remote_code
+        )
         head_path = folder / HEAD_FILE
         if head_path.is_file():
             saved = json.loads((folder / TASK_FILE).read_text(encoding="utf-8"))

@@ -107,7 +107,7 @@ class Pipeline:
         torch.manual_seed(seed)
         if not config.model.path:
             return TaskMLMModel.from_scratch(config.model, tokenizer, len(task.labels))
-        model = TaskMLMModel.load(config.model.path, num_labels=len(task.labels))
+        model = TaskMLMModel.load(config.model.path, len(task.labels), config.model.trust_remote_code)
         if model.mlm.config.vocab_size < len(tokenizer):
             raise ValueError(
                 f"tokenizer has {len(tokenizer)} tokens but model {config.model.path} only "
@@ -137,7 +137,7 @@ class Pipeline:
 
         def body(folder: Path, summary: dict) -> None:
             if config.tokenizer.path:
-                tokenizer = load_tokenizer(config.tokenizer.path)
+                tokenizer = load_tokenizer(config.tokenizer.path, config.model.trust_remote_code)
             else:
                 task = self.task()
                 corpus_texts = itertools.islice(

@@ -9,6 +9,7 @@ shard plus the vocabulary, whatever the corpus size.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,9 +21,10 @@ import scipy.sparse as sp
 from bm25s.tokenization import Tokenizer
 
 from iss.config import CorpusConfig, RetrievalConfig
-from iss.data import iter_corpus
+from iss.data import DataError, iter_corpus
 
 Progress = Callable[[int], None]
+log = logging.getLogger("iss")
 
 
 @dataclass
@@ -101,7 +103,8 @@ class BM25Index:
                 continue
             token_lists = self.tokenizer.tokenize(batch.texts, update_vocab=True, return_as="ids", show_progress=False)
             shard = TokenizedShard.from_tokens(batch.ids, token_lists)
-            self.add_counts(shard_doc_freq(shard, len(self.tokenizer.get_vocab_dict())), shard)
+            shard_df = shard_doc_freq(shard, len(self.tokenizer.get_vocab_dict()))
+            self.add_counts(shard_df, shard.lengths.size, int(shard.lengths.sum()))
             path = self.work_dir / f"bm25-shard-{number:05d}.npz"
             shard.save(path)
             self.shards.append(path)
@@ -109,14 +112,14 @@ class BM25Index:
             if progress:
                 progress(len(token_lists))
         if self.n_docs == 0:
-            raise ValueError("the corpus has no non-empty documents")
+            raise DataError(f"corpus {', '.join(corpus.paths)}: no non-empty documents")
         return self
 
-    def add_counts(self, shard_df: np.ndarray, shard: TokenizedShard) -> None:
-        """Add one shard's document frequencies (over the vocabulary so far) and lengths to the totals."""
+    def add_counts(self, shard_df: np.ndarray, n_docs: int, total_length: int) -> None:
+        """Add one shard's document frequencies (over the vocabulary so far), documents and tokens to the totals."""
         self.doc_freq = np.pad(self.doc_freq, (0, shard_df.size - self.doc_freq.size)) + shard_df
-        self.n_docs += shard.lengths.size
-        self.total_length += int(shard.lengths.sum())
+        self.n_docs += n_docs
+        self.total_length += total_length
 
     @property
     def vocabulary(self) -> list[str]:
@@ -144,6 +147,7 @@ class BM25Index:
             self.doc_freq = state["doc_freq"]
             self.n_docs, self.total_length, done = (int(v) for v in state["totals"])
         self.shards = [self.work_dir / f"bm25-shard-{number:05d}.npz" for number in range(done)]
+        log.info("BM25 index: resuming after %d finished shards", done)
         return done
 
     @property
@@ -189,6 +193,8 @@ class BM25Index:
         """Pass 2: score every shard against every query, keeping a running top-K per query."""
         query_matrix = self.query_matrix(queries)
         state = SearchState(self.work_dir / "search-state.npz", len(queries), top_k)
+        if state.done:
+            log.info("BM25 search: resuming, %d of %d shards already scored", len(state.done), len(self.shards))
         for number, path in enumerate(self.shards):
             if number in state.done:
                 continue

@@ -7,6 +7,7 @@ the weights (safetensors) plus optimizer, schedule and RNG state, written to a t
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -23,6 +24,8 @@ from transformers import PreTrainedTokenizerFast, get_linear_schedule_with_warmu
 from iss.config import OptimizerConfig, PretrainConfig, WarmupConfig
 from iss.data import TaskData
 from iss.model import TaskMLMModel, encode, labelled_batch, mask_tokens, per_sample_mlm_loss, per_sample_task_loss
+
+log = logging.getLogger("iss")
 
 StepLoss = Callable[[int, int], tuple[torch.Tensor, dict[str, float]]]
 
@@ -63,7 +66,8 @@ def train_loop(
     total = settings.total_steps
     scheduler = get_linear_schedule_with_warmup(optimizer, int(settings.optimizer.warmup_ratio * total), total)
     step, running = 0, {}
-    if checkpoint_dir is not None and (checkpoint_dir / "state.pt").is_file():
+    previous = [checkpoint_dir, checkpoint_dir.with_name(checkpoint_dir.name + ".old")] if checkpoint_dir else []
+    if any((folder / "state.pt").is_file() for folder in previous):
         step, running = _load_checkpoint(checkpoint_dir, model, optimizer, scheduler)
     bar = tqdm(total=total, initial=step, desc=settings.description, disable=not show_progress, unit="step")
     while step < total:
@@ -112,11 +116,15 @@ def _save_checkpoint(folder: Path, model, optimizer, scheduler, step: int, runni
 
 
 def _load_checkpoint(folder: Path, model, optimizer, scheduler) -> tuple[int, dict[str, float]]:
+    """Restore a checkpoint (or the previous one, if a kill fell between the two renames of a save)."""
+    if not (folder / "state.pt").is_file():
+        folder = folder.with_name(folder.name + ".old")
     model.load_state_dict(load_file(str(folder / "model.safetensors")))
     state = torch.load(folder / "state.pt", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
+    log.info("%s: resuming at step %d", folder.parent.name, int(state["step"]))
     return int(state["step"]), dict(state["running"])
 
 
