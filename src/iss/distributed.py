@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -59,9 +60,13 @@ def _worker_data_errors() -> Iterator[None]:
             if cause is None or isinstance(cause, DataError):
                 break
             cause = cause.__cause__ or getattr(cause, "cause", None)
-        if not isinstance(cause, DataError):
+        if isinstance(cause, DataError):
+            raise DataError(str(cause)) from error
+        # across processes Ray may keep only the worker's traceback text
+        found = re.search(r"iss\.data\.DataError: (.+)", str(error))
+        if found is None:
             raise
-        raise DataError(str(cause)) from error
+        raise DataError(found.group(1).strip()) from error
 
 
 # ------------------------------------------------------------------------------------------- retrieval
