@@ -4,7 +4,9 @@ The larger corpora are the shared corpus's file streamed repeatedly (a folder of
 synthetic words), so every size holds the same documents, repeated. Each size runs cold in its own process.
 
 Usage: python benchmarks/bench_scale.py [--config configs/chemprot.yaml] [--sizes 1 3 10] [--method iss]
-Prints a Markdown table and writes benchmarks/results/scale_<task>.json.
+                                       [--backend local|ray]
+Prints a Markdown table and writes benchmarks/results/scale_<task>[_ray].json. With Ray, peak RSS is the
+driver process's (workers are separate processes started by Ray).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=Path("configs/chemprot.yaml"))
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 3, 10])
     parser.add_argument("--method", default="iss")
+    parser.add_argument("--backend", default="local", choices=["local", "ray"])
     args = parser.parse_args()
     config = load_config(args.config)
     files = corpus_files(config.corpus)
@@ -46,7 +49,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         for size in args.sizes:
             corpus = repeated_corpus(files, size, Path(scratch) / f"corpus-{size}x")
-            overrides = [item for key in (*SMALL_TASK, f"corpus.paths=[{corpus}]") for item in ("--set", key)]
+            keys = (*SMALL_TASK, f"corpus.paths=[{corpus}]", f"backend={args.backend}", "ray.num_cpus=2")
+            overrides = [item for key in keys for item in ("--set", key)]
             run = run_select(args.config, args.method, Path(scratch) / f"run-{size}x", tuple(overrides))
             retrieval = run["stages"]["retrieval"]
             rows.append(
@@ -77,13 +81,15 @@ def main() -> None:
     report = {
         "config": str(args.config),
         "method": args.method,
+        "backend": args.backend,
         "task_overrides": SMALL_TASK,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "runs": rows,
         "peak_rss_ratio_max_over_1x": round(max(r["peak_rss_gib"] for r in rows) / base, 3),
         "table": lines,
     }
-    (RESULTS / f"scale_{config.task.name}.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    suffix = "" if args.backend == "local" else f"_{args.backend}"
+    (RESULTS / f"scale_{config.task.name}{suffix}.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -34,9 +34,20 @@ def test_pmi_matches_a_hand_computation():
     assert pmi[index["sunny"], 0] == -np.inf and joint[index["sunny"], 0] == 0
     assert joint[index["binds"]].tolist() == [2, 0]
 
-    top = top_words(words, pmi, joint, ["bio", "weather"], n=2)
+    top = top_words(words, pmi, joint, ["bio", "weather"], n=2, min_joint=2)
     assert [row["word"] for row in top] == ["sunny", "binds"]  # log(2.5) > log(5/3) (binds ties protein: alphabetical)
     assert top[0]["label"] == "weather" and top[0]["task_docs"] == 2
+
+
+def test_top_words_ignore_pairs_seen_too_rarely():
+    texts = ["gene binds", "gene binds", "gene", "rare gene", "rare", "weather"]
+    labels = np.array([0, 0, 0, 0, 1, 2])  # label 2 has one text: "rare" would top a plain PMI ranking via label 1
+    words, pmi, joint = label_pmi(texts, labels, n_labels=3, min_docs=2)
+    assert pmi[words.index("rare"), 1] == pytest.approx(math.log(6 / 2))  # joint 1: one text only
+    assert top_words(words, pmi, joint, ["a", "b", "c"], n=5, min_joint=1)[0]["word"] == "rare"
+    strict = top_words(words, pmi, joint, ["a", "b", "c"], n=5, min_joint=2)
+    # gene and binds tie at log(1.5) with label a; gene is in more texts
+    assert [(row["word"], row["label"], row["task_docs"]) for row in strict] == [("gene", "a", 4), ("binds", "a", 2)]
 
 
 def test_pmi_names_the_setting_when_no_word_is_frequent_enough():
@@ -85,7 +96,7 @@ def test_markdown_rows_formats_floats_and_missing_values():
 
 @pytest.mark.slow
 def test_analyses_and_report_end_to_end(config_file):
-    tiny = [*TINY_TRAINING, "--set", "analysis.min_word_docs=3"]
+    tiny = [*TINY_TRAINING, "--set", "analysis.min_word_docs=2"]
     run_dir = config_file.parent / "run"
     assert iss_command("run", str(config_file), "--quiet", *TINY_TRAINING).returncode == 0  # the results table
 

@@ -70,10 +70,14 @@ def label_pmi(
     return vectorizer.get_feature_names_out().tolist(), pmi, joint
 
 
-def top_words(words: list[str], pmi: np.ndarray, joint: np.ndarray, labels: list[str], n: int) -> list[dict]:
-    """The ``n`` words with the highest PMI to any label (ties: more texts first, then alphabetical)."""
-    best = pmi.argmax(axis=1)
-    rows = np.arange(len(words))
+def top_words(
+    words: list[str], pmi: np.ndarray, joint: np.ndarray, labels: list[str], n: int, min_joint: int = 1
+) -> list[dict]:
+    """The ``n`` words with the highest PMI to a label they meet in at least ``min_joint`` texts (a word seen
+    once with a rare label would otherwise top the list); ties: more texts first, then alphabetical."""
+    eligible = np.where(joint >= min_joint, pmi, -np.inf)
+    best = eligible.argmax(axis=1)
+    rows = [i for i in range(len(words)) if np.isfinite(eligible[i, best[i]])]
     order = sorted(rows, key=lambda i: (-pmi[i, best[i]], -joint[i, best[i]], words[i]))[:n]
     return [
         {"word": words[i], "label": labels[best[i]], "pmi": float(pmi[i, best[i]]), "task_docs": int(joint[i, best[i]])}
@@ -120,7 +124,7 @@ def analyze_words(pipeline: Pipeline) -> StageResult:
         words, pmi, joint = label_pmi(
             task.texts("train"), task.label_ids("train"), len(task.labels), settings.min_word_docs
         )
-        rows = top_words(words, pmi, joint, task.labels, settings.words)
+        rows = top_words(words, pmi, joint, task.labels, settings.words, settings.min_word_docs)
         chosen = [row["word"] for row in rows]
         totals = {}
         for method, stage in subsets.items():
@@ -173,11 +177,12 @@ def label_separation(features: np.ndarray, labels: np.ndarray) -> float:
 
 def plot_tsne(points: dict[str, np.ndarray], labels: np.ndarray, names: list[str], path: Path) -> None:
     fig, axes = plt.subplots(1, len(points), figsize=(4.5 * len(points), 4.5), squeeze=False)
+    colours = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")  # one colour per label
     for ax, (model, xy) in zip(axes[0], points.items(), strict=True):
         for label_id, name in enumerate(names):
             mine = labels == label_id
             if mine.any():
-                ax.scatter(xy[mine, 0], xy[mine, 1], s=6, label=name)
+                ax.scatter(xy[mine, 0], xy[mine, 1], s=6, label=name, color=colours(label_id % colours.N))
         ax.set_title(model)
         ax.set_xticks([])
         ax.set_yticks([])

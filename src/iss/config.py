@@ -243,7 +243,9 @@ class AnalysisConfig(_Section):
     """Settings of `iss analyze` (the paper's Table 6, Figure 4, Figure 3 / Table 7)."""
 
     words: int = Field(20, ge=1, description="Task-influential words shown (highest PMI with a label).")
-    min_word_docs: int = Field(10, ge=1, description="A word needs this many task train texts to get a PMI.")
+    min_word_docs: int = Field(
+        10, ge=1, description="A word counts for a label only if this many of the label's train texts hold it."
+    )
     tsne_samples: int = Field(2000, ge=10, description="Test texts embedded by t-SNE (a seeded sample if more).")
     perplexity: float = Field(30.0, gt=0)
     layers: list[Literal["embeddings"] | int] | None = Field(
