@@ -129,6 +129,9 @@ def test_analyses_and_report_end_to_end(config_file):
         assert row["test_mean"] == pytest.approx(np.mean([f["test"] for f in finetunes]) * 100)
         assert row["selection_seconds"] >= summaries[influence]["seconds"] > 0
 
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["config"]["influence"]["layer"] == "last"  # the run's config, not the last variant's
+
     report = iss_command("report", str(run_dir), "--json")
     assert report.returncode == 0, report.stderr[-3000:]
     summary = json.loads(report.stdout)

@@ -48,11 +48,12 @@ class Pipeline:
 
     def __init__(self, config: IssConfig, show_progress: bool = True, tag: str = "") -> None:
         self.config = config
-        self.tag = tag  # suffix of per-budget stage names in a subset-size sweep
+        self.tag = tag  # suffix of selection/pretrain/fine-tune stage names (budget sweep, layer ablation)
         self.run = RunFolder(config.run_dir)
         self.show_progress = show_progress
         self.device = pick_device(config.device)
         self.results: dict[str, StageResult] = {}
+        self.base_config = config  # what the manifest records: the run's own config, not a variant's
         if not show_progress:
             transformers.utils.logging.disable_progress_bar()
 
@@ -75,7 +76,7 @@ class Pipeline:
         else:
             log.info("stage %s: reusing finished artifact", name)
         self.results[name] = result
-        self.run.update_manifest([result], {"config": self.config.model_dump(mode="json")})
+        self.run.update_manifest([result], {"config": self.base_config.model_dump(mode="json")})
         return result
 
     def progress(self, total: int | None, desc: str, unit: str = "doc") -> tqdm:
@@ -85,7 +86,7 @@ class Pipeline:
         """The same run folder under changed settings (another method, budget or layer), sharing finished
         stages; ``tag`` keeps its selection/pretrain/fine-tune artifacts apart from the default ones."""
         pipeline = Pipeline(self.config.with_overrides(overrides), self.show_progress, tag)
-        pipeline.results = self.results
+        pipeline.results, pipeline.base_config = self.results, self.base_config
         return pipeline
 
     @property
@@ -227,7 +228,6 @@ class Pipeline:
         config = self.config
         influence = config.influence
         retrieval, warmup, tokenizer_stage = self.retrieval(), self.warmup(), self.tokenizer()
-
         name = self.influence_name
 
         def body(folder: Path, summary: dict) -> None:
