@@ -125,6 +125,9 @@ def analyze_words(pipeline: Pipeline) -> StageResult:
             task.texts("train"), task.label_ids("train"), len(task.labels), settings.min_word_docs
         )
         rows = top_words(words, pmi, joint, task.labels, settings.words, settings.min_word_docs)
+        if not rows:
+            raise ValueError(f"no word occurs in {settings.min_word_docs} train texts of one label; lower "
+                             "analysis.min_word_docs")  # fmt: skip
         chosen = [row["word"] for row in rows]
         totals = {}
         for method, stage in subsets.items():
