@@ -233,7 +233,8 @@ def test_scorer_resumes_from_last_finished_shard(tiny_model, tokenizer, chemprot
 
     with pytest.raises(_Killed):
         scorer.score(pool_texts, pool_keys, units, state, die_after_ten)
-    assert torch.load(state, weights_only=True)["next_unit"] == 8  # shards of 4: two finished before the kill
+    # shards of 4: the two starting at units 0 and 4 finished before the kill
+    assert torch.load(state, weights_only=True)["done"].tolist() == [0, 4]
     resumed_progress = []
     resumed = scorer.score(pool_texts, pool_keys, units, state, resumed_progress.append)
     assert resumed_progress[0] == 8 and sum(resumed_progress) == len(units)

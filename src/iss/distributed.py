@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,8 +26,8 @@ import torch
 
 from iss.config import CorpusConfig, RayConfig, RetrievalConfig
 from iss.data import CorpusShard, DataError, corpus_shards, read_shard
-from iss.gradients import GradientFeatures, ScorerSpec, TopK
-from iss.retrieval import BM25Index, Hits, SearchState, TokenizedShard, bm25_tokenizer, shard_doc_freq
+from iss.gradients import GradientFeatures, ScorerSpec, TopK, TopKCheckpoint
+from iss.retrieval import BM25Index, Hits, SearchState, shard_doc_freq
 
 Progress = Callable[[int], None]
 log = logging.getLogger("iss")
@@ -81,13 +80,12 @@ def _corpus_shard(row: dict[str, Any]) -> CorpusShard:
 def _count_shard(row: dict[str, Any], corpus: dict, retrieval: dict) -> dict[str, Any]:
     """Pass 1 on a worker: one shard's own vocabulary (first-seen order), document frequencies and lengths."""
     batch = read_shard(_corpus_shard(row), CorpusConfig(**corpus))
-    tokenizer = bm25_tokenizer(RetrievalConfig(**retrieval))
-    token_lists = tokenizer.tokenize(batch.texts, update_vocab=True, return_as="ids", show_progress=False)
-    tokens = TokenizedShard.from_tokens(batch.ids, token_lists)
-    words = tokenizer.get_vocab_dict()
+    index = BM25Index(RetrievalConfig(**retrieval), Path("."))  # a fresh vocabulary: this shard's own
+    tokens = index.tokenize(batch.ids, batch.texts, grow_vocabulary=True)
+    words = index.vocabulary
     return {
         "number": row["number"],
-        "words": sorted(words, key=words.__getitem__),
+        "words": words,
         "doc_freq": shard_doc_freq(tokens, len(words)),
         "totals": np.asarray([tokens.lengths.size, int(tokens.lengths.sum())], np.int64),
     }
@@ -110,9 +108,8 @@ class _ShardSearcher:
         out: dict[str, list] = {"number": [], "ids": [], "scores": []}
         for i, number in enumerate(batch["number"]):
             docs = read_shard(_corpus_shard({key: values[i] for key, values in batch.items()}), self.corpus)
-            tokenizer = self.index.tokenizer
-            token_lists = tokenizer.tokenize(docs.texts, update_vocab=False, return_as="ids", show_progress=False)
-            hits = self.index.shard_top_k(TokenizedShard.from_tokens(docs.ids, token_lists), self.queries, self.top_k)
+            tokens = self.index.tokenize(docs.ids, docs.texts, grow_vocabulary=False)
+            hits = self.index.shard_top_k(tokens, self.queries, self.top_k)
             out["number"].append(int(number))
             out["ids"].append(hits.ids)
             out["scores"].append(hits.scores)
@@ -212,15 +209,11 @@ def ray_score_pool(
 
     start_ray(config)
     state_path = state_path.with_name(f"{state_path.stem}-ray.pt")
-    top = TopK.empty(len(bank), min(spec.top_k, len(unit_groups)))
-    done: set[int] = set()
-    if state_path.is_file():
-        state = torch.load(state_path, weights_only=True)
-        top, done = TopK(state["scores"], state["units"]), set(state["done"].tolist())
-        log.info("influence on Ray: resuming, %d pool shards already merged", len(done))
-    starts = [start for start in range(0, len(unit_groups), spec.shard_units) if start not in done]
+    state = TopKCheckpoint(state_path, len(bank), min(spec.top_k, len(unit_groups)))
+    state.report_resume(unit_groups, spec.shard_units, progress)
+    starts = [start for start in range(0, len(unit_groups), spec.shard_units) if start not in state.done]
     if not starts:
-        return top
+        return state.top
     scored = ray.data.from_items([{"start": start} for start in starts]).map_batches(
         _PoolShardScorer,
         fn_constructor_kwargs={
@@ -235,11 +228,7 @@ def ray_score_pool(
     )
     for row in scored.iter_rows():
         start = int(row["start"])
-        top.merge(TopK(torch.as_tensor(np.asarray(row["scores"])), torch.as_tensor(np.asarray(row["units"]))))
-        done.add(start)
-        tmp = state_path.with_suffix(".tmp")
-        torch.save({"scores": top.scores, "units": top.units, "done": torch.tensor(sorted(done))}, tmp)
-        os.replace(tmp, state_path)
+        state.add(start, TopK(torch.as_tensor(np.asarray(row["scores"])), torch.as_tensor(np.asarray(row["units"]))))
         if progress:
             progress(int(sum(len(g) for g in unit_groups[start : start + spec.shard_units])))
-    return top
+    return state.top

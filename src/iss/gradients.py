@@ -425,6 +425,43 @@ class TopK:
         self.scores[:, :k], self.units[:, :k] = all_scores.gather(1, order), all_units.gather(1, order)
 
 
+class TopKCheckpoint:
+    """The running top-k over the pool shards merged so far, saved after each (temp file + rename).
+
+    Shards are keyed by their first unit, so they may finish in any order (Ray) and a rerun skips the ones
+    already merged. Without a path nothing is saved.
+    """
+
+    def __init__(self, path: Path | None, n_task_units: int, k: int) -> None:
+        self.path = path
+        self.top = TopK.empty(n_task_units, k)
+        self.done: set[int] = set()
+        if path is not None and path.is_file():
+            state = torch.load(path, weights_only=True)
+            self.top, self.done = TopK(state["scores"], state["units"]), set(state["done"].tolist())
+
+    def report_resume(
+        self, unit_groups: list[np.ndarray], shard_units: int, progress: Callable[[int], None] | None
+    ) -> None:
+        """Log and count (progress bar) the candidate units a previous run already scored."""
+        if not self.done:
+            return
+        scored = sum(len(g) for start in self.done for g in unit_groups[start : start + shard_units])
+        log.info("influence: resuming at candidate unit %d of %d", scored, len(unit_groups))
+        if progress:
+            progress(int(scored))
+
+    def add(self, shard_start: int, shard_top: TopK) -> None:
+        self.top.merge(shard_top)
+        self.done.add(shard_start)
+        if self.path is not None:
+            tmp = self.path.with_suffix(".tmp")
+            torch.save(
+                {"scores": self.top.scores, "units": self.top.units, "done": torch.tensor(sorted(self.done))}, tmp
+            )
+            os.replace(tmp, self.path)
+
+
 def seeded_groups(n: int, size: int, seed: int) -> list[np.ndarray]:
     """Mini-batches for matching: consecutive chunks of a seeded permutation of 0..n-1."""
     order = np.random.default_rng(seed).permutation(n)
@@ -489,7 +526,7 @@ class PoolScorer:
 
     A candidate's MLM mask is keyed by its corpus id, so scores do not depend on batching. Candidates are scored
     in shards of ``shard_units`` units; with a ``state_path`` the running top-k is saved after each finished
-    shard, and a rerun resumes from the last one.
+    shard (:class:`TopKCheckpoint`), and a rerun skips the shards already merged.
     """
 
     grads: GroupGradients
@@ -512,22 +549,12 @@ class PoolScorer:
         state_path: Path | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> TopK:
-        top = TopK.empty(len(self.bank), min(self.top_k, len(unit_groups)))
-        resume_from = 0
-        if state_path is not None and state_path.is_file():
-            state = torch.load(state_path, weights_only=True)
-            top, resume_from = TopK(state["scores"], state["units"]), int(state["next_unit"])
-            log.info("influence: resuming at candidate unit %d of %d", resume_from, len(unit_groups))
-            if progress:
-                progress(int(sum(len(g) for g in unit_groups[:resume_from])))
-        for shard_start in self.shard_starts(len(unit_groups))[resume_from // self.shard_units :]:
-            top.merge(self.score_shard(texts, keys, unit_groups, shard_start, progress))
-            if state_path is not None:
-                next_unit = min(shard_start + self.shard_units, len(unit_groups))
-                tmp = state_path.with_suffix(".tmp")
-                torch.save({"scores": top.scores, "units": top.units, "next_unit": next_unit}, tmp)
-                os.replace(tmp, state_path)
-        return top
+        state = TopKCheckpoint(state_path, len(self.bank), min(self.top_k, len(unit_groups)))
+        state.report_resume(unit_groups, self.shard_units, progress)
+        for shard_start in self.shard_starts(len(unit_groups)):
+            if shard_start not in state.done:
+                state.add(shard_start, self.score_shard(texts, keys, unit_groups, shard_start, progress))
+        return state.top
 
     def shard_starts(self, n_units: int) -> list[int]:
         """First unit of every shard: the resume points, and the work items of the Ray backend."""

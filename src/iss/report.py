@@ -59,18 +59,26 @@ def results_table(rows: list[dict]) -> list[dict]:
     return lines
 
 
-def markdown(table: list[dict]) -> str:
+def results_rows(table: list[dict], with_seeds: bool = False) -> list[dict]:
+    """The table as display rows: Method, Data size, FLOPs, "mean ± std" per task (with the seed count), Avg."""
     tasks = [key for key in table[0] if key not in ("method", "data_docs", "flops", "average")] if table else []
-    header = ["Method", "Data size (docs)", "FLOPs", *tasks, "Avg."]
-    out = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    rows = []
     for line in table:
-        cells = [line["method"], str(line["data_docs"]), f"{line['flops']:.2e}" if line["flops"] else "0"]
+        row = {
+            "Method": line["method"],
+            "Data size (docs)": line["data_docs"],
+            "FLOPs": f"{line['flops']:.2e}" if line["flops"] else "0",
+        }
         for task in tasks:
             cell = line.get(task)
-            cells.append(f"{cell['mean']:.2f} ± {cell['std']:.2f}" if cell else "—")
-        cells.append(f"{line['average']:.2f}")
-        out.append("| " + " | ".join(cells) + " |")
-    return "\n".join(out) + "\n"
+            seeds = f" (n={cell['seeds']})" if cell and with_seeds else ""
+            row[task] = f"{cell['mean']:.2f} ± {cell['std']:.2f}{seeds}" if cell else "—"
+        rows.append({**row, "Avg.": f"{line['average']:.2f}"})
+    return rows
+
+
+def markdown(table: list[dict]) -> str:
+    return markdown_rows(results_rows(table))
 
 
 def write_results(rows: list[dict], folder: Path) -> list[dict]:
@@ -210,14 +218,7 @@ def _results_section(stages: dict[str, Path]) -> Section:
     if not path.is_file():
         return Section("Results", text="No results yet: run `iss run` to pretrain, fine-tune and compare.")
     table = json.loads(path.read_text(encoding="utf-8"))["table"]
-    tasks = [key for key in table[0] if key not in ("method", "data_docs", "flops", "average")] if table else []
-    rows = []
-    for line in table:
-        row = {"method": line["method"], "data (docs)": line["data_docs"], "FLOPs": f"{line['flops']:.2e}"}
-        for task in tasks:
-            cell = line.get(task)
-            row[task] = f"{cell['mean']:.2f} ± {cell['std']:.2f} (n={cell['seeds']})" if cell else "—"
-        rows.append({**row, "average": f"{line['average']:.2f}"})
+    rows = results_rows(table, with_seeds=True)
     return Section("Results", text="Test F1 x100 at the best dev epoch, mean ± std over seeds.", tables=[("", rows)])
 
 

@@ -101,8 +101,7 @@ class BM25Index:
                 if progress:
                     progress(len(batch.texts))
                 continue
-            token_lists = self.tokenizer.tokenize(batch.texts, update_vocab=True, return_as="ids", show_progress=False)
-            shard = TokenizedShard.from_tokens(batch.ids, token_lists)
+            shard = self.tokenize(batch.ids, batch.texts, grow_vocabulary=True)
             shard_df = shard_doc_freq(shard, len(self.tokenizer.get_vocab_dict()))
             self.add_counts(shard_df, shard.lengths.size, int(shard.lengths.sum()))
             path = self.work_dir / f"bm25-shard-{number:05d}.npz"
@@ -110,10 +109,15 @@ class BM25Index:
             self.shards.append(path)
             self.save_build_state()
             if progress:
-                progress(len(token_lists))
+                progress(shard.ids.size)
         if self.n_docs == 0:
             raise DataError(f"corpus {', '.join(corpus.paths)}: no non-empty documents")
         return self
+
+    def tokenize(self, ids: np.ndarray, texts: list[str], grow_vocabulary: bool) -> TokenizedShard:
+        """bm25s token ids of one shard's documents; new words join the vocabulary only when growing it."""
+        token_lists = self.tokenizer.tokenize(texts, update_vocab=grow_vocabulary, return_as="ids", show_progress=False)
+        return TokenizedShard.from_tokens(ids, token_lists)
 
     def add_counts(self, shard_df: np.ndarray, n_docs: int, total_length: int) -> None:
         """Add one shard's document frequencies (over the vocabulary so far), documents and tokens to the totals."""

@@ -66,9 +66,9 @@ def train_loop(
     total = settings.total_steps
     scheduler = get_linear_schedule_with_warmup(optimizer, int(settings.optimizer.warmup_ratio * total), total)
     step, running = 0, {}
-    previous = [checkpoint_dir, checkpoint_dir.with_name(checkpoint_dir.name + ".old")] if checkpoint_dir else []
-    if any((folder / "state.pt").is_file() for folder in previous):
-        step, running = _load_checkpoint(checkpoint_dir, model, optimizer, scheduler)
+    resume = _checkpoint_to_resume(checkpoint_dir) if checkpoint_dir is not None else None
+    if resume is not None:
+        step, running = _load_checkpoint(resume, model, optimizer, scheduler)
     bar = tqdm(total=total, initial=step, desc=settings.description, disable=not show_progress, unit="step")
     while step < total:
         optimizer.zero_grad(set_to_none=True)
@@ -115,10 +115,15 @@ def _save_checkpoint(folder: Path, model, optimizer, scheduler, step: int, runni
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _checkpoint_to_resume(folder: Path) -> Path | None:
+    """The checkpoint folder, or the previous one if a kill fell between the two renames of a save."""
+    for candidate in (folder, folder.with_name(folder.name + ".old")):
+        if (candidate / "state.pt").is_file():
+            return candidate
+    return None
+
+
 def _load_checkpoint(folder: Path, model, optimizer, scheduler) -> tuple[int, dict[str, float]]:
-    """Restore a checkpoint (or the previous one, if a kill fell between the two renames of a save)."""
-    if not (folder / "state.pt").is_file():
-        folder = folder.with_name(folder.name + ".old")
     model.load_state_dict(load_file(str(folder / "model.safetensors")))
     state = torch.load(folder / "state.pt", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
