@@ -89,11 +89,11 @@ def test_run_writes_a_table_with_every_method_and_finite_scores(config_file):
     }
     assert all(0 <= r["test"] <= 1 and 0 <= r["dev"] <= 1 for r in runs)
     table = {line["method"]: line for line in report["table"]}
-    assert set(table) == {"ISS", "TLM (BM25)", "random", "no pretraining"}
+    assert set(table) == {"ISS", "TLM (BM25)", "random (pool)", "no pretraining"}
     for line in table.values():
         assert line["chemprot"]["seeds"] == 2 and 0 <= line["chemprot"]["mean"] <= 100
     # same budget and steps for every pretrained method, so the same FLOPs; none pretrains nothing
-    assert table["ISS"]["flops"] == table["TLM (BM25)"]["flops"] == table["random"]["flops"] > 0
+    assert table["ISS"]["flops"] == table["TLM (BM25)"]["flops"] == table["random (pool)"]["flops"] > 0
     assert table["no pretraining"]["flops"] == 0 and table["ISS"]["data_docs"] == BUDGET
     markdown = (folder / "results.md").read_text()
     assert "| ISS |" in markdown and "chemprot" in markdown
@@ -120,11 +120,11 @@ def test_budget_sweep_runs_each_method_once_per_budget(config_file):
     assert set(table) == {
         "ISS (100 docs)",
         "ISS (200 docs)",
-        "random (100 docs)",
-        "random (200 docs)",
+        "random (pool) (100 docs)",
+        "random (pool) (200 docs)",
         "no pretraining",
     }
-    assert table["ISS (100 docs)"]["data_docs"] == 100 and table["random (200 docs)"]["data_docs"] == 200
+    assert table["ISS (100 docs)"]["data_docs"] == 100 and table["random (pool) (200 docs)"]["data_docs"] == 200
     assert table["ISS (200 docs)"]["flops"] == table["ISS (100 docs)"]["flops"]  # same steps, whatever the budget
     subsets = {b: pq.read_table(folder / f"select-iss@{b}docs" / "subset.parquet") for b in (100, 200)}
     small, large = (set(subsets[b].column("corpus_id").to_pylist()) for b in (100, 200))

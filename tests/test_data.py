@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from iss.config import Budget, CorpusConfig, IssConfig, RetrievalConfig, TaskConfig, load_config
-from iss.data import DataError, iter_corpus, load_task
+from iss.data import DataError, corpus_shards, iter_corpus, load_task, read_shard
 from iss.retrieval import BM25Index
 
-from .conftest import CORPUS, SHARED, require_shared
+from .conftest import CORPUS, REPO, SHARED, require_shared
 
 TASKS = {
     "chemprot": ({}, (4169, 2427, 3469), 13),
@@ -197,3 +198,65 @@ def test_config_parsing_and_validation(tmp_path):
     path.write_text("!!python/object/apply:os.system ['echo hacked']\n", encoding="utf-8")
     with pytest.raises(Exception, match="python/object"):
         load_config(path)
+
+
+def test_gzip_corpus_shards_read_as_the_same_rows_as_plain_jsonl(tmp_path):
+    """A .jsonl.gz shard is read whole (one unit of work) and yields the rows, ids and sources plain JSONL does."""
+    import gzip
+
+    records = [{"text": f"document {i}", "source": f"s{i % 3}"} for i in range(25)]
+    records[7]["text"] = ""  # an empty document keeps its row id
+    chunks = {"a": records[:10], "b": records[10:18], "c": records[18:]}
+    plain, packed = tmp_path / "plain", tmp_path / "packed"
+    plain.mkdir()
+    packed.mkdir()
+    for name, rows in chunks.items():
+        lines = "".join(json.dumps(r) + "\n" for r in rows)
+        (plain / f"{name}.jsonl").write_text(lines, encoding="utf-8")
+        if name == "b":  # a folder may mix compressed and plain shards
+            (packed / f"{name}.jsonl").write_text(lines, encoding="utf-8")
+        else:
+            with gzip.open(packed / f"{name}.jsonl.gz", "wt", encoding="utf-8") as handle:
+                handle.write(lines)
+
+    def stream(folder):
+        batches = list(iter_corpus(CorpusConfig(paths=[str(folder)], shard_size=4)))
+        return (
+            [int(i) for b in batches for i in b.ids],
+            [t for b in batches for t in b.texts],
+            [s for b in batches for s in b.sources],
+        )
+
+    assert stream(packed) == stream(plain)
+    assert 7 not in stream(packed)[0] and len(stream(packed)[0]) == 24
+    config = CorpusConfig(paths=[str(packed)], shard_size=4)
+    shards = corpus_shards(config)
+    gz_shards = [s for s in shards if s.file.endswith(".gz")]
+    assert [s.rows for s in gz_shards] == [10, 7]  # each compressed file is one shard, whatever shard_size says
+    read = [read_shard(s, config) for s in shards]
+    assert [int(i) for b in read for i in b.ids] == stream(plain)[0]
+    assert [t for b in read for t in b.texts] == stream(plain)[1]
+
+
+def test_the_large_shared_corpus_streams_from_its_gzip_shards():
+    require_shared()
+    folder = SHARED / "corpus" / "large"
+    if not folder.is_dir():
+        pytest.skip("../shared/data/corpus/large is absent")
+    batch = next(iter_corpus(CorpusConfig(paths=[str(folder)], max_docs=500), batch_size=500))
+    assert len(batch.ids) == 500 and all(len(t) >= 50 for t in batch.texts)  # whole documents, 50+ characters
+
+
+@pytest.mark.parametrize("path", sorted(p.relative_to(REPO) for p in (REPO / "configs").rglob("*.yaml")), ids=str)
+def test_bundled_configs_load_and_point_at_shared_data(path):
+    require_shared()
+    config = load_config(REPO / path)
+    assert Path(config.task.path).exists(), config.task.path
+    assert all(Path(p).exists() for p in config.corpus.paths)
+    for local in (config.model.path, config.tokenizer.path):
+        assert local is None or Path(local).is_dir()
+    if config.pretrain.objective == "joint":  # TLM's rho1 gives every config some task batches and some subset ones
+        from iss.training import task_batch_schedule
+
+        schedule = task_batch_schedule(config.pretrain.steps * config.pretrain.accumulation, config.pretrain.rho1)
+        assert 0 < schedule.sum() < schedule.size

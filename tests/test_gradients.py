@@ -261,3 +261,49 @@ def test_tied_embeddings_are_refused(tokenizer):
         parameter_group(TaskMLMModel(tied, 3), "embeddings")
     with pytest.raises(ValueError, match="out of range"):
         parameter_group(TaskMLMModel(tied, 3), 5)
+
+
+@pytest.mark.parametrize(("layer", "layout"), [("last", "auto"), ("last", "low_rank"), ("embeddings", "dense")])
+def test_cosine_scores_equal_autograd_cosines(tiny_model, tokenizer, chemprot_texts, corpus_texts, layer, layout):
+    """similarity=cosine: each sample's gradient normalised (norms from the factors, not a dense copy); a matched
+    pair of batches scores the mean cosine over its member pairs. The per-unit means rank the whole pool."""
+    pool_texts, pool_keys, task_texts, task_labels = _pool_and_task(chemprot_texts, corpus_texts)
+    grads = _grads(tiny_model, layer, tokenizer, chemprot_texts, corpus_texts, layout)
+    task_groups, unit_groups = seeded_groups(len(task_texts), 2, SEED), seeded_groups(len(pool_texts), 3, SEED + 1)
+    bank = task_gradient_bank(
+        grads, tokenizer, task_texts, task_labels, task_groups, 5, MAX_LENGTH, CPU, None, "cosine"
+    )
+    scorer = PoolScorer(grads, tokenizer, bank, len(unit_groups), 4, 0.15, SEED, MAX_LENGTH, CPU, similarity="cosine")
+    top = scorer.score(pool_texts, pool_keys, unit_groups)
+
+    def unit(rows):
+        return torch.nn.functional.normalize(torch.stack(rows), dim=1)
+
+    task_all = labelled_batch(tokenizer, task_texts, task_labels, MAX_LENGTH)
+    pool_all = masked_batch(tokenizer, pool_texts, pool_keys, 0.15, SEED, MAX_LENGTH)
+    task_refs = unit([autograd_gradient(tiny_model, grads.group, per_sample_task_loss, _rows(task_all, [i]))
+                      for i in range(len(task_texts))])  # fmt: skip
+    pool_refs = unit([autograd_gradient(tiny_model, grads.group, per_sample_mlm_loss, _rows(pool_all, [i]))
+                      for i in range(len(pool_texts))])  # fmt: skip
+    cosines = pool_refs @ task_refs.T
+    expected = torch.stack(
+        [torch.stack([cosines[u][:, t].mean() for t in task_groups]) for u in unit_groups]
+    )  # [pool units, task units]
+    assert expected.abs().max() <= 1 + 1e-5
+    for task_unit in range(len(task_groups)):
+        kept = top.units[task_unit]
+        torch.testing.assert_close(top.scores[task_unit], expected[kept, task_unit], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        torch.from_numpy(top.unit_means(len(unit_groups))).float(), expected.mean(1), rtol=1e-4, atol=1e-5
+    )
+
+
+def test_gradient_norms_from_factors_equal_explicit_norms(tiny_model, tokenizer, chemprot_texts, corpus_texts):
+    pool_texts, pool_keys, _, _ = _pool_and_task(chemprot_texts, corpus_texts)
+    batch = masked_batch(tokenizer, pool_texts, pool_keys, 0.15, SEED, MAX_LENGTH)
+    for layout in ("low_rank", "dense"):
+        grads = _grads(tiny_model, "last", tokenizer, chemprot_texts, corpus_texts, layout)
+        features = grads.compute(per_sample_mlm_loss, batch)
+        torch.testing.assert_close(features.norms(), grads.flatten(features).norm(dim=1), rtol=1e-4, atol=1e-6)
+        normalised = grads.flatten(features.normalised())
+        torch.testing.assert_close(normalised.norm(dim=1), torch.ones(len(pool_texts)), rtol=1e-4, atol=1e-5)

@@ -121,3 +121,71 @@ def test_hub_loader_reads_a_datasets_source(tmp_path, monkeypatch):
     assert task.labels == ["0", "1"]
     with pytest.raises(DataError, match="not found"):
         load_task(TaskConfig(path=str(tmp_path / "absent")))
+
+
+def test_controls_random_corpus_and_iss_bottom(tmp_path, tokenizer):
+    """random-corpus samples the whole corpus (not the pool), the same ids however the corpus is batched;
+    iss-bottom takes the pool's least influential candidates, which ISS's subset outscores."""
+    tokenizer.save_pretrained(str(tmp_path / "tok"))
+    config = _small_config(tmp_path / "run", tokenizer={"path": str(tmp_path / "tok")})
+    pipeline = Pipeline(config, show_progress=False)
+    iss_subset = pq.read_table(pipeline.select().path / "subset.parquet")
+    pool = set(pq.read_table(pipeline.results["retrieval"].path / "pool.parquet").column("corpus_id").to_pylist())
+
+    corpus = pq.read_table(pipeline.variant({"selection.method": "random-corpus"}).select().path / "subset.parquet")
+    ids = corpus.column("corpus_id").to_pylist()
+    assert len(ids) == len(set(ids)) == 30 and all(0 <= i < 2000 for i in ids)
+    assert len(set(ids) - pool) > 15  # the pool is a small part of the corpus: most of a uniform sample is outside
+    rebatched = Pipeline(config.with_overrides({"corpus.shard_size": 333, "run_dir": str(tmp_path / "other")}), False)
+    other = pq.read_table(rebatched.variant({"selection.method": "random-corpus"}).select().path / "subset.parquet")
+    assert other.column("corpus_id").to_pylist() == ids
+
+    bottom = pq.read_table(pipeline.variant({"selection.method": "iss-bottom"}).select().path / "subset.parquet")
+    influence = pipeline.results["influence"].path
+    means = pq.read_table(influence / "unit_scores.parquet").column("mean_score").to_numpy()
+    unit_of = {
+        doc: unit
+        for unit, docs in enumerate(pq.read_table(influence / "pool_units.parquet").column("corpus_ids").to_pylist())
+        for doc in docs
+    }
+    bottom_means = sorted(means[unit_of[d]] for d in bottom.column("corpus_id").to_pylist())
+    assert bottom_means == sorted(means)[:30]  # exactly the 30 lowest (B_p = 1: a unit is a document)
+    assert bottom.column("score").to_pylist() == pytest.approx(
+        [means[unit_of[d]] for d in bottom["corpus_id"].to_pylist()]
+    )
+    iss_means = [means[unit_of[d]] for d in iss_subset.column("corpus_id").to_pylist()]
+    assert sum(iss_means) / 30 > bottom_means[-1]
+
+
+@pytest.mark.slow
+def test_run_all_compares_every_method_with_controls_and_paired_differences(tmp_path, tokenizer):
+    tokenizer.save_pretrained(str(tmp_path / "tok"))
+    methods = ["iss", "iss-cosine", "tlm", "random", "random-corpus", "iss-bottom", "none"]
+    config = _small_config(
+        tmp_path / "run",
+        tokenizer={"path": str(tmp_path / "tok")},
+        pretrain={"steps": 3, "batch_size": 4, "objective": "mlm", "save_every": 0},
+        finetune={"epochs": 1, "batch_size": 8, "seeds": [0, 1, 2], "trainable_blocks": 1},
+        evaluation={"methods": methods, "mechanism_steps": 2, "repeat_pretraining": False, "bootstrap": 200},
+    )
+    pipeline = Pipeline(config, show_progress=False)
+    results = json.loads((pipeline.run_all().path / "results.json").read_text())
+    assert {(r["method"], r["seed"]) for r in results["runs"]} == {(m, s) for m in methods for s in (0, 1, 2)}
+    # one pretraining per method (repeat_pretraining off): every seed fine-tunes the seed-0 model
+    assert not any(name.startswith("pretrain-") and not name.endswith("seed0") for name in pipeline.results)
+    assert {"select-iss", "select-iss-cosine", "influence", "influence-cosine"} <= set(pipeline.results)
+    iss_ids = pq.read_table(pipeline.results["select-iss"].path / "subset.parquet").column("corpus_id")
+    cosine_ids = pq.read_table(pipeline.results["select-iss-cosine"].path / "subset.parquet").column("corpus_id")
+    assert not iss_ids.equals(cosine_ids)
+    comparisons = {line["comparison"] for line in results["differences"]}
+    assert {"iss - tlm", "iss - random", "tlm - random-corpus", "iss - iss-bottom", "iss-cosine - iss"} <= comparisons
+    for line in results["differences"]:
+        assert line["ci95_low"] <= line["mean"] <= line["ci95_high"] and line["seeds"] == 3
+    assert {row["method"] for row in results["subsets"]} == set(methods) - {"none"}
+    assert all(row["mean_tokens"] == pytest.approx(row["tokens"] / row["docs"], abs=0.01) for row in results["subsets"])
+    mechanism = {row["method"]: row for row in results["mechanism"]}
+    assert set(mechanism) == set(methods)
+    assert all(0 < row["test_task_loss"] < 10 and 0 <= row["test_f1"] <= 1 for row in mechanism.values())
+    assert mechanism["none"].get("steps") is None and mechanism["iss"]["steps"] == 2
+    markdown = (pipeline.results["results"].path / "results.md").read_text()
+    assert "Paired differences" in markdown and "Mechanism check" in markdown and "random (whole corpus)" in markdown

@@ -8,11 +8,12 @@ import pytest
 import torch
 from sklearn.metrics import f1_score
 
+from iss import training
 from iss.config import ModelConfig, PretrainConfig
 from iss.data import TaskData
 from iss.evaluation import f1
 from iss.model import TaskMLMModel
-from iss.training import pretrain
+from iss.training import pretrain, task_batch_schedule
 
 
 def test_f1_matches_scikit_learn_on_known_predictions():
@@ -52,13 +53,13 @@ class _Killed(Exception):
 def test_pretraining_resumed_after_a_kill_ends_with_the_same_weights(tokenizer, chemprot_texts, corpus_texts, tmp_path):
     task = _task(chemprot_texts)
     subset = corpus_texts[:60]
-    config = PretrainConfig(steps=8, batch_size=4, accumulation=2, rho1=1.0, rho2=5.0, save_every=3)
+    config = PretrainConfig(steps=8, batch_size=4, accumulation=2, rho1=3, rho2=5.0, save_every=3)
     cpu = torch.device("cpu")
 
     whole = _fresh(tokenizer, len(task.labels))
     summary = pretrain(whole, tokenizer, subset, task, config, 48, 3, cpu, show_progress=False)
-    assert summary["task_micro_batches"] + summary["subset_micro_batches"] == 16
-    assert 0 < summary["task_micro_batches"] < 16  # both sources are sampled
+    assert summary["task_micro_batches"] == 5  # micro-batches 2, 5, 8, 11, 14 of 16: (s + 1) % rho1 == 0
+    assert summary["subset_micro_batches"] == 11
 
     checkpoint = tmp_path / "checkpoint"
     interrupted = _fresh(tokenizer, len(task.labels))
@@ -84,3 +85,38 @@ def test_pretraining_resumed_after_a_kill_ends_with_the_same_weights(tokenizer, 
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     changed = _fresh(tokenizer, len(task.labels))
     assert not torch.equal(changed.classifier.weight, resumed.classifier.weight)  # training did move the weights
+
+
+def test_task_batches_follow_tlm_rho1():
+    schedule = task_batch_schedule(2000, 999)
+    assert np.flatnonzero(schedule).tolist() == [998, 1997]  # one task batch per 999 micro-batches
+    assert task_batch_schedule(5, 1).all() and task_batch_schedule(5, 0).all()  # rho1 <= 1: every batch
+    assert not task_batch_schedule(5, 1, objective="mlm").any()  # further pretraining: subset MLM only
+
+
+def test_task_batch_loss_weights_mlm_by_rho2(tokenizer, chemprot_texts, corpus_texts, monkeypatch):
+    """TLM's task-batch loss is (rho2 * MLM + task) / (rho2 + 1); subset batches get the MLM loss alone."""
+    captured = {}
+
+    def capture(model, settings, step_loss, seed, *args, **kwargs):
+        captured["step_loss"] = step_loss
+        return {}
+
+    monkeypatch.setattr(training, "train_loop", capture)
+    task = _task(chemprot_texts)
+    config = PretrainConfig(steps=4, batch_size=4, rho1=2, rho2=20.0)
+    model = _fresh(tokenizer, len(task.labels))
+    pretrain(model, tokenizer, corpus_texts[:40], task, config, 48, 0, torch.device("cpu"), show_progress=False)
+    subset_loss, subset_parts = captured["step_loss"](0, 0)  # micro-batch 0: (0 + 1) % 2 != 0, a subset batch
+    assert set(subset_parts) == {"mlm"} and subset_loss.item() == pytest.approx(subset_parts["mlm"])
+    task_loss, parts = captured["step_loss"](1, 0)  # micro-batch 1: (1 + 1) % 2 == 0, a task batch
+    assert set(parts) == {"task_mlm", "task"}
+    expected = (20.0 * parts["task_mlm"] + parts["task"]) / 21.0
+    assert task_loss.item() == pytest.approx(expected, rel=1e-5)
+    assert task_loss.item() != pytest.approx(parts["task_mlm"] + 20.0 * parts["task"], rel=1e-3)
+
+
+def test_unigram_level_is_the_entropy_of_token_frequencies(tokenizer):
+    assert training.unigram_entropy(tokenizer, ["a b c d"] * 3) == pytest.approx(np.log(4))
+    skewed = training.unigram_entropy(tokenizer, ["a a a b"])
+    assert skewed == pytest.approx(-(0.75 * np.log(0.75) + 0.25 * np.log(0.25)))

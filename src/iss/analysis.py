@@ -116,7 +116,7 @@ def analyze_words(pipeline: Pipeline) -> StageResult:
     """Table 6: the top PMI words of the task and how often each subset and the corpus use them."""
     config, settings = pipeline.config, pipeline.config.analysis
     methods = [m for m in config.evaluation.methods if m != "none"]
-    subsets = {method: pipeline.variant({"selection.method": method}).select() for method in methods}
+    subsets = {method: pipeline.method_variant(method).select() for method in methods}
     data = pipeline.data()
 
     def body(folder: Path, summary: dict) -> None:

@@ -100,6 +100,11 @@ class ModelConfig(_Section):
     intermediate_size: int = Field(512, ge=8)
     max_length: int = Field(128, ge=8)
     dropout: float = Field(0.1, ge=0, lt=1)
+    freeze_embeddings: bool = Field(
+        False,
+        description="Keep the word embeddings fixed in every training loop (half of a small pretrained encoder's "
+        "parameters; with a tied MLM decoder, the decoder too): faster steps, same comparison for every method.",
+    )
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self) -> ModelConfig:
@@ -126,13 +131,24 @@ class WarmupConfig(OptimizerConfig):
 
 
 class PretrainConfig(OptimizerConfig):
-    """Pretraining on the selected subset: TLM's joint objective (from scratch) or further pretraining."""
+    """Pretraining on the selected subset: TLM's joint objective (from scratch) or MLM only (further pretraining).
+
+    rho1 and rho2 mean what they mean in TLM's code (``src/trainer.py`` ``_get_batch``, ``src/model.py``) and the
+    paper's Table A.1: micro-batch s is a task batch when (s + 1) % rho1 == 0 (every micro-batch when rho1 <= 1),
+    all others are subset batches; a task batch's loss is (rho2 * MLM + task) / (rho2 + 1) on masked task text,
+    a subset batch's loss is MLM.
+    """
 
     steps: int = Field(300, ge=1, description="Optimizer steps (the same for every method).")
     accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     mlm_probability: float = Field(0.15, gt=0, lt=1)
-    rho1: float = Field(1.0, ge=0, description="Task batches per subset batch (TLM's rho1).")
-    rho2: float = Field(20.0, ge=0, description="Weight of the task loss on task batches (TLM's rho2).")
+    objective: Literal["joint", "mlm"] = Field(
+        "joint", description="'joint': TLM's objective with task batches (rho1, rho2); 'mlm': subset MLM only."
+    )
+    rho1: int = Field(
+        999, ge=0, description="TLM's rho1: one task batch every rho1 micro-batches (<= 1: every batch is one)."
+    )
+    rho2: float = Field(20.0, ge=0, description="TLM's rho2: weight of the MLM loss on task batches.")
     save_every: int = Field(50, ge=0, description="Steps between resumable checkpoints (0 = none).")
 
 
@@ -142,6 +158,13 @@ class FinetuneConfig(OptimizerConfig):
     learning_rate: float = Field(2e-4, gt=0)
     epochs: int = Field(3, ge=1)
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    trainable_blocks: int | None = Field(
+        None,
+        ge=0,
+        description="Fine-tune only the top N transformer blocks and the head (None: all). Lower blocks keep "
+        "what pretraining put there, and a step costs a fraction of a full one.",
+    )
+    eval_batch_size: int = Field(128, ge=1, description="Texts per forward pass when scoring dev and test.")
 
 
 class InfluenceConfig(_Section):
@@ -161,6 +184,11 @@ class InfluenceConfig(_Section):
         None, ge=16, description="Randomly project Linear weight gradients to about this many numbers (approximate)."
     )
     projection: Literal["rademacher", "gaussian"] = "rademacher"
+    similarity: Literal["dot", "cosine"] = Field(
+        "dot",
+        description="'dot': the paper's gradient dot product; 'cosine': each sample's gradient normalised first "
+        "(as LESS does), so short documents' larger gradients do not win by length alone.",
+    )
 
     @field_validator("layer")
     @classmethod
@@ -212,8 +240,15 @@ class Budget(_Section):
         return f"{self.value:.0%}" if self.kind == "fraction" else f"{self.value:g} {self.kind}"
 
 
+Method = Literal["iss", "tlm", "random", "random-corpus", "iss-bottom"]
+
+
 class SelectionConfig(_Section):
-    method: Literal["iss", "tlm", "random"] = "iss"
+    method: Method = Field(
+        "iss",
+        description="iss (influence), tlm (BM25), random (of the pool); controls: random-corpus (random documents "
+        "of the whole corpus) and iss-bottom (the pool's least influential candidates).",
+    )
     budget: Budget = Field(default_factory=lambda: Budget(kind="fraction", value=0.2))
 
     @field_validator("budget", mode="before")
@@ -225,8 +260,22 @@ class SelectionConfig(_Section):
 class EvaluationConfig(_Section):
     """What `iss run` compares: every method pretrains on a subset of the same budget for the same steps."""
 
-    methods: list[Literal["iss", "tlm", "random", "none"]] = Field(
-        default_factory=lambda: ["iss", "tlm", "random", "none"], min_length=1
+    methods: list[str] = Field(
+        default_factory=lambda: ["iss", "tlm", "random", "none"],
+        min_length=1,
+        description="Methods compared (a selection method, 'none', or 'iss-cosine': ISS with cosine similarity).",
+    )
+    mechanism_steps: int = Field(
+        0,
+        ge=0,
+        description="If > 0: continue the warmed-up model on each subset with MLM only for this many steps and "
+        "score its task head on the test split (no fine-tuning): does the subset lower the task loss?",
+    )
+    bootstrap: int = Field(10_000, ge=100, description="Bootstrap resamples for the paired-difference CIs.")
+    repeat_pretraining: bool = Field(
+        True,
+        description="Pretrain once per fine-tuning seed (true) or once per method with the run's seed, every "
+        "fine-tuning seed starting from that model (false: cheaper; seeds then measure fine-tuning noise only).",
     )
     budgets: list[Budget] = Field(
         default_factory=list,
@@ -237,6 +286,16 @@ class EvaluationConfig(_Section):
     @classmethod
     def _parse_budgets(cls, value: Any) -> Any:
         return [v if isinstance(v, (Budget, dict)) else Budget.parse(v) for v in value]
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, value: list[str]) -> list[str]:
+        from iss.methods import EVALUATED
+
+        unknown = [m for m in value if m not in EVALUATED]
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; choose from {list(EVALUATED)}")
+        return value
 
 
 class AnalysisConfig(_Section):

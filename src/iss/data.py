@@ -7,6 +7,7 @@ any selected document can be traced back to its file and row.
 
 from __future__ import annotations
 
+import gzip
 import itertools
 import json
 import logging
@@ -24,6 +25,7 @@ from iss.config import CorpusConfig, TaskConfig
 
 TASK_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 CORPUS_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")
+COMPRESSED_SUFFIXES = (".gz",)  # gzip-compressed .jsonl/.json/.txt shards: each is read whole, one unit of work
 SPLIT_ROLES = ("train", "dev", "test")
 
 
@@ -216,19 +218,34 @@ class CorpusBatch:
     sources: list[str] | None
 
 
+def _format(file: Path) -> str:
+    """The record format of a corpus file: its suffix, under a compression suffix if there is one."""
+    return Path(file.stem).suffix if file.suffix in COMPRESSED_SUFFIXES else file.suffix
+
+
+def _is_corpus_file(file: Path) -> bool:
+    if file.suffix in COMPRESSED_SUFFIXES:
+        return _format(file) in CORPUS_SUFFIXES and _format(file) != ".parquet"
+    return file.suffix in CORPUS_SUFFIXES
+
+
+def _open_bytes(file: Path):
+    return gzip.open(file, "rb") if file.suffix in COMPRESSED_SUFFIXES else file.open("rb")
+
+
 def corpus_files(config: CorpusConfig) -> list[Path]:
     """Every corpus file, folders expanded and sorted, so global ids are stable between runs."""
     files: list[Path] = []
     for entry in config.paths:
         path = Path(entry)
         if path.is_dir():
-            files.extend(sorted(p for p in path.rglob("*") if p.suffix in CORPUS_SUFFIXES and p.is_file()))
+            files.extend(sorted(p for p in path.rglob("*") if _is_corpus_file(p) and p.is_file()))
         elif path.is_file():
             files.append(path)
         else:
             raise DataError(f"corpus path not found: {entry}")
     if not files:
-        raise DataError(f"no corpus files ({', '.join(CORPUS_SUFFIXES)}) under {config.paths}")
+        raise DataError(f"no corpus files ({', '.join(CORPUS_SUFFIXES)}, or .gz of text ones) under {config.paths}")
     return files
 
 
@@ -261,7 +278,10 @@ def iter_corpus(config: CorpusConfig, batch_size: int | None = None) -> Iterator
 def _iter_file(
     file: Path, config: CorpusConfig, start: int = 0, first_line: int = 1
 ) -> Iterator[tuple[str, str | None]]:
-    """(text, source) records of one file, from byte offset ``start`` (text files) or row ``start`` (parquet)."""
+    """(text, source) records of one file, from byte offset ``start`` (text files) or row ``start`` (parquet).
+
+    Compressed files are read from their start (``start`` must be 0): a compressed stream has no byte offsets.
+    """
     if file.suffix == ".parquet":
         columns = [config.text_column] + ([config.source_column] if config.source_column else [])
         parquet = pq.ParquetFile(file)
@@ -285,14 +305,15 @@ def _iter_file(
             for row, (text, source) in enumerate(zip(text_values, source_values, strict=True), start=first_row):
                 yield _checked_length(text, config, file, f"row {row}"), source
         return
-    with file.open("rb") as handle:
-        handle.seek(start)
+    with _open_bytes(file) as handle:
+        if start:
+            handle.seek(start)
         for line_number, raw in enumerate(handle, start=first_line):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as error:
                 raise DataError(f"{file}: line {line_number}: not valid UTF-8 ({error.reason})") from error
-            if file.suffix == ".txt":
+            if _format(file) == ".txt":
                 yield _checked_length(line.rstrip("\n"), config, file, f"line {line_number}"), None
                 continue
             if not line.strip():
@@ -331,7 +352,7 @@ def corpus_shards(config: CorpusConfig, rows_per_shard: int | None = None) -> li
     """Split the corpus into shards of ``rows_per_shard`` records with the row ids `iter_corpus` gives them.
 
     One pass over the bytes (no JSON parsing) finds where each shard starts, so a distributed reader can seek
-    straight to its shard.
+    straight to its shard. A compressed file is one shard, whatever its size.
     """
     rows_per_shard = rows_per_shard or config.shard_size
     shards: list[CorpusShard] = []
@@ -344,10 +365,11 @@ def corpus_shards(config: CorpusConfig, rows_per_shard: int | None = None) -> li
             next_id += total
             continue
         rows, start, first_line, offset = 0, 0, 1, 0
-        with file.open("rb") as handle:
+        whole = file.suffix in COMPRESSED_SUFFIXES
+        with _open_bytes(file) as handle:
             for line_number, raw in enumerate(handle, start=1):
-                counts = file.suffix == ".txt" or bool(raw.strip())
-                if counts and rows == rows_per_shard:
+                counts = _format(file) == ".txt" or bool(raw.strip())
+                if counts and rows == rows_per_shard and not whole:
                     shards.append(CorpusShard(str(file), next_id, rows, start, first_line))
                     next_id, rows, start, first_line = next_id + rows, 0, offset, line_number
                 rows += counts

@@ -185,12 +185,12 @@ class _PoolShardScorer:
         self.texts, self.keys, self.unit_groups = ray.get(pool)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        out: dict[str, list] = {"start": [], "scores": [], "units": []}
+        out: dict[str, list] = {"start": [], "scores": [], "units": [], "seen_units": [], "seen_means": []}
         for start in batch["start"]:
             top = self.scorer.score_shard(self.texts, self.keys, self.unit_groups, int(start))
             out["start"].append(int(start))
-            out["scores"].append(top.scores.numpy())
-            out["units"].append(top.units.numpy())
+            for name in ("scores", "units", "seen_units", "seen_means"):
+                out[name].append(getattr(top, name).numpy())
         return out
 
 
@@ -228,7 +228,8 @@ def ray_score_pool(
     )
     for row in scored.iter_rows():
         start = int(row["start"])
-        state.add(start, TopK(torch.as_tensor(np.asarray(row["scores"])), torch.as_tensor(np.asarray(row["units"]))))
+        parts = (torch.as_tensor(np.asarray(row[name])) for name in ("scores", "units", "seen_units", "seen_means"))
+        state.add(start, TopK(*parts))
         if progress:
             progress(int(sum(len(g) for g in unit_groups[start : start + spec.shard_units])))
     return state.top

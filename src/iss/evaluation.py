@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerFast
 from iss.config import FinetuneConfig
 from iss.data import TaskData
 from iss.model import TaskMLMModel, labelled_batch, per_sample_task_loss
-from iss.training import LoopSettings, epoch_rows, predict, train_loop
+from iss.training import LoopSettings, epoch_rows, predict, task_logits, train_loop
 
 Metric = Literal["micro_f1", "macro_f1"]
 
@@ -55,7 +55,9 @@ def finetune(
         if step % steps_per_epoch == 0:
             scores = {
                 split: f1(
-                    task.label_ids(split), predict(model, tokenizer, task.texts(split), max_length, device), metric
+                    task.label_ids(split),
+                    predict(model, tokenizer, task.texts(split), max_length, device, config.eval_batch_size),
+                    metric,
                 )
                 for split in ("dev", "test")
             }
@@ -73,3 +75,19 @@ def finetune(
         "epochs": epochs,
         "task_loss": summary.get("task"),
     }
+
+
+def head_scores(
+    model: TaskMLMModel,
+    tokenizer: PreTrainedTokenizerFast,
+    task: TaskData,
+    split: str,
+    metric: Metric,
+    max_length: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """Task loss (mean cross-entropy) and F1 of the model's task head on one split, as it stands (no training)."""
+    logits = task_logits(model, tokenizer, task.texts(split), max_length, device)
+    labels = torch.as_tensor(np.array(task.label_ids(split)))
+    loss = torch.nn.functional.cross_entropy(logits, labels).item()
+    return {"task_loss": loss, "f1": f1(labels.numpy(), logits.argmax(-1).numpy(), metric)}

@@ -13,6 +13,7 @@ everything else is dense. Influence (Eq. 6 of the paper) is then a sum of dense 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -97,6 +98,23 @@ class LowRank:
             self.grad_out * scale, self.inputs, torch.from_numpy(group_of[owner]).to(self.owner), len(groups)
         )
 
+    def squared_norms(self) -> torch.Tensor:
+        """[n] squared Frobenius norms of the samples' gradients, from the factors: sum over each sample's row
+        pairs of (a . a') * (x . x'). Rows are grouped by owner (they come in owner order)."""
+        norms = self.grad_out.new_zeros(self.n)
+        bounds = torch.searchsorted(self.owner, torch.arange(self.n + 1, device=self.owner.device)).tolist()
+        for sample, (start, stop) in enumerate(itertools.pairwise(bounds)):
+            if stop > start:
+                grad, inputs = self.grad_out[start:stop], self.inputs[start:stop]
+                norms[sample] = ((grad @ grad.T) * (inputs @ inputs.T)).sum()
+        return norms
+
+    def scale_rows(self, factors: torch.Tensor) -> LowRank:
+        """Each sample's gradient times its factor."""
+        return LowRank(
+            self.grad_out * factors.to(self.grad_out)[self.owner].unsqueeze(1), self.inputs, self.owner, self.n
+        )
+
     def to_dense(self) -> torch.Tensor:
         """[n, out * in] explicit gradients (tests and reference checks only)."""
         outer = torch.einsum("ro,ri->roi", self.grad_out, self.inputs).reshape(self.owner.numel(), -1)
@@ -127,6 +145,25 @@ class GradientFeatures:
         for mine, theirs in zip(self.sparse, other.sparse, strict=True):
             scores += torch.from_numpy((mine @ theirs.T).toarray()).to(scores)
         return scores
+
+    def norms(self) -> torch.Tensor:
+        """[n] L2 norms of the whole gradients (dense, factored and sparse parts together)."""
+        squared = self.dense.pow(2).sum(1)
+        for part in self.low_rank:
+            squared += part.squared_norms()
+        for matrix in self.sparse:
+            squared += torch.from_numpy(np.asarray(matrix.multiply(matrix).sum(1)).ravel()).to(squared)
+        return squared.sqrt()
+
+    def normalised(self) -> GradientFeatures:
+        """Every sample's gradient divided by its norm (cosine similarity is then a dot product)."""
+        factors = 1.0 / self.norms().clamp(min=1e-12)
+        diagonal = sp.diags(factors.cpu().numpy())
+        return GradientFeatures(
+            self.dense * factors.unsqueeze(1),
+            [(diagonal @ m).tocsr() for m in self.sparse],
+            [m.scale_rows(factors) for m in self.low_rank],
+        )
 
     def group_mean(self, groups: list[np.ndarray]) -> GradientFeatures:
         """Gradients of batch-mean losses: the mean of the member samples' gradients, one row per group."""
@@ -398,10 +435,16 @@ def autograd_gradient(model: TaskMLMModel, group: nn.Module, loss_fn: LossFn, ba
 
 @dataclass
 class TopK:
-    """Running top-k candidate units per task unit; memory is [task units, k] whatever the pool size."""
+    """Running top-k candidate units per task unit; memory is [task units, k] whatever the pool size.
+
+    It also keeps every scored unit's mean score over all task units (``seen_units``, ``seen_means``): the
+    influence on the mean task loss, which ranks the whole pool (the ``iss-bottom`` control reads it).
+    """
 
     scores: torch.Tensor
     units: torch.Tensor
+    seen_units: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    seen_means: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
 
     @classmethod
     def empty(cls, n_task_units: int, k: int) -> TopK:
@@ -409,11 +452,20 @@ class TopK:
 
     def update(self, scores: torch.Tensor, unit_ids: torch.Tensor) -> None:
         """Merge a [candidate units, task units] score block into the running lists."""
-        self.merge(TopK(scores.T.to(self.scores), unit_ids.expand(self.units.shape[0], -1)))
+        block = TopK(scores.T.to(self.scores), unit_ids.expand(self.units.shape[0], -1), unit_ids, scores.mean(1))
+        self.merge(block)
+
+    def unit_means(self, n_units: int) -> np.ndarray:
+        """[n_units] mean score of each unit over the task units (NaN for a unit never scored)."""
+        means = np.full(n_units, np.nan)
+        means[self.seen_units.numpy()] = self.seen_means.double().numpy()
+        return means
 
     def merge(self, other: TopK) -> None:
         """Keep the best k of both lists, ties broken by lower unit id, so the result does not depend on the
         order shards are merged in (local and distributed scoring agree exactly)."""
+        self.seen_units = torch.cat([self.seen_units, other.seen_units])
+        self.seen_means = torch.cat([self.seen_means, other.seen_means.to(self.seen_means)])
         all_scores = torch.cat([self.scores, other.scores], dim=1)
         all_units = torch.cat([self.units, other.units], dim=1)
         by_unit = torch.argsort(torch.where(all_units < 0, torch.iinfo(torch.long).max, all_units), dim=1, stable=True)
@@ -438,7 +490,8 @@ class TopKCheckpoint:
         self.done: set[int] = set()
         if path is not None and path.is_file():
             state = torch.load(path, weights_only=True)
-            self.top, self.done = TopK(state["scores"], state["units"]), set(state["done"].tolist())
+            self.top = TopK(state["scores"], state["units"], state["seen_units"], state["seen_means"])
+            self.done = set(state["done"].tolist())
 
     def report_resume(
         self, unit_groups: list[np.ndarray], shard_units: int, progress: Callable[[int], None] | None
@@ -457,7 +510,14 @@ class TopKCheckpoint:
         if self.path is not None:
             tmp = self.path.with_suffix(".tmp")
             torch.save(
-                {"scores": self.top.scores, "units": self.top.units, "done": torch.tensor(sorted(self.done))}, tmp
+                {
+                    "scores": self.top.scores,
+                    "units": self.top.units,
+                    "seen_units": self.top.seen_units,
+                    "seen_means": self.top.seen_means,
+                    "done": torch.tensor(sorted(self.done)),
+                },
+                tmp,
             )
             os.replace(tmp, self.path)
 
@@ -493,10 +553,12 @@ def task_gradient_bank(
     max_length: int,
     device: torch.device,
     progress: Callable[[int], None] | None = None,
+    similarity: str = "dot",
 ) -> GradientFeatures:
     """Task-loss gradients of every task group (B_t samples; one row per group), held in memory.
 
-    The dense bank is filled in place, so peak memory is the bank plus one compute batch, not twice the bank.
+    With ``similarity="cosine"`` each sample's gradient is normalised before a group's mean is taken. The dense
+    bank is filled in place, so peak memory is the bank plus one compute batch, not twice the bank.
     """
     dense: torch.Tensor | None = None
     sparse_parts: list[list[sp.csr_matrix]] = []
@@ -504,6 +566,8 @@ def task_gradient_bank(
     for first, rows, local in _group_chunks(groups, compute_batch):
         batch = labelled_batch(tokenizer, [texts[i] for i in rows], label_ids[rows], max_length)
         features = grads.compute(per_sample_task_loss, batch.to(device))
+        if similarity == "cosine":
+            features = features.normalised()
         if not all(len(g) == 1 for g in local):
             features = features.group_mean(local)
         if dense is None:
@@ -539,6 +603,7 @@ class PoolScorer:
     max_length: int
     device: torch.device
     shard_units: int = 4096
+    similarity: str = "dot"  # 'cosine': each candidate's scores divided by its gradient norm (bank normalised)
     merge_units: int = 512  # score blocks merged into the running top-k at once: one top-k per block, not batch
 
     def score(
@@ -579,6 +644,8 @@ class PoolScorer:
             )
             features = self.grads.compute(per_sample_mlm_loss, batch.to(self.device))
             scores = features.dot(self.bank)
+            if self.similarity == "cosine":
+                scores /= features.norms().clamp(min=1e-12).unsqueeze(1)
             if not all(len(g) == 1 for g in local):
                 scores = group_mean_scores(scores, local)
             pending.append((scores.cpu(), torch.arange(first, first + len(local))))
@@ -609,6 +676,7 @@ class ScorerSpec:
     device: str = "cpu"
     projection_dim: int | None = None
     projection: str = "rademacher"
+    similarity: str = "dot"
     low_rank: tuple[str, ...] = field(default=())
 
     def load(self) -> tuple[str, GroupGradients, PreTrainedTokenizerFast]:
@@ -634,4 +702,5 @@ class ScorerSpec:
             max_length=self.max_length,
             device=torch.device(self.device),
             shard_units=self.shard_units,
+            similarity=self.similarity,
         )

@@ -8,6 +8,7 @@ on corpus samples and the task loss used on end-task samples. It saves as a norm
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -183,6 +184,21 @@ def parameter_group(model: TaskMLMModel, layer: str | int) -> tuple[str, nn.Modu
     if not 1 <= index <= len(blocks):
         raise ValueError(f"layer {layer} is out of range: the model has blocks 1..{len(blocks)}")
     return f"block{index}", blocks[index - 1]
+
+
+def set_trainable(model: TaskMLMModel, freeze_embeddings: bool = False, trainable_blocks: int | None = None) -> None:
+    """Choose what a training loop may change: everything, all but the word embeddings, or (fine-tuning with
+    ``trainable_blocks``) only the top blocks and the task head. Frozen parameters get no gradient, so backward
+    stops where the trainable part begins."""
+    for parameter in model.parameters():
+        parameter.requires_grad_(True)
+    if trainable_blocks is not None:
+        blocks = transformer_blocks(model)
+        frozen = [model.encoder.embeddings, *blocks[: max(0, len(blocks) - trainable_blocks)]]
+        for parameter in itertools.chain.from_iterable(m.parameters() for m in frozen):
+            parameter.requires_grad_(False)
+    if freeze_embeddings:
+        model.mlm.get_input_embeddings().weight.requires_grad_(False)
 
 
 def _tied(model: TaskMLMModel) -> bool:

@@ -24,13 +24,16 @@ from iss.config import IssConfig
 from iss.data import TaskData, iter_corpus, load_task, read_task, save_task
 from iss.distributed import ray_bm25_search, ray_score_pool
 from iss.evaluation import finetune as finetune_model
+from iss.evaluation import head_scores
 from iss.gradients import ScorerSpec, seeded_groups, task_gradient_bank
+from iss.methods import EVALUATED, NEEDS_INFLUENCE, POOL_FREE
 from iss.model import (
     TaskMLMModel,
     labelled_batch,
     load_tokenizer,
     masked_batch,
     pick_device,
+    set_trainable,
     train_tokenizer,
 )
 from iss.report import write_results
@@ -38,7 +41,7 @@ from iss.retrieval import BM25Index, collect_pool
 from iss.runs import RunFolder, StageResult, file_signature, fingerprint
 from iss.selection import RankedLists, hits_lists, random_lists, resolve_budget, round_robin, subset_table
 from iss.training import pretrain as pretrain_model
-from iss.training import warmup_train
+from iss.training import unigram_entropy, warmup_train
 
 log = logging.getLogger("iss")
 
@@ -89,11 +92,22 @@ class Pipeline:
         pipeline.results, pipeline.base_config = self.results, self.base_config
         return pipeline
 
+    def method_variant(self, name: str, budget: str | None = None, budget_tag: str = "") -> Pipeline:
+        """The pipeline of one evaluated method (``iss-cosine``, ``random-corpus``, ...; see iss.methods)."""
+        method = EVALUATED[name]
+        overrides = dict(method.overrides)
+        if method.selection is not None:
+            overrides["selection.method"] = method.selection
+            if budget is not None:
+                overrides["selection.budget"] = budget
+        return self.variant(overrides, method.tag + budget_tag)
+
     @property
     def influence_name(self) -> str:
         """Influence artifacts of other layers than the last live beside it (layer ablation)."""
-        layer = self.config.influence.layer
-        return "influence" if layer == "last" else f"influence-layer{layer}"
+        layer, similarity = self.config.influence.layer, self.config.influence.similarity
+        name = "influence" if layer == "last" else f"influence-layer{layer}"
+        return name if similarity == "dot" else f"{name}-{similarity}"
 
     def task(self) -> TaskData:
         return read_task(self.data().path, self.config.task.name)
@@ -200,6 +214,7 @@ class Pipeline:
             task = self.task()
             tokenizer = load_tokenizer(tokenizer_stage.path)
             model = self.initial_model(task, tokenizer, config.seed)
+            set_trainable(model, config.model.freeze_embeddings)
             summary.update(
                 warmup_train(
                     model,
@@ -245,6 +260,7 @@ class Pipeline:
                 device=str(self.device),
                 projection_dim=influence.projection_dim,
                 projection=influence.projection,
+                similarity=influence.similarity,
             )
             group_name, grads, tokenizer = spec.load()
             group = grads.group
@@ -273,6 +289,7 @@ class Pipeline:
                     max_length,
                     self.device,
                     bar.update,
+                    influence.similarity,
                 )
             state_path = self.run.work_dir(name) / "topk.pt"
             with self.progress(pool.num_rows, "influence") as bar:
@@ -305,6 +322,10 @@ class Pipeline:
                 ),
                 folder / "topk.parquet",
             )
+            pq.write_table(
+                pa.table({"unit": range(len(unit_groups)), "mean_score": top.unit_means(len(unit_groups))}),
+                folder / "unit_scores.parquet",
+            )
             summary.update(
                 {
                     "layer": group_name,
@@ -333,16 +354,23 @@ class Pipeline:
         method = config.selection.method
         retrieval, tokenizer_stage = self.retrieval(), self.tokenizer()
         upstream = {"retrieval": retrieval.fingerprint, "tokenizer": tokenizer_stage.fingerprint}
-        if method == "iss":
+        if method in NEEDS_INFLUENCE:
             upstream[self.influence_name] = self.influence().fingerprint
+        if method in POOL_FREE:
+            upstream["corpus"] = self.corpus_signature()
 
         def body(folder: Path, summary: dict) -> None:
             pool = pq.read_table(retrieval.path / "pool.parquet")
             tokenizer = load_tokenizer(tokenizer_stage.path)
+            pool_lengths = np.asarray(self._token_counts(tokenizer, pool.column("text").to_pylist()))
+            kind, limit = resolve_budget(config.selection.budget, pool_lengths)
+            if method in POOL_FREE:
+                pool = self._corpus_sample(kind, limit, float(pool_lengths.mean()))
+                lengths = np.asarray(self._token_counts(tokenizer, pool.column("text").to_pylist()))
+            else:
+                lengths = pool_lengths
             corpus_ids = pool.column("corpus_id").to_numpy()
-            lengths = tokenizer(pool.column("text").to_pylist(), add_special_tokens=False, return_length=True)["length"]
-            doc_tokens = dict(zip(corpus_ids.tolist(), lengths, strict=True))
-            kind, limit = resolve_budget(config.selection.budget, np.asarray(lengths))
+            doc_tokens = dict(zip(corpus_ids.tolist(), lengths.tolist(), strict=True))
             lists = self._ranked_lists(method, corpus_ids)
             selection = round_robin(lists, doc_tokens, kind, limit, config.seed)
             if not selection.budget_met:
@@ -366,7 +394,8 @@ class Pipeline:
                     "budget_met": selection.budget_met,
                     "docs": subset.num_rows,
                     "tokens": selection.tokens,
-                    "pool_docs": pool.num_rows,
+                    "mean_tokens": round(selection.tokens / max(1, subset.num_rows), 2),
+                    "pool_docs": int(pool_lengths.size),
                     "rank_depth": selection.depth,
                     "seed": config.seed,
                 }
@@ -374,6 +403,37 @@ class Pipeline:
 
         parts = {"selection": config.selection.model_dump(mode="json"), "seed": config.seed, **upstream}
         return self.stage(f"select-{method}{self.tag}", parts, body)
+
+    @staticmethod
+    def _token_counts(tokenizer, texts: list[str]) -> list[int]:
+        return tokenizer(texts, add_special_tokens=False, return_length=True)["length"] if texts else []
+
+    def _corpus_sample(self, kind: str, limit: int, mean_pool_tokens: float) -> pa.Table:
+        """A uniform random sample of the whole corpus, in a seeded random order, large enough for the budget.
+
+        Each document's place in the order is a hash of (seed, corpus id), so the sample does not depend on how
+        the corpus is batched; one streaming pass keeps only the documents with the smallest hashes.
+        """
+        wanted = limit if kind == "docs" else int(4 * limit / max(1.0, mean_pool_tokens)) + 1000
+        keys, ids, texts, sources = np.zeros(0, np.uint64), np.zeros(0, np.int64), [], []
+        with self.progress(None, "random corpus sample") as bar:
+            for batch in iter_corpus(self.config.corpus):
+                keys = np.concatenate([keys, _mix(batch.ids, self.config.seed)])
+                ids = np.concatenate([ids, batch.ids])
+                texts, sources = texts + batch.texts, sources + (batch.sources or [""] * len(batch.texts))
+                keep = np.sort(np.argsort(keys, kind="stable")[:wanted])
+                keys, ids = keys[keep], ids[keep]
+                texts, sources = [texts[i] for i in keep], [sources[i] for i in keep]
+                bar.update(len(batch.ids))
+        order = np.argsort(keys, kind="stable")
+        return pa.table(
+            {
+                "corpus_id": pa.array(ids[order], pa.int64()),
+                "text": [texts[i] for i in order],
+                "source": [sources[i] for i in order],
+                "bm25_score": pa.nulls(len(order), pa.float32()),
+            }
+        )
 
     def pretrain(self, seed: int | None = None) -> StageResult:
         """Pretrain on the configured method's subset: from scratch (TLM's joint objective) or further."""
@@ -387,6 +447,7 @@ class Pipeline:
             tokenizer = load_tokenizer(tokenizer_stage.path)
             subset = pq.read_table(selected.path / "subset.parquet", columns=["text"]).column("text").to_pylist()
             model = self.initial_model(task, tokenizer, seed)
+            set_trainable(model, config.model.freeze_embeddings)
             checkpoint = self.run.work_dir(name) / "checkpoint"
             summary.update(
                 pretrain_model(
@@ -404,6 +465,7 @@ class Pipeline:
             )
             parameters = sum(p.numel() for p in model.mlm.parameters())
             summary.update({"subset_docs": len(subset), "parameters": parameters})
+            summary["unigram_mlm_level"] = round(unigram_entropy(tokenizer, subset), 4)  # the curve must beat it
             summary["flops"] = 6 * summary["tokens"] * parameters
             model.save(folder / "model")
 
@@ -418,11 +480,16 @@ class Pipeline:
         return self.stage(name, parts, body)
 
     def finetune(self, seed: int | None = None, pretrained: bool = True) -> StageResult:
-        """Fine-tune the pretrained model (or, with ``pretrained=False``, a fresh one) and score dev/test."""
+        """Fine-tune the pretrained model (or, with ``pretrained=False``, a fresh one) and score dev/test.
+
+        The model was pretrained with the same seed, or with the config's seed when
+        ``evaluation.repeat_pretraining`` is off (one pretraining per method, fine-tuning seeds vary).
+        """
         config = self.config
         seed = config.seed if seed is None else seed
         tokenizer_stage, data = self.tokenizer(), self.data()
-        upstream = self.pretrain(seed) if pretrained else None
+        pretrain_seed = seed if config.evaluation.repeat_pretraining else config.seed
+        upstream = self.pretrain(pretrain_seed) if pretrained else None
         name = f"finetune-{config.selection.method}{self.tag}-seed{seed}" if pretrained else f"finetune-none-seed{seed}"
 
         def body(folder: Path, summary: dict) -> None:
@@ -432,6 +499,7 @@ class Pipeline:
                 model = self.initial_model(task, tokenizer, seed)
             else:
                 model = TaskMLMModel.load(upstream.path / "model", num_labels=len(task.labels))
+            set_trainable(model, config.model.freeze_embeddings, config.finetune.trainable_blocks)
             result = finetune_model(
                 model,
                 tokenizer,
@@ -456,6 +524,47 @@ class Pipeline:
         }
         return self.stage(name, parts, body)
 
+    def mechanism(self, pretrained: bool = True) -> StageResult:
+        """The mechanism check: continue the warmed-up model on the subset with MLM only for
+        ``evaluation.mechanism_steps`` steps, then score its task head on dev and test (no fine-tuning).
+
+        Influence predicts which subset's MLM gradient lowers the task loss most; this measures it. With
+        ``pretrained=False`` the warmed-up model is scored as it is (the reference point).
+        """
+        config = self.config
+        warmup, tokenizer_stage = self.warmup(), self.tokenizer()
+        selected = self.select() if pretrained else None
+        steps = config.evaluation.mechanism_steps
+        name = f"mechanism-{config.selection.method}{self.tag}" if pretrained else "mechanism-none"
+
+        def body(folder: Path, summary: dict) -> None:
+            task = self.task()
+            tokenizer = load_tokenizer(tokenizer_stage.path)
+            model = TaskMLMModel.load(warmup.path / "model", num_labels=len(task.labels))
+            if selected is not None:
+                subset = pq.read_table(selected.path / "subset.parquet", columns=["text"]).column("text").to_pylist()
+                set_trainable(model, config.model.freeze_embeddings)
+                settings = config.pretrain.model_copy(update={"steps": steps, "objective": "mlm", "save_every": 0})
+                trained = pretrain_model(
+                    model, tokenizer, subset, task, settings, config.model.max_length, config.seed, self.device,
+                    show_progress=self.show_progress,
+                )  # fmt: skip
+                summary.update({"steps": steps, "mlm": trained.get("mlm")})
+            for split in ("dev", "test"):
+                scores = head_scores(
+                    model, tokenizer, task, split, config.task.metric, config.model.max_length, self.device
+                )
+                summary.update({f"{split}_{key}": round(value, 5) for key, value in scores.items()})
+
+        parts = {
+            "steps": steps,
+            "pretrain": config.pretrain.model_dump(mode="json"),
+            "warmup": warmup.fingerprint,
+            "selection": selected.fingerprint if selected else None,
+            "metric": config.task.metric,
+        }
+        return self.stage(name, parts, body)
+
     def evaluate(self) -> StageResult:
         """Fine-tune the configured method's pretrained model once per seed; mean and std of dev/test F1."""
         config = self.config
@@ -472,46 +581,68 @@ class Pipeline:
         return self.stage(f"evaluate-{method}{self.tag}", {"runs": [run.fingerprint for run in runs]}, body)
 
     def run_all(self) -> StageResult:
-        """Select, pretrain, fine-tune and evaluate every configured method over every seed; write the table.
+        """Select, pretrain, fine-tune and evaluate every configured method over every seed; write the tables:
+        scores, paired differences with bootstrap CIs, subset lengths and (``evaluation.mechanism_steps``) the
+        mechanism check.
 
         With ``evaluation.budgets`` every pretrained method runs once per budget (the paper's Table 5 sweep).
         """
         config = self.config
         budgets = config.evaluation.budgets or [config.selection.budget]
         sweep = bool(config.evaluation.budgets)
-        rows = []
-        for method in config.evaluation.methods:
-            for budget in budgets if method != "none" else [None]:
-                overrides = {} if method == "none" else {"selection.method": method, "selection.budget": str(budget)}
-                tag = f"@{str(budget).replace('%', 'pct').replace(' ', '')}" if sweep and budget else ""
-                pipeline = self.variant(overrides, tag)
+        rows, mechanism, subsets = [], [], []
+        for method in (EVALUATED[name] for name in config.evaluation.methods):
+            pretrained = method.selection is not None
+            for budget in budgets if pretrained else [None]:
+                budget_tag = f"@{str(budget).replace('%', 'pct').replace(' ', '')}" if sweep and budget else ""
+                pipeline = self.method_variant(method.name, str(budget) if budget else None, budget_tag)
+                label = {
+                    "method": method.name,
+                    "budget": str(budget) if budget and sweep else "",
+                    "task": config.task.name,
+                }
                 for seed in config.finetune.seeds:
-                    scores = pipeline.finetune(seed, pretrained=method != "none")
-                    pretrained = self.results.get(f"pretrain-{method}{tag}-seed{seed}")
+                    scores = pipeline.finetune(seed, pretrained=pretrained)
+                    pretrain_seed = seed if config.evaluation.repeat_pretraining else config.seed
+                    trained = pipeline.pretrain(pretrain_seed) if pretrained else None
                     rows.append(
                         {
-                            "method": method,
-                            "budget": str(budget) if budget and sweep else "",
-                            "task": config.task.name,
+                            **label,
                             "seed": seed,
                             "test": scores.summary["test"],
                             "dev": scores.summary["dev"],
-                            "subset_docs": pretrained.summary["subset_docs"] if pretrained else 0,
-                            "flops": pretrained.summary["flops"] if pretrained else 0,
+                            "subset_docs": trained.summary["subset_docs"] if trained else 0,
+                            "flops": trained.summary["flops"] if trained else 0,
                             "fingerprint": scores.fingerprint,
                         }
                     )
+                if pretrained:
+                    selected = pipeline.select().summary
+                    subsets.append({**label, **{k: selected[k] for k in ("docs", "tokens", "mean_tokens")}})
+                if config.evaluation.mechanism_steps:
+                    check = pipeline.mechanism(pretrained)
+                    mechanism.append({**label, **{k: v for k, v in check.summary.items() if k != "seconds"}})
 
         def body(folder: Path, summary: dict) -> None:
-            table = write_results([{k: v for k, v in row.items() if k != "fingerprint"} for row in rows], folder)
+            table = write_results(
+                [{k: v for k, v in row.items() if k != "fingerprint"} for row in rows],
+                folder,
+                mechanism=mechanism,
+                subsets=subsets,
+                bootstrap=config.evaluation.bootstrap,
+                seed=config.seed,
+            )
             summary["average"] = {line["method"]: round(line["average"], 2) for line in table}
             summary.update({"methods": len(config.evaluation.methods), "seeds": len(config.finetune.seeds)})
 
-        return self.stage("results", {"runs": [row["fingerprint"] for row in rows]}, body)
+        parts = {"runs": [row["fingerprint"] for row in rows], "mechanism": mechanism, "subsets": subsets}
+        return self.stage("results", parts, body)
 
     def _ranked_lists(self, method: str, corpus_ids: np.ndarray) -> RankedLists:
         if method == "random":
             return random_lists(corpus_ids, self.config.seed)
+        if method == "random-corpus":  # the sample is already in its seeded random order
+            return RankedLists(np.arange(corpus_ids.size)[None, :], None, [[]], [np.array([d]) for d in corpus_ids])
         if method == "tlm":
             hits = pq.read_table(self.results["retrieval"].path / "hits.parquet")
             task = self.task()
@@ -523,6 +654,15 @@ class Pipeline:
             train_ids = task.splits["train"].column("id").to_pylist()
             return hits_lists(ids, scores, [f"train:{i}" for i in train_ids])
         folder = self.results[self.influence_name].path
+        unit_docs = [
+            np.asarray(d, np.int64)
+            for d in pq.read_table(folder / "pool_units.parquet").column("corpus_ids").to_pylist()
+        ]
+        if method == "iss-bottom":  # the pool's units by ascending mean influence over all task units
+            means = pq.read_table(folder / "unit_scores.parquet").column("mean_score").to_numpy()
+            scored = np.flatnonzero(~np.isnan(means))
+            order = scored[np.argsort(means[scored], kind="stable")]
+            return RankedLists(order[None, :], means[order][None, :], [[]], unit_docs)
         top = pq.read_table(folder / "topk.parquet")
         units = np.asarray(top.column("units").to_pylist(), np.int64)
         scores = np.asarray(top.column("scores").to_pylist(), np.float64)
@@ -531,8 +671,13 @@ class Pipeline:
             [f"{split}:{i}" for i in ids]
             for ids in pq.read_table(folder / "task_units.parquet").column("task_ids").to_pylist()
         ]
-        unit_docs = [
-            np.asarray(d, np.int64)
-            for d in pq.read_table(folder / "pool_units.parquet").column("corpus_ids").to_pylist()
-        ]
         return RankedLists(units, scores, names, unit_docs)
+
+
+def _mix(ids: np.ndarray, seed: int) -> np.ndarray:
+    """SplitMix64 of (id, seed): a seeded pseudo-random uint64 per id, independent of batching."""
+    with np.errstate(over="ignore"):
+        z = ids.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15) * np.uint64(seed + 1)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))

@@ -27,9 +27,20 @@ import numpy as np
 import pyarrow.parquet as pq
 import yaml
 
+from iss.methods import display_name
 from iss.runs import MANIFEST_FILE
+from iss.stats import paired_bootstrap
 
-METHOD_NAMES = {"none": "no pretraining", "random": "random", "tlm": "TLM (BM25)", "iss": "ISS"}
+# (first, second, what it shows) for the paired-differences table; pairs whose methods did not run are left out
+COMPARISONS = [
+    ("iss", "tlm", "ISS vs BM25"),
+    ("iss", "random", "ISS vs random of the pool"),
+    ("iss-cosine", "tlm", "ISS (cosine) vs BM25"),
+    ("iss-cosine", "random", "ISS (cosine) vs random of the pool"),
+    ("iss-cosine", "iss", "cosine vs dot"),
+    ("tlm", "random-corpus", "positive control: the regime sees data if > 0"),
+    ("iss", "iss-bottom", "negative control: influence ranks if > 0"),
+]
 
 
 def results_table(rows: list[dict]) -> list[dict]:
@@ -42,7 +53,7 @@ def results_table(rows: list[dict]) -> list[dict]:
     lines = []
     for method, budget in dict.fromkeys((row["method"], row.get("budget", "")) for row in rows):
         mine = [row for row in rows if row["method"] == method and row.get("budget", "") == budget]
-        name = METHOD_NAMES.get(method, method)
+        name = display_name(method)
         line: dict = {
             "method": f"{name} ({budget})" if budget else name,
             "data_docs": int(np.mean([row["subset_docs"] for row in mine])),
@@ -81,17 +92,65 @@ def markdown(table: list[dict]) -> str:
     return markdown_rows(results_rows(table))
 
 
-def write_results(rows: list[dict], folder: Path) -> list[dict]:
-    """results.md, results.csv (one line per run) and results.json (runs and the aggregated table)."""
+def differences_rows(rows: list[dict], resamples: int = 10_000, seed: int = 0) -> list[dict]:
+    """Paired differences of test F1 (x100) per task and budget for :data:`COMPARISONS`, with 95% bootstrap CIs."""
+    scores: dict[tuple, dict[int, float]] = {}
+    for row in rows:
+        scores.setdefault((row["task"], row.get("budget", ""), row["method"]), {})[row["seed"]] = 100 * row["test"]
+    lines = []
+    for task, budget in dict.fromkeys((row["task"], row.get("budget", "")) for row in rows):
+        for first, second, meaning in COMPARISONS:
+            a, b = scores.get((task, budget, first)), scores.get((task, budget, second))
+            if not a or not b:
+                continue
+            diff = paired_bootstrap(a, b, resamples, seed)
+            lines.append(
+                {
+                    "task": task,
+                    **({"budget": budget} if budget else {}),
+                    "comparison": f"{first} - {second}",
+                    "meaning": meaning,
+                    "mean": round(diff.mean, 2),
+                    "ci95_low": round(diff.low, 2),
+                    "ci95_high": round(diff.high, 2),
+                    "seeds": diff.n,
+                    "verdict": diff.verdict,
+                }
+            )
+    return lines
+
+
+def write_results(
+    rows: list[dict],
+    folder: Path,
+    mechanism: list[dict] | None = None,
+    subsets: list[dict] | None = None,
+    bootstrap: int = 10_000,
+    seed: int = 0,
+) -> list[dict]:
+    """results.md (scores, paired differences, subsets, mechanism check), results.csv (one line per run) and
+    results.json (runs, the aggregated table and the other tables)."""
     table = results_table(rows)
-    (folder / "results.md").write_text(markdown(table), encoding="utf-8")
+    differences = differences_rows(rows, bootstrap, seed)
+    sections = [markdown(table)]
+    for title, extra in (
+        ("Paired differences of test F1 (x100), 95% bootstrap CI over seeds", differences),
+        ("Subsets", subsets),
+        ("Mechanism check: warmed-up model + MLM on the subset, task head scored without fine-tuning", mechanism),
+    ):
+        if extra:
+            sections.append(f"\n### {title}\n\n{markdown_rows(extra)}")
+    (folder / "results.md").write_text("".join(sections), encoding="utf-8")
     with (folder / "results.csv").open("w", newline="", encoding="utf-8") as handle:
         fields = ["method", "budget", "task", "seed", "dev", "test", "subset_docs", "flops"]
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         for row in rows:
             writer.writerow({key: row.get(key, "") for key in fields})
-    (folder / "results.json").write_text(json.dumps({"runs": rows, "table": table}, indent=2), encoding="utf-8")
+    extras = {"differences": differences, "subsets": subsets or [], "mechanism": mechanism or []}
+    (folder / "results.json").write_text(
+        json.dumps({"runs": rows, "table": table, **extras}, indent=2), encoding="utf-8"
+    )
     return table
 
 

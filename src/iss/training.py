@@ -49,16 +49,19 @@ def train_loop(
     checkpoint_dir: Path | None = None,
     show_progress: bool = True,
     after_step: Callable[[int], None] | None = None,
+    on_losses: Callable[[int, dict[str, float]], None] | None = None,
 ) -> dict[str, float]:
     """AdamW with linear warm-up/decay over ``step_loss(step, micro)``; returns smoothed final losses.
 
     With ``checkpoint_dir`` the state is saved every ``save_every`` steps and loaded on start if present.
     ``after_step(step)`` runs after each optimizer step (evaluation); the model is back in train mode after it.
+    ``on_losses(step, smoothed losses)`` sees the loss curve. Frozen parameters (``requires_grad`` off) are left out.
     """
     torch.manual_seed(seed)
     model.train()
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.ndim > 1]
+    no_decay = [p for p in trainable if p.ndim <= 1]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": settings.optimizer.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=settings.optimizer.learning_rate,
@@ -77,12 +80,14 @@ def train_loop(
             (loss / settings.accumulation).backward()
             for name, value in parts.items():
                 running[name] = _smooth(running.get(name, math.nan), value)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         scheduler.step()
         step += 1
         bar.set_postfix({name: f"{value:.3f}" for name, value in running.items()})
         bar.update()
+        if on_losses is not None:
+            on_losses(step, running)
         if after_step is not None:
             after_step(step)
             model.train()
@@ -175,6 +180,15 @@ def warmup_train(
     return summary
 
 
+def task_batch_schedule(micro_batches: int, rho1: int, objective: str = "joint") -> np.ndarray:
+    """Which micro-batches are task batches, as in TLM's ``_get_batch``: every one when rho1 <= 1, else those
+    with (s + 1) % rho1 == 0; none under the MLM-only objective."""
+    steps = np.arange(micro_batches)
+    if objective == "mlm":
+        return np.zeros(micro_batches, bool)
+    return np.ones(micro_batches, bool) if rho1 <= 1 else (steps + 1) % rho1 == 0
+
+
 def pretrain(
     model: TaskMLMModel,
     tokenizer: PreTrainedTokenizerFast,
@@ -187,16 +201,17 @@ def pretrain(
     checkpoint_dir: Path | None = None,
     show_progress: bool = True,
 ) -> dict[str, float]:
-    """TLM's joint objective: MLM on subset batches; MLM + rho2 x task loss on task batches.
+    """TLM's joint objective: MLM on subset batches; (rho2 * MLM + task) / (rho2 + 1) on task batches.
 
-    Each micro-batch is a task batch with probability rho1 / (1 + rho1) (so rho1 task batches per subset batch
-    on average), drawn from a seeded schedule fixed up front, so resuming replays the same sequence.
+    Task batches are masked task texts with their labels (see :func:`task_batch_schedule`); with
+    ``objective="mlm"`` every batch is a subset batch (further pretraining). Batches and masks are a pure
+    function of (seed, micro-batch index), so resuming replays the same sequence.
     """
     texts, labels = task.texts("train"), task.label_ids("train")
     if not subset_texts:
         raise ValueError("the subset is empty: nothing to pretrain on")
     micro_batches = config.steps * config.accumulation
-    is_task = np.random.default_rng([seed, 1]).random(micro_batches) < config.rho1 / (1 + config.rho1)
+    is_task = task_batch_schedule(micro_batches, config.rho1, config.objective)
     position = np.where(is_task, np.cumsum(is_task) - 1, np.cumsum(~is_task) - 1)
     model.to(device)
 
@@ -215,36 +230,80 @@ def pretrain(
         if not is_task[index]:
             return mlm_loss, {"mlm": mlm_loss.item()}
         task_loss = per_sample_task_loss(model, batch).mean()
-        return mlm_loss + config.rho2 * task_loss, {"mlm": mlm_loss.item(), "task": task_loss.item()}
+        loss = (config.rho2 * mlm_loss + task_loss) / (config.rho2 + 1)
+        return loss, {"task_mlm": mlm_loss.item(), "task": task_loss.item()}
+
+    curve: list[dict[str, float]] = []
+    every = max(1, config.steps // 20)
+
+    def record(step: int, running: dict[str, float]) -> None:
+        if step % every == 0 or step == config.steps:
+            curve.append({"step": step, **{name: round(value, 4) for name, value in running.items()}})
 
     settings = LoopSettings(config, config.steps, config.accumulation, config.save_every, "pretrain")
-    summary = train_loop(model, settings, step_loss, seed, checkpoint_dir, show_progress)
+    summary = train_loop(model, settings, step_loss, seed, checkpoint_dir, show_progress, on_losses=record)
     summary["task_micro_batches"] = int(is_task.sum())
     summary["subset_micro_batches"] = int((~is_task).sum())
     summary["tokens"] = micro_batches * config.batch_size * max_length  # as the paper counts them, for FLOPs
+    summary["curve"] = curve
     return summary
+
+
+def unigram_entropy(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> float:
+    """Cross-entropy (nats) of the texts' own unigram distribution: the MLM loss of a model that has learned
+    word frequencies and nothing else, the level a pretraining curve must fall clearly below."""
+    ids = [i for row in tokenizer(texts, add_special_tokens=False)["input_ids"] for i in row]
+    counts = np.bincount(np.asarray(ids, np.int64))
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
 
 
 @torch.no_grad()
 @torch.inference_mode()
 def cls_features(
-    model: TaskMLMModel, tokenizer: PreTrainedTokenizerFast, texts: list[str], max_length: int, device: torch.device
+    model: TaskMLMModel,
+    tokenizer: PreTrainedTokenizerFast,
+    texts: list[str],
+    max_length: int,
+    device: torch.device,
+    batch_size: int = 128,
 ) -> torch.Tensor:
     """[CLS] hidden states of ``texts`` in eval mode, [len(texts), hidden], on the CPU."""
     model.eval()
-    features = [torch.zeros(0, model.mlm.config.hidden_size)]
-    for start in range(0, len(texts), 128):
-        batch = encode(tokenizer, texts[start : start + 128], max_length).to(device)
-        features.append(model.cls_hidden(batch.input_ids, batch.attention_mask).float().cpu())
-    return torch.cat(features)
+    lengths = tokenizer(texts, add_special_tokens=False, return_length=True)["length"] if texts else []
+    order = np.argsort(lengths, kind="stable")  # batches of similar length pad little
+    features = torch.zeros(len(texts), model.mlm.config.hidden_size)
+    for start in range(0, len(texts), batch_size):
+        rows = order[start : start + batch_size]
+        batch = encode(tokenizer, [texts[i] for i in rows], max_length).to(device)
+        features[torch.from_numpy(rows)] = model.cls_hidden(batch.input_ids, batch.attention_mask).float().cpu()
+    return features
 
 
 @torch.inference_mode()
 def predict(
-    model: TaskMLMModel, tokenizer: PreTrainedTokenizerFast, texts: list[str], max_length: int, device: torch.device
+    model: TaskMLMModel,
+    tokenizer: PreTrainedTokenizerFast,
+    texts: list[str],
+    max_length: int,
+    device: torch.device,
+    batch_size: int = 128,
 ) -> np.ndarray:
-    features = cls_features(model, tokenizer, texts, max_length, device)
-    return model.classifier(features.to(device)).argmax(-1).cpu().numpy() if len(texts) else np.zeros(0, np.int64)
+    return task_logits(model, tokenizer, texts, max_length, device, batch_size).argmax(-1).numpy()
+
+
+@torch.inference_mode()
+def task_logits(
+    model: TaskMLMModel,
+    tokenizer: PreTrainedTokenizerFast,
+    texts: list[str],
+    max_length: int,
+    device: torch.device,
+    batch_size: int = 128,
+) -> torch.Tensor:
+    """[len(texts), labels] logits of the task head in eval mode, on the CPU."""
+    features = cls_features(model, tokenizer, texts, max_length, device, batch_size)
+    return model.classifier(features.to(device)).float().cpu()
 
 
 def accuracy(

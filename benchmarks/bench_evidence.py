@@ -1,0 +1,116 @@
+"""Evidence: does the subset matter here, and does ISS beat BM25 (TLM) and random where it does?
+
+Usage: python benchmarks/bench_evidence.py [--settings further scratch] [--tasks acl_arc scierc chemprot]
+                                           [--runs-root runs/evidence] [--force]
+
+For each setting (``further``: further pretraining of the shared all-MiniLM-L6-v2 encoder, configs/further/;
+``scratch``: a tiny BERT from scratch with TLM's joint objective, configs/scratch/) and task, runs ``iss run CONFIG`` in
+a child process (wall time and peak RSS via wait4) with the methods iss (dot), iss-cosine, tlm, random,
+random-corpus (positive control), iss-bottom (negative control) and none, the mechanism check and 5 seeds,
+then merges its results into benchmarks/results/evidence.{json,md}. Each (setting, task) is committed to the
+JSON as it finishes; a rerun skips those already there (``--force`` reruns them; finished stages in the run
+folder are reused either way).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from iss.report import markdown, markdown_rows, results_table
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+SETTINGS = {"further": CONFIGS / "further", "scratch": CONFIGS / "scratch"}
+
+
+def run_one(setting: str, task: str, runs_root: Path) -> dict:
+    """`iss run` of one (setting, task) in a child process; its results.json plus wall time and peak RSS."""
+    run_dir = runs_root / setting / task
+    config = SETTINGS[setting] / f"{task}.yaml"
+    command = [sys.executable, "-m", "iss", "run", str(config), "--run-dir", str(run_dir), "--quiet"]
+    with tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(child.pid, 0)
+        wall = time.perf_counter() - start
+        if os.waitstatus_to_exitcode(status) != 0:
+            err.seek(0)
+            raise SystemExit(f"iss run {config} failed:\n{err.read()[-3000:]}")
+    results = json.loads((run_dir / "results" / "results.json").read_text(encoding="utf-8"))
+    manifest = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
+    stage_seconds = {name: stage.get("summary", {}).get("seconds") for name, stage in manifest["stages"].items()}
+    return {
+        "setting": setting,
+        "task": task,
+        "config": str(config.relative_to(CONFIGS.parent)),
+        "wall_seconds": round(wall, 1),
+        "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2),
+        "stage_seconds_total": round(sum(s for s in stage_seconds.values() if s), 1),
+        "pretrain_curves": {
+            name: stage["summary"].get("curve")
+            for name, stage in manifest["stages"].items()
+            if name.startswith("pretrain-") and stage.get("summary", {}).get("curve")
+        },
+        **results,
+    }
+
+
+def render(entries: list[dict]) -> str:
+    """The evidence tables, one section per (setting, task)."""
+    parts = ["# Evidence: ISS vs BM25 vs random, with controls\n"]
+    for entry in entries:
+        title = {"further": "further pretraining of all-MiniLM-L6-v2", "scratch": "from scratch (TLM objective)"}
+        parts.append(f"\n## {entry['task']} — {title.get(entry['setting'], entry['setting'])}\n")
+        parts.append(
+            f"\n`iss run {entry['config']}`: {entry['wall_seconds']} s wall, peak RSS {entry['peak_rss_gib']} GiB "
+            f"(2 CPU cores). Test F1 x 100 at the best dev epoch, mean ± std over seeds.\n\n"
+        )
+        parts.append(markdown(results_table(entry["runs"])))
+        for key, title in (
+            ("differences", "Paired differences (x100) with 95% bootstrap CIs"),
+            ("subsets", "Subsets (mean length in WordPiece tokens)"),
+            ("mechanism", "Mechanism check (no fine-tuning; test split)"),
+        ):
+            rows = [{k: v for k, v in row.items() if k not in ("task", "budget") or v} for row in entry.get(key, [])]
+            if rows:
+                parts.append(f"\n### {title}\n\n{markdown_rows(rows)}")
+    return "".join(parts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=["further", "scratch"])
+    parser.add_argument("--tasks", nargs="+", default=["acl_arc", "scierc", "chemprot"])
+    parser.add_argument("--runs-root", type=Path, default=Path("runs/evidence"))
+    parser.add_argument("--force", action="store_true", help="Rerun (setting, task) pairs already in the JSON.")
+    args = parser.parse_args()
+    path = RESULTS / "evidence.json"
+    done = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"entries": []}
+    entries = {(e["setting"], e["task"]): e for e in done["entries"]}
+    for setting in args.settings:
+        for task in args.tasks:
+            if (setting, task) in entries and not args.force:
+                print(f"{setting}/{task}: in {path.name} already (--force reruns it)", file=sys.stderr)
+                continue
+            if not (SETTINGS[setting] / f"{task}.yaml").is_file():
+                print(f"{setting}/{task}: no config, skipped", file=sys.stderr)
+                continue
+            print(f"iss run {setting}/{task} ...", file=sys.stderr, flush=True)
+            entries[(setting, task)] = run_one(setting, task, args.runs_root)
+            RESULTS.mkdir(exist_ok=True)
+            machine = {"platform": platform.platform(), "cpus": os.cpu_count()}
+            path.write_text(json.dumps({"machine": machine, "entries": list(entries.values())}, indent=2))
+            (RESULTS / "evidence.md").write_text(render(list(entries.values())), encoding="utf-8")
+    print((RESULTS / "evidence.md").read_text(encoding="utf-8") if entries else "nothing run")
+
+
+if __name__ == "__main__":
+    main()

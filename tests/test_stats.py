@@ -1,0 +1,44 @@
+"""Paired bootstrap differences: the mean, an interval that holds it, and ties inside the noise."""
+
+from __future__ import annotations
+
+import pytest
+
+from iss.report import differences_rows
+from iss.stats import paired_bootstrap
+
+
+def test_constant_difference_has_a_degenerate_interval_and_wins():
+    diff = paired_bootstrap({0: 0.7, 1: 0.6, 2: 0.9}, {0: 0.5, 1: 0.4, 2: 0.7})
+    assert diff.mean == pytest.approx(0.2)
+    assert diff.low == pytest.approx(0.2) and diff.high == pytest.approx(0.2)
+    assert diff.verdict == "better" and diff.n == 3
+
+
+def test_differences_of_both_signs_are_a_tie_and_pairing_uses_shared_seeds_only():
+    first = {0: 0.5, 1: 0.7, 2: 0.4, 3: 0.6, 9: 1.0}
+    second = {0: 0.6, 1: 0.5, 2: 0.5, 3: 0.5}
+    diff = paired_bootstrap(first, second, resamples=5000, seed=1)
+    assert diff.n == 4 and diff.mean == pytest.approx(0.025)
+    assert diff.low < 0 < diff.high and diff.verdict == "tie"
+    assert paired_bootstrap(second, first).verdict == "tie"
+    with pytest.raises(ValueError, match="no seed"):
+        paired_bootstrap({0: 1.0}, {1: 1.0})
+
+
+def test_a_consistent_loss_is_worse():
+    assert paired_bootstrap({s: 0.4 + 0.01 * s for s in range(5)}, {s: 0.5 + 0.02 * s for s in range(5)}).verdict == (
+        "worse"
+    )
+
+
+def test_differences_table_pairs_methods_per_task_and_skips_absent_ones():
+    rows = [
+        {"method": m, "task": "t", "seed": s, "test": base + 0.01 * s}
+        for m, base in (("iss", 0.5), ("tlm", 0.4), ("random-corpus", 0.3))
+        for s in range(3)
+    ]
+    lines = {line["comparison"]: line for line in differences_rows(rows, resamples=500)}
+    assert set(lines) == {"iss - tlm", "tlm - random-corpus"}  # random, cosine, iss-bottom did not run
+    assert lines["iss - tlm"]["mean"] == pytest.approx(10.0) and lines["iss - tlm"]["verdict"] == "better"
+    assert lines["tlm - random-corpus"]["meaning"].startswith("positive control")
