@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from iss.config import load_config
+from iss.pipeline import Pipeline
 from iss.report import markdown, markdown_rows, results_table
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -63,6 +65,35 @@ def run_one(setting: str, task: str, runs_root: Path) -> dict:
     }
 
 
+def token_budget_mechanism(setting: str, task: str, runs_root: Path, docs_entry: dict) -> dict:
+    """The mechanism check again at an equal-token budget (the equal-document subsets differ in length).
+
+    The budget is the mean token count of the equal-document subsets, so both comparisons buy the same amount of
+    text on average; retrieval, warm-up and influence are reused from the run folder.
+    """
+    config = load_config(SETTINGS[setting] / f"{task}.yaml").with_overrides(
+        {"run_dir": str(runs_root / setting / task)}
+    )
+    tokens = int(sum(row["tokens"] for row in docs_entry["subsets"]) / len(docs_entry["subsets"]))
+    pipeline = Pipeline(config, show_progress=False)
+    rows = []
+    for name in config.evaluation.methods:
+        if name == "none":
+            continue
+        variant = pipeline.method_variant(name, f"{tokens} tokens", "@tokens")
+        selected, check = variant.select().summary, variant.mechanism().summary
+        rows.append(
+            {
+                "method": name,
+                "budget": f"{tokens} tokens",
+                "docs": selected["docs"],
+                "mean_tokens": selected["mean_tokens"],
+                **{k: v for k, v in check.items() if k.startswith("test_") or k.startswith("dev_")},
+            }
+        )
+    return {"budget_tokens": tokens, "mechanism": rows}
+
+
 def render(entries: list[dict]) -> str:
     """The evidence tables, one section per (setting, task)."""
     parts = ["# Evidence: ISS vs BM25 vs random, with controls\n"]
@@ -82,6 +113,10 @@ def render(entries: list[dict]) -> str:
             rows = [{k: v for k, v in row.items() if k not in ("task", "budget") or v} for row in entry.get(key, [])]
             if rows:
                 parts.append(f"\n### {title}\n\n{markdown_rows(rows)}")
+        tokens = entry.get("equal_tokens")
+        if tokens:
+            title = f"Mechanism check at an equal-token budget ({tokens['budget_tokens']} tokens per subset)"
+            parts.append(f"\n### {title}\n\n{markdown_rows(tokens['mechanism'])}")
     return "".join(parts)
 
 
@@ -104,7 +139,10 @@ def main() -> None:
                 print(f"{setting}/{task}: no config, skipped", file=sys.stderr)
                 continue
             print(f"iss run {setting}/{task} ...", file=sys.stderr, flush=True)
-            entries[(setting, task)] = run_one(setting, task, args.runs_root)
+            entry = run_one(setting, task, args.runs_root)
+            if entry.get("mechanism"):
+                entry["equal_tokens"] = token_budget_mechanism(setting, task, args.runs_root, entry)
+            entries[(setting, task)] = entry
             RESULTS.mkdir(exist_ok=True)
             machine = {"platform": platform.platform(), "cpus": os.cpu_count()}
             path.write_text(json.dumps({"machine": machine, "entries": list(entries.values())}, indent=2))

@@ -120,3 +120,18 @@ def test_unigram_level_is_the_entropy_of_token_frequencies(tokenizer):
     assert training.unigram_entropy(tokenizer, ["a b c d"] * 3) == pytest.approx(np.log(4))
     skewed = training.unigram_entropy(tokenizer, ["a a a b"])
     assert skewed == pytest.approx(-(0.75 * np.log(0.75) + 0.25 * np.log(0.25)))
+
+
+def test_length_buckets_cover_every_row_once_and_pad_less():
+    lengths = np.random.default_rng(0).integers(5, 200, size=1000)
+    batches = training.bucketed_batches(lengths, 16, seed=3, epoch=0, pool=10)
+    rows = np.concatenate(batches)
+    assert sorted(rows.tolist()) == list(range(1000)) and len(batches) == 63  # ceil(1000 / 16)
+    padded = sum(len(b) * lengths[b].max() for b in batches)
+    shuffled = np.random.default_rng(1).permutation(1000)
+    random_padded = sum(16 * lengths[shuffled[i : i + 16]].max() for i in range(0, 1000, 16))
+    assert padded < 0.7 * random_padded
+    again = training.bucketed_batches(lengths, 16, seed=3, epoch=0, pool=10)
+    assert all(np.array_equal(a, b) for a, b in zip(batches, again, strict=True))
+    other_epoch = training.bucketed_batches(lengths, 16, seed=3, epoch=1, pool=10)
+    assert not all(np.array_equal(a, b) for a, b in zip(batches, other_epoch, strict=True))

@@ -6,6 +6,7 @@ deviation over seeds; scores come from scikit-learn so they match what other too
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal
 
@@ -17,7 +18,7 @@ from transformers import PreTrainedTokenizerFast
 from iss.config import FinetuneConfig
 from iss.data import TaskData
 from iss.model import TaskMLMModel, labelled_batch, per_sample_task_loss
-from iss.training import LoopSettings, epoch_rows, predict, task_logits, train_loop
+from iss.training import LoopSettings, bucketed_batches, epoch_rows, predict, task_logits, train_loop
 
 Metric = Literal["micro_f1", "macro_f1"]
 
@@ -45,8 +46,18 @@ def finetune(
     model.to(device)
     epochs: list[dict] = []
 
+    lengths = np.asarray(tokenizer(texts, add_special_tokens=False, return_length=True)["length"])
+
+    @functools.lru_cache(maxsize=1)
+    def epoch_batches(epoch: int) -> list[np.ndarray]:
+        return bucketed_batches(lengths, config.batch_size, seed, epoch)
+
     def step_loss(step: int, micro: int) -> tuple[torch.Tensor, dict[str, float]]:
-        rows = epoch_rows(len(texts), config.batch_size, seed, step)
+        if config.length_buckets:
+            epoch, position = divmod(step, steps_per_epoch)
+            rows = epoch_batches(epoch)[position]
+        else:
+            rows = epoch_rows(len(texts), config.batch_size, seed, step)
         batch = labelled_batch(tokenizer, [texts[i] for i in rows], labels[rows], max_length).to(device)
         loss = per_sample_task_loss(model, batch).mean()
         return loss, {"task": loss.item()}

@@ -150,6 +150,19 @@ def epoch_rows(n: int, batch_size: int, seed: int, index: int) -> np.ndarray:
     return order[position * batch_size : (position + 1) * batch_size]
 
 
+def bucketed_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int, pool: int = 50) -> list[np.ndarray]:
+    """One epoch's batches of similar-length rows: a seeded permutation cut into pools of ``pool`` batches, each
+    pool sorted by length and cut into batches, then the batch order shuffled. Every row once per epoch."""
+    rng = np.random.default_rng([seed, epoch, 1])
+    order = rng.permutation(len(lengths))
+    batches = []
+    for start in range(0, len(order), batch_size * pool):
+        chunk = order[start : start + batch_size * pool]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
 def warmup_train(
     model: TaskMLMModel,
     tokenizer: PreTrainedTokenizerFast,
