@@ -18,11 +18,10 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
+
+from measure import run_measured
 
 from iss.config import load_config
 from iss.pipeline import Pipeline
@@ -38,14 +37,7 @@ def run_one(setting: str, task: str, runs_root: Path) -> dict:
     run_dir = runs_root / setting / task
     config = SETTINGS[setting] / f"{task}.yaml"
     command = [sys.executable, "-m", "iss", "run", str(config), "--run-dir", str(run_dir), "--quiet"]
-    with tempfile.TemporaryFile("w+") as err:
-        start = time.perf_counter()
-        child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err)
-        _, status, usage = os.wait4(child.pid, 0)
-        wall = time.perf_counter() - start
-        if os.waitstatus_to_exitcode(status) != 0:
-            err.seek(0)
-            raise SystemExit(f"iss run {config} failed:\n{err.read()[-3000:]}")
+    measured = run_measured(command, f"iss run {config}")
     results = json.loads((run_dir / "results" / "results.json").read_text(encoding="utf-8"))
     manifest = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
     stage_seconds = {name: stage.get("summary", {}).get("seconds") for name, stage in manifest["stages"].items()}
@@ -53,8 +45,8 @@ def run_one(setting: str, task: str, runs_root: Path) -> dict:
         "setting": setting,
         "task": task,
         "config": str(config.relative_to(CONFIGS.parent)),
-        "wall_seconds": round(wall, 1),
-        "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2),
+        "wall_seconds": measured.wall_seconds,
+        "peak_rss_gib": measured.peak_rss_gib,
         "stage_seconds_total": round(sum(s for s in stage_seconds.values() if s), 1),
         "pretrain_curves": {
             name: stage["summary"].get("curve")

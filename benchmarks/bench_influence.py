@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import torch
+from measure import run_measured
 from scipy.stats import spearmanr
 from torch.func import functional_call, grad, vmap
 
@@ -332,14 +332,9 @@ def run_child(args: argparse.Namespace, method: str) -> dict:
         if getattr(args, flag) is not None:
             command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     command += ["--projection-dims", *map(str, args.projection_dims)]
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        process = subprocess.Popen(command, stdout=out, stderr=err)
-        _, status, usage = os.wait4(process.pid, 0)
-        out.seek(0), err.seek(0)
-        if os.waitstatus_to_exitcode(status) != 0:
-            raise SystemExit(f"{method} failed:\n{err.read()[-3000:]}")
-        result = json.loads(out.read().strip().splitlines()[-1])
-    result["peak_rss_gib"] = round(usage.ru_maxrss / 2**20, 2)
+    measured = run_measured(command, method)
+    result = json.loads(measured.stdout.strip().splitlines()[-1])
+    result["peak_rss_gib"] = measured.peak_rss_gib
     return result
 
 

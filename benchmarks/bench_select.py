@@ -10,13 +10,12 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from measure import run_measured
 
 from iss.config import load_config
 
@@ -25,21 +24,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def run_select(config: Path, method: str, run_dir: Path, extra: tuple[str, ...] = ()) -> dict:
     """One cold `iss select` in a child process; wait4 gives that child's own peak RSS."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        command = [sys.executable, "-m", "iss", "select", str(config), "--method", method,
-                   "--run-dir", str(run_dir), "--quiet", "--json", *extra]  # fmt: skip
-        start = time.perf_counter()
-        child = subprocess.Popen(command, stdout=out, stderr=err)
-        _, status, usage = os.wait4(child.pid, 0)
-        wall = time.perf_counter() - start
-        out.seek(0), err.seek(0)
-        if os.waitstatus_to_exitcode(status) != 0:
-            raise SystemExit(f"iss select --method {method} failed:\n{err.read()[-3000:]}")
-        stages = json.loads(out.read())
+    command = [sys.executable, "-m", "iss", "select", str(config), "--method", method,
+               "--run-dir", str(run_dir), "--quiet", "--json", *extra]  # fmt: skip
+    measured = run_measured(command, f"iss select --method {method}")
+    stages = json.loads(measured.stdout)
     return {
         "method": method,
-        "wall_seconds": round(wall, 1),
-        "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2),
+        "wall_seconds": measured.wall_seconds,
+        "peak_rss_gib": measured.peak_rss_gib,
         "stage_seconds": {name: stage.get("seconds") for name, stage in stages.items()},
         "stages": stages,
     }

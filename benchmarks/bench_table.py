@@ -13,11 +13,10 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
+
+from measure import run_measured
 
 from iss.report import markdown, results_table
 
@@ -28,16 +27,9 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 def run_task(task: str, runs_root: Path) -> dict:
     run_dir = runs_root / task
     command = [sys.executable, "-m", "iss", "run", str(CONFIGS / f"{task}.yaml"), "--run-dir", str(run_dir), "--quiet"]
-    with tempfile.TemporaryFile("w+") as err:
-        start = time.perf_counter()
-        child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err)
-        _, status, usage = os.wait4(child.pid, 0)
-        wall = time.perf_counter() - start
-        if os.waitstatus_to_exitcode(status) != 0:
-            err.seek(0)
-            raise SystemExit(f"iss run {task} failed:\n{err.read()[-3000:]}")
+    measured = run_measured(command, f"iss run {task}")
     report = json.loads((run_dir / "results" / "results.json").read_text(encoding="utf-8"))
-    return {"task": task, "wall_seconds": round(wall, 1), "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2), **report}
+    return {"task": task, "wall_seconds": measured.wall_seconds, "peak_rss_gib": measured.peak_rss_gib, **report}
 
 
 def main() -> None:
