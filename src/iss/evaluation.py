@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerFast
 from iss.config import FinetuneConfig
 from iss.data import TaskData
 from iss.model import TaskMLMModel, labelled_batch, per_sample_task_loss
-from iss.training import LoopSettings, bucketed_batches, epoch_rows, predict, task_logits, train_loop
+from iss.training import LoopSettings, bucketed_batches, epoch_rows, task_logits, train_loop
 
 Metric = Literal["micro_f1", "macro_f1"]
 
@@ -67,7 +67,9 @@ def finetune(
             scores = {
                 split: f1(
                     task.label_ids(split),
-                    predict(model, tokenizer, task.texts(split), max_length, device, config.eval_batch_size),
+                    task_logits(model, tokenizer, task.texts(split), max_length, device, config.eval_batch_size)
+                    .argmax(-1)
+                    .numpy(),
                     metric,
                 )
                 for split in ("dev", "test")

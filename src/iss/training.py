@@ -294,17 +294,6 @@ def cls_features(
 
 
 @torch.inference_mode()
-def predict(
-    model: TaskMLMModel,
-    tokenizer: PreTrainedTokenizerFast,
-    texts: list[str],
-    max_length: int,
-    device: torch.device,
-    batch_size: int = 128,
-) -> np.ndarray:
-    return task_logits(model, tokenizer, texts, max_length, device, batch_size).argmax(-1).numpy()
-
-
 @torch.inference_mode()
 def task_logits(
     model: TaskMLMModel,
@@ -329,5 +318,5 @@ def accuracy(
 ) -> float:
     if split not in task.splits or task.splits[split].num_rows == 0:
         return math.nan
-    predicted = predict(model, tokenizer, task.texts(split), max_length, device)
+    predicted = task_logits(model, tokenizer, task.texts(split), max_length, device).argmax(-1).numpy()
     return float((predicted == task.label_ids(split)).mean())
