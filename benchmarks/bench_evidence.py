@@ -21,11 +21,14 @@ import platform
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 from measure import run_measured
 
 from iss.config import load_config
+from iss.model import load_tokenizer
 from iss.pipeline import Pipeline
 from iss.report import markdown, markdown_rows, results_table
+from iss.training import unigram_entropy
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -48,13 +51,33 @@ def run_one(setting: str, task: str, runs_root: Path) -> dict:
         "wall_seconds": measured.wall_seconds,
         "peak_rss_gib": measured.peak_rss_gib,
         "stage_seconds_total": round(sum(s for s in stage_seconds.values() if s), 1),
-        "pretrain_curves": {
-            name: stage["summary"].get("curve")
-            for name, stage in manifest["stages"].items()
-            if name.startswith("pretrain-") and stage.get("summary", {}).get("curve")
-        },
+        "pretraining": pretraining_rows(run_dir, manifest),
         **results,
     }
+
+
+def pretraining_rows(run_dir: Path, manifest: dict) -> list[dict]:
+    """Per pretrained subset: the MLM loss at the end (and its curve) against the subset's unigram level, the
+    loss of a model that knows word frequencies only; a curve that stays above it has learned little."""
+    tokenizer = load_tokenizer(run_dir / "tokenizer")
+    rows = []
+    for name, stage in manifest["stages"].items():
+        if not name.startswith("pretrain-"):
+            continue
+        selection = name.removeprefix("pretrain-").rsplit("-seed", 1)[0]
+        subset = pq.read_table(run_dir / f"select-{selection}" / "subset.parquet", columns=["text"])
+        summary = stage["summary"]
+        rows.append(
+            {
+                "subset": selection,
+                "steps": summary["steps"],
+                "final_mlm": summary.get("mlm"),
+                "final_task_mlm": summary.get("task_mlm"),
+                "unigram_level": round(unigram_entropy(tokenizer, subset.column("text").to_pylist()), 4),
+                "curve": summary.get("curve"),
+            }
+        )
+    return rows
 
 
 def token_budget_mechanism(setting: str, task: str, runs_root: Path, docs_entry: dict) -> dict:
@@ -101,8 +124,12 @@ def render(entries: list[dict]) -> str:
             ("differences", "Paired differences (x100) with 95% bootstrap CIs"),
             ("subsets", "Subsets (mean length in WordPiece tokens)"),
             ("mechanism", "Mechanism check (no fine-tuning; test split)"),
+            ("pretraining", "Pretraining: MLM loss (smoothed) at the last step vs the subset's unigram level"),
         ):
-            rows = [{k: v for k, v in row.items() if k not in ("task", "budget") or v} for row in entry.get(key, [])]
+            rows = [
+                {k: v for k, v in row.items() if (k not in ("task", "budget") or v) and k != "curve"}
+                for row in entry.get(key, [])
+            ]
             if rows:
                 parts.append(f"\n### {title}\n\n{markdown_rows(rows)}")
         tokens = entry.get("equal_tokens")
