@@ -19,15 +19,17 @@ import json
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import yaml
 from measure import run_measured
 
-from iss.config import load_config
+from iss.config import IssConfig, load_config
 from iss.model import load_tokenizer
 from iss.pipeline import Pipeline
-from iss.report import markdown, markdown_rows, results_table
+from iss.report import markdown, markdown_rows, precise_losses, results_table
 from iss.training import unigram_entropy
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -80,6 +82,25 @@ def pretraining_rows(run_dir: Path, manifest: dict) -> list[dict]:
     return rows
 
 
+def mechanism_pass(config: IssConfig, budget: str | None = None, tag: str = "") -> list[dict]:
+    """Selection and the mechanism check only (no pretraining or fine-tuning) for every configured method."""
+    pipeline = Pipeline(config, show_progress=False)
+    rows = []
+    for name in config.evaluation.methods:
+        variant = pipeline.method_variant(name, budget, tag)
+        selected = variant.select().summary if name != "none" else {}
+        check = variant.mechanism(pretrained=name != "none").summary
+        rows.append(
+            {
+                "method": name,
+                "docs": selected.get("docs", 0),
+                "mean_tokens": selected.get("mean_tokens"),
+                **{k: v for k, v in check.items() if k.startswith("test_") or k.startswith("dev_")},
+            }
+        )
+    return rows
+
+
 def token_budget_mechanism(setting: str, task: str, runs_root: Path, docs_entry: dict) -> dict:
     """The mechanism check again at an equal-token budget (the equal-document subsets differ in length).
 
@@ -90,23 +111,24 @@ def token_budget_mechanism(setting: str, task: str, runs_root: Path, docs_entry:
         {"run_dir": str(runs_root / setting / task)}
     )
     tokens = int(sum(row["tokens"] for row in docs_entry["subsets"]) / len(docs_entry["subsets"]))
-    pipeline = Pipeline(config, show_progress=False)
-    rows = []
-    for name in config.evaluation.methods:
-        if name == "none":
-            continue
-        variant = pipeline.method_variant(name, f"{tokens} tokens", "@tokens")
-        selected, check = variant.select().summary, variant.mechanism().summary
-        rows.append(
-            {
-                "method": name,
-                "budget": f"{tokens} tokens",
-                "docs": selected["docs"],
-                "mean_tokens": selected["mean_tokens"],
-                **{k: v for k, v in check.items() if k.startswith("test_") or k.startswith("dev_")},
-            }
-        )
-    return {"budget_tokens": tokens, "mechanism": rows}
+    return {"budget_tokens": tokens, "mechanism": mechanism_pass(config, f"{tokens} tokens", "@tokens")}
+
+
+def mechanism_variant(setting: str, task: str, runs_root: Path, label: str, overrides: dict) -> dict:
+    """The mechanism check under changed settings (e.g. a stronger warm-up), in a run folder of its own."""
+    slug = "".join(c if c.isalnum() else "-" for c in label).strip("-")
+    run_dir = runs_root / setting / f"{task}@{slug}"
+    config = load_config(SETTINGS[setting] / f"{task}.yaml").with_overrides({**overrides, "run_dir": str(run_dir)})
+    start = time.perf_counter()
+    rows = mechanism_pass(config)
+    warmup = Pipeline(config, show_progress=False).warmup().summary
+    return {
+        "label": label,
+        "overrides": overrides,
+        "warmup": {k: v for k, v in warmup.items() if k != "seconds"},
+        "seconds": round(time.perf_counter() - start, 1),
+        "mechanism": rows,
+    }
 
 
 def render(entries: list[dict]) -> str:
@@ -131,12 +153,25 @@ def render(entries: list[dict]) -> str:
                 for row in entry.get(key, [])
             ]
             if rows:
-                parts.append(f"\n### {title}\n\n{markdown_rows(rows)}")
+                parts.append(f"\n### {title}\n\n{markdown_rows(precise_losses(rows))}")
         tokens = entry.get("equal_tokens")
         if tokens:
             title = f"Mechanism check at an equal-token budget ({tokens['budget_tokens']} tokens per subset)"
-            parts.append(f"\n### {title}\n\n{markdown_rows(tokens['mechanism'])}")
+            parts.append(f"\n### {title}\n\n{markdown_rows(precise_losses(tokens['mechanism']))}")
+        for variant in entry.get("variants", []):
+            changed = ", ".join(f"{k}={v}" for k, v in variant["overrides"].items())
+            accuracy = variant["warmup"].get("dev_accuracy")
+            title = f"Mechanism check, {variant['label']} ({changed}; warm-up dev accuracy {accuracy})"
+            parts.append(f"\n### {title}\n\n{markdown_rows(precise_losses(variant['mechanism']))}")
     return "".join(parts)
+
+
+def save(path: Path, entries: dict) -> None:
+    """evidence.json and evidence.md, rewritten after every finished (setting, task) or variant."""
+    RESULTS.mkdir(exist_ok=True)
+    machine = {"platform": platform.platform(), "cpus": os.cpu_count()}
+    path.write_text(json.dumps({"machine": machine, "entries": list(entries.values())}, indent=2))
+    (RESULTS / "evidence.md").write_text(render(list(entries.values())), encoding="utf-8")
 
 
 def main() -> None:
@@ -145,12 +180,29 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=["acl_arc", "scierc", "chemprot"])
     parser.add_argument("--runs-root", type=Path, default=Path("runs/evidence"))
     parser.add_argument("--force", action="store_true", help="Rerun (setting, task) pairs already in the JSON.")
+    parser.add_argument(
+        "--mechanism-variant",
+        metavar="LABEL",
+        help="Only add a mechanism-check variant (with --set overrides) to (setting, task) entries already run.",
+    )
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     path = RESULTS / "evidence.json"
     done = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"entries": []}
     entries = {(e["setting"], e["task"]): e for e in done["entries"]}
     for setting in args.settings:
         for task in args.tasks:
+            if args.mechanism_variant:
+                if (setting, task) in entries:
+                    overrides = dict(item.split("=", 1) for item in args.overrides)
+                    overrides = {key: yaml.safe_load(value) for key, value in overrides.items()}
+                    variant = mechanism_variant(setting, task, args.runs_root, args.mechanism_variant, overrides)
+                    variants = [
+                        v for v in entries[(setting, task)].get("variants", []) if v["label"] != variant["label"]
+                    ]
+                    entries[(setting, task)]["variants"] = [*variants, variant]
+                    save(path, entries)
+                continue
             if (setting, task) in entries and not args.force:
                 print(f"{setting}/{task}: in {path.name} already (--force reruns it)", file=sys.stderr)
                 continue
@@ -161,11 +213,13 @@ def main() -> None:
             entry = run_one(setting, task, args.runs_root)
             if entry.get("mechanism"):
                 entry["equal_tokens"] = token_budget_mechanism(setting, task, args.runs_root, entry)
+            earlier = entries.get((setting, task), {})
+            entry["variants"] = earlier.get("variants", [])
+            if earlier.get("stage_seconds_total") == entry["stage_seconds_total"]:  # every stage reused: keep the
+                entry["wall_seconds"] = earlier["wall_seconds"]  # cost of the run that computed them
+                entry["peak_rss_gib"] = earlier["peak_rss_gib"]
             entries[(setting, task)] = entry
-            RESULTS.mkdir(exist_ok=True)
-            machine = {"platform": platform.platform(), "cpus": os.cpu_count()}
-            path.write_text(json.dumps({"machine": machine, "entries": list(entries.values())}, indent=2))
-            (RESULTS / "evidence.md").write_text(render(list(entries.values())), encoding="utf-8")
+            save(path, entries)
     print((RESULTS / "evidence.md").read_text(encoding="utf-8") if entries else "nothing run")
 
 

@@ -42,3 +42,11 @@ def test_differences_table_pairs_methods_per_task_and_skips_absent_ones():
     assert set(lines) == {"iss - tlm", "tlm - random-corpus"}  # random, cosine, iss-bottom did not run
     assert lines["iss - tlm"]["mean"] == pytest.approx(10.0) and lines["iss - tlm"]["verdict"] == "better"
     assert lines["tlm - random-corpus"]["meaning"].startswith("positive control")
+
+
+def test_mechanism_losses_keep_four_decimals():
+    from iss.report import markdown_rows, precise_losses
+
+    rows = precise_losses([{"method": "iss", "test_task_loss": 1.35101, "test_f1": 0.1127, "steps": 30}])
+    assert rows == [{"method": "iss", "test_task_loss": "1.3510", "test_f1": 0.1127, "steps": 30}]
+    assert "| iss | 1.3510 | 0.113 | 30 |" in markdown_rows(rows)

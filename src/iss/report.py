@@ -120,6 +120,13 @@ def differences_rows(rows: list[dict], resamples: int = 10_000, seed: int = 0) -
     return lines
 
 
+def precise_losses(rows: list[dict]) -> list[dict]:
+    """Losses shown to 4 decimals: subsets move the mechanism check's task loss in the third decimal."""
+    return [
+        {k: f"{v:.4f}" if k.endswith("loss") and isinstance(v, float) else v for k, v in row.items()} for row in rows
+    ]
+
+
 def write_results(
     rows: list[dict],
     folder: Path,
@@ -136,7 +143,10 @@ def write_results(
     for title, extra in (
         ("Paired differences of test F1 (x100), 95% bootstrap CI over seeds", differences),
         ("Subsets", subsets),
-        ("Mechanism check: warmed-up model + MLM on the subset, task head scored without fine-tuning", mechanism),
+        (
+            "Mechanism check: warmed-up model + MLM on the subset, task head scored without fine-tuning",
+            precise_losses(mechanism or []),
+        ),
     ):
         if extra:
             sections.append(f"\n### {title}\n\n{markdown_rows(extra)}")
