@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from iss.methods import EVALUATED, SELECTION_METHODS
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -245,11 +247,8 @@ class Budget(_Section):
         return f"{self.value:.0%}" if self.kind == "fraction" else f"{self.value:g} {self.kind}"
 
 
-Method = Literal["iss", "tlm", "random", "random-corpus", "iss-bottom"]
-
-
 class SelectionConfig(_Section):
-    method: Method = Field(
+    method: Literal[SELECTION_METHODS] = Field(  # type: ignore[valid-type]
         "iss",
         description="iss (influence), tlm (BM25), random (of the pool); controls: random-corpus (random documents "
         "of the whole corpus) and iss-bottom (the pool's least influential candidates).",
@@ -295,8 +294,6 @@ class EvaluationConfig(_Section):
     @field_validator("methods")
     @classmethod
     def _known_methods(cls, value: list[str]) -> list[str]:
-        from iss.methods import EVALUATED
-
         unknown = [m for m in value if m not in EVALUATED]
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; choose from {list(EVALUATED)}")

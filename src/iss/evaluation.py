@@ -46,11 +46,13 @@ def finetune(
     model.to(device)
     epochs: list[dict] = []
 
-    lengths = np.asarray(tokenizer(texts, add_special_tokens=False, return_length=True)["length"])
+    @functools.cache
+    def lengths() -> np.ndarray:
+        return np.asarray(tokenizer(texts, add_special_tokens=False, return_length=True)["length"])
 
     @functools.lru_cache(maxsize=1)
     def epoch_batches(epoch: int) -> list[np.ndarray]:
-        return bucketed_batches(lengths, config.batch_size, seed, epoch)
+        return bucketed_batches(lengths(), config.batch_size, seed, epoch)
 
     def step_loss(step: int, micro: int) -> tuple[torch.Tensor, dict[str, float]]:
         if config.length_buckets:
@@ -64,14 +66,9 @@ def finetune(
 
     def evaluate(step: int) -> None:
         if step % steps_per_epoch == 0:
+            batch = config.eval_batch_size
             scores = {
-                split: f1(
-                    task.label_ids(split),
-                    task_logits(model, tokenizer, task.texts(split), max_length, device, config.eval_batch_size)
-                    .argmax(-1)
-                    .numpy(),
-                    metric,
-                )
+                split: head_scores(model, tokenizer, task, split, metric, max_length, device, batch)["f1"]
                 for split in ("dev", "test")
             }
             epochs.append({"epoch": step // steps_per_epoch, **scores})
@@ -98,9 +95,10 @@ def head_scores(
     metric: Metric,
     max_length: int,
     device: torch.device,
+    batch_size: int = 128,
 ) -> dict[str, float]:
     """Task loss (mean cross-entropy) and F1 of the model's task head on one split, as it stands (no training)."""
-    logits = task_logits(model, tokenizer, task.texts(split), max_length, device)
+    logits = task_logits(model, tokenizer, task.texts(split), max_length, device, batch_size)
     labels = torch.as_tensor(np.array(task.label_ids(split)))
     loss = torch.nn.functional.cross_entropy(logits, labels).item()
     return {"task_loss": loss, "f1": f1(labels.numpy(), logits.argmax(-1).numpy(), metric)}

@@ -479,6 +479,10 @@ class Pipeline:
         }
         return self.stage(name, parts, body)
 
+    def pretrain_seed(self, finetune_seed: int) -> int:
+        """The pretraining a fine-tuning seed starts from: its own, or the run's (``repeat_pretraining`` off)."""
+        return finetune_seed if self.config.evaluation.repeat_pretraining else self.config.seed
+
     def finetune(self, seed: int | None = None, pretrained: bool = True) -> StageResult:
         """Fine-tune the pretrained model (or, with ``pretrained=False``, a fresh one) and score dev/test.
 
@@ -488,8 +492,7 @@ class Pipeline:
         config = self.config
         seed = config.seed if seed is None else seed
         tokenizer_stage, data = self.tokenizer(), self.data()
-        pretrain_seed = seed if config.evaluation.repeat_pretraining else config.seed
-        upstream = self.pretrain(pretrain_seed) if pretrained else None
+        upstream = self.pretrain(self.pretrain_seed(seed)) if pretrained else None
         name = f"finetune-{config.selection.method}{self.tag}-seed{seed}" if pretrained else f"finetune-none-seed{seed}"
 
         def body(folder: Path, summary: dict) -> None:
@@ -603,8 +606,7 @@ class Pipeline:
                 }
                 for seed in config.finetune.seeds:
                     scores = pipeline.finetune(seed, pretrained=pretrained)
-                    pretrain_seed = seed if config.evaluation.repeat_pretraining else config.seed
-                    trained = pipeline.pretrain(pretrain_seed) if pretrained else None
+                    trained = pipeline.pretrain(pipeline.pretrain_seed(seed)) if pretrained else None
                     rows.append(
                         {
                             **label,
