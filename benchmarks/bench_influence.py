@@ -30,10 +30,10 @@ from scipy.stats import spearmanr
 from torch.func import functional_call, grad, vmap
 
 from iss.config import IssConfig, load_config
-from iss.gradients import GroupGradients, PoolScorer, autograd_gradient, seeded_groups, task_gradient_bank
+from iss.gradients import autograd_gradient
+from iss.influence import InfluenceScorer
 from iss.model import (
     TaskMLMModel,
-    labelled_batch,
     load_tokenizer,
     masked_batch,
     parameter_group,
@@ -96,29 +96,15 @@ class Setup:
             self.config.model.max_length,
         )
 
-    def gradients(self, projection_dim: int | None = None, task_batch: int = 1) -> GroupGradients:
-        grads = GroupGradients(self.model, self.group)
-        if projection_dim:
-            grads.project(projection_dim, self.config.influence.projection, self.config.seed)
-        size = self.config.influence.compute_batch
-        task_probe = labelled_batch(
-            self.tokenizer, self.task_texts[:size], self.task_labels[:size], self.config.model.max_length
+    def scorer(self, projection_dim: int | None = None, task_batch: int = 1) -> InfluenceScorer:
+        """The library's scorer, per-sample on the candidate side (B_p = 1), fitted on the task split."""
+        settings = self.config.influence.model_copy(
+            update={"projection_dim": projection_dim, "task_batch": task_batch, "pool_batch": 1}
         )
-        grads.choose_low_rank(task_probe, self.candidates(0, size), task_batch)
-        return grads
-
-    def bank(self, grads: GroupGradients, task_batch: int = 1):
-        groups = seeded_groups(len(self.task_texts), task_batch, self.config.seed)
-        return task_gradient_bank(
-            grads,
-            self.tokenizer,
-            self.task_texts,
-            self.task_labels,
-            groups,
-            self.config.influence.compute_batch,
-            self.config.model.max_length,
-            torch.device("cpu"),
+        scorer = InfluenceScorer(
+            self.model, self.tokenizer, settings, seed=self.config.seed, max_length=self.config.model.max_length
         )
+        return scorer.fit(self.task_texts, self.task_labels, candidate_probe=self.pool_texts)
 
     def batches(self, n: int):
         size = self.config.influence.compute_batch
@@ -144,35 +130,24 @@ def run_forward(setup: Setup, n: int) -> dict:
 
 def run_iss(setup: Setup, n: int, task_batch: int = 1) -> dict:
     """The influence stage's own scorer; ``task_batch`` > 1 is mini-batch matching (B_t samples per bank row)."""
-    grads = setup.gradients(task_batch=task_batch)
-    bank, bank_seconds = _timed(lambda: setup.bank(grads, task_batch))
-    influence = setup.config.influence
-    scorer = PoolScorer(
-        grads,
-        setup.tokenizer,
-        bank,
-        influence.top_k,
-        influence.compute_batch,
-        influence.mlm_probability,
-        setup.config.seed,
-        setup.config.model.max_length,
-        torch.device("cpu"),
-    )
-    units = seeded_groups(n, 1, setup.config.seed + 1)
-    _, seconds = _timed(lambda: scorer.score(setup.pool_texts[:n], setup.pool_keys[:n], units))
-    low_rank = sorted(name for name, m in setup.group.named_modules() if m in grads.low_rank)
+    scorer, bank_seconds = _timed(lambda: setup.scorer(task_batch=task_batch))
+    _, seconds = _timed(lambda: scorer.score(setup.pool_texts[:n], setup.pool_keys[:n]))
     return {
         "docs": n,
         "seconds": seconds,
         "task_batch": task_batch,
         "bank_seconds": bank_seconds,
-        "bank_rows": len(bank),
-        "low_rank": low_rank,
+        "bank_rows": len(scorer.bank),
+        "low_rank": list(scorer.low_rank_modules),
     }
 
 
-def _exact_scores(setup: Setup, grads: GroupGradients, bank, n: int) -> torch.Tensor:
-    return torch.cat([grads.compute(per_sample_mlm_loss, batch).dot(bank) for _, batch in setup.batches(n)])
+def _exact_scores(setup: Setup, scorer: InfluenceScorer, n: int) -> torch.Tensor:
+    """[n, task units] scores of each candidate on its own (no top-k), from the scorer's formula."""
+    return torch.cat(
+        [scorer.candidate_scores(batch, [np.array([i]) for i in range(len(batch.input_ids))])
+         for _, batch in setup.batches(n)]
+    )  # fmt: skip
 
 
 def _agreement(scores: torch.Tensor, exact: torch.Tensor) -> float:
@@ -182,14 +157,13 @@ def _agreement(scores: torch.Tensor, exact: torch.Tensor) -> float:
 
 def _time_baseline(setup: Setup, n: int, scores_of) -> dict:
     """Time a baseline scoring n candidates against the explicit [task, D] bank; check it against iss's scores."""
-    grads = setup.gradients()
-    bank = setup.bank(grads)
-    flat_bank = grads.flatten(bank)
+    scorer = setup.scorer()
+    flat_bank = scorer.grads.flatten(scorer.bank)
     scores, seconds = _timed(lambda: scores_of(flat_bank))
     return {
         "docs": n,
         "seconds": seconds,
-        "max_rel_error_vs_iss": _agreement(scores, _exact_scores(setup, grads, bank, n)),
+        "max_rel_error_vs_iss": _agreement(scores, _exact_scores(setup, scorer, n)),
     }
 
 
@@ -260,13 +234,11 @@ def run_vmap(setup: Setup, n: int) -> dict:
 
 def run_projection(setup: Setup, n: int, dims: list[int], k: int = 10) -> dict:
     """Projected scores against exact ones on the same candidates: relative error, rank agreement, top-k overlap."""
-    exact_grads = setup.gradients()
-    exact = _exact_scores(setup, exact_grads, setup.bank(exact_grads), n)
+    exact = _exact_scores(setup, setup.scorer(), n)
     rows = []
     for dim in dims:
-        grads = setup.gradients(dim)
-        bank = setup.bank(grads)
-        scores, seconds = _timed(lambda grads=grads, bank=bank: _exact_scores(setup, grads, bank, n))
+        scorer = setup.scorer(dim)
+        scores, seconds = _timed(lambda scorer=scorer: _exact_scores(setup, scorer, n))
         rho = [spearmanr(scores[:, j], exact[:, j]).statistic for j in range(exact.shape[1])]
         top_exact, top_projected = exact.topk(k, dim=0).indices, scores.topk(k, dim=0).indices
         overlap = [
@@ -274,7 +246,7 @@ def run_projection(setup: Setup, n: int, dims: list[int], k: int = 10) -> dict:
         ]
         rows.append(
             {
-                "dim": int(bank.dense.shape[1]),
+                "dim": int(scorer.bank.dense.shape[1]),
                 "requested_dim": dim,
                 "relative_frobenius_error": float((scores - exact).norm() / exact.norm()),
                 "mean_spearman": float(np.nanmean(rho)),

@@ -8,12 +8,14 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from iss.analysis import label_pmi, label_separation, top_words, tsne_embed, word_counts
-from iss.report import candidate_best_scores, markdown_rows
+from iss.errors import ConfigError
+from iss.influence import InfluenceResult
+from iss.report import markdown_rows
+from iss.topk import TopK
 
 from .conftest import TINY_TRAINING, iss_command
 
@@ -51,7 +53,7 @@ def test_top_words_ignore_pairs_seen_too_rarely():
 
 
 def test_pmi_names_the_setting_when_no_word_is_frequent_enough():
-    with pytest.raises(ValueError, match="min_word_docs"):
+    with pytest.raises(ConfigError, match="min_word_docs"):
         label_pmi(["one text", "another"], np.array([0, 1]), 2, min_docs=5)
 
 
@@ -73,20 +75,20 @@ def test_tsne_shape_finite_and_separation_ranks_clusters():
     assert math.isnan(label_separation(mixed, np.zeros(60, int)))
 
 
-def test_candidate_best_scores_take_each_units_maximum(tmp_path):
-    pq.write_table(
-        pa.table(
-            {
-                "scores": pa.FixedSizeListArray.from_arrays(pa.array([3.0, 1.0, -1.0, 5.0, 2.0, 0.0]), 3),
-                "units": pa.FixedSizeListArray.from_arrays(pa.array([0, 2, -1, 2, 1, 0]), 3),
-            }
-        ),
-        tmp_path / "topk.parquet",
+def test_influence_result_round_trips_and_takes_each_units_best_score(tmp_path):
+    result = InfluenceResult(
+        TopK(np.array([[0, 2, -1], [2, 1, 0]]), np.array([[3.0, 1.0, -np.inf], [5.0, 2.0, 0.0]], np.float32)),
+        task_units=[["a", "b"], ["c"]],
+        pool_units=[[10, 20], [11], [12], [13]],
+        unit_means=np.array([1.5, 2.0, 3.0, np.nan]),
     )
-    pq.write_table(
-        pa.table({"unit": [0, 1, 2, 3], "corpus_ids": [[10], [11], [12], [13]]}), tmp_path / "pool_units.parquet"
-    )
-    assert candidate_best_scores(tmp_path) == {10: 3.0, 11: 2.0, 12: 5.0}  # unit 3 never ranked
+    result.save(tmp_path)
+    loaded = InfluenceResult.load(tmp_path)
+    np.testing.assert_array_equal(loaded.top.ids, result.top.ids)
+    np.testing.assert_array_equal(loaded.top.scores, result.top.scores)
+    assert loaded.task_units == [["a", "b"], ["c"]] and loaded.pool_units == result.pool_units
+    np.testing.assert_array_equal(loaded.unit_means, result.unit_means)
+    assert loaded.best_scores() == {10: 3.0, 11: 2.0, 12: 5.0}  # unit 3 never ranked
 
 
 def test_markdown_rows_formats_floats_and_missing_values():

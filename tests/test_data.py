@@ -12,6 +12,7 @@ import pytest
 
 from iss.config import Budget, CorpusConfig, IssConfig, RetrievalConfig, TaskConfig, load_config
 from iss.data import DataError, corpus_shards, iter_corpus, load_task, read_shard
+from iss.errors import ConfigError
 from iss.retrieval import BM25Index
 
 from .conftest import CORPUS, REPO, SHARED, require_shared
@@ -189,7 +190,7 @@ def test_config_parsing_and_validation(tmp_path):
         IssConfig().with_overrides({"influence.layer": "middle"})
     with pytest.raises(ValueError, match="splits maps the roles"):
         TaskConfig(splits={"train": "train", "validation": "dev"})
-    with pytest.raises(KeyError, match="unknown config key"):
+    with pytest.raises(ConfigError, match="unknown config key"):
         IssConfig().with_overrides({"nosuch.key": 1})
     path = tmp_path / "c.yaml"
     path.write_text("warmup:\n  epochz: 3\n", encoding="utf-8")

@@ -60,7 +60,7 @@ def test_kill_during_retrieval_influence_and_pretraining_then_resume(config_file
     for name in ("hits.parquet", "pool.parquet"):
         assert pq.read_table(killed / "retrieval" / name).equals(pq.read_table(reference / "retrieval" / name))
 
-    _kill_when(killed / ".influence.work" / "topk.pt", ["influence", *run])
+    _kill_when(killed / ".influence.work" / "topk.npz", ["influence", *run])
     assert not (killed / "influence").exists()
     assert "influence: resuming at candidate unit" in _resume(["influence", *run])
     for name in ("topk.parquet", "task_units.parquet", "pool_units.parquet"):

@@ -6,14 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from iss.gradients import (
-    GroupGradients,
-    PoolScorer,
-    TopK,
-    autograd_gradient,
-    seeded_groups,
-    task_gradient_bank,
-)
+from iss.config import InfluenceConfig
+from iss.errors import ConfigError
+from iss.gradients import GroupGradients, autograd_gradient
+from iss.influence import InfluenceScorer
 from iss.model import (
     Batch,
     labelled_batch,
@@ -125,6 +121,10 @@ def test_cost_rule_factors_the_last_blocks_position_wise_layers(tiny_model, toke
     assert not names & {"key", "value"}
 
 
+def _scorer(model, tokenizer, **settings) -> InfluenceScorer:
+    return InfluenceScorer(model, tokenizer, InfluenceConfig(**settings), seed=SEED, max_length=MAX_LENGTH)
+
+
 @pytest.mark.parametrize(
     ("layer", "pool_batch", "task_batch", "layout"),
     [
@@ -135,36 +135,31 @@ def test_cost_rule_factors_the_last_blocks_position_wise_layers(tiny_model, toke
         (1, 1, 4, "low_rank"),
     ],
 )
-def test_pipeline_scores_equal_autograd_dot_products(
+def test_scorer_scores_equal_autograd_dot_products(
     tiny_model, tokenizer, chemprot_texts, corpus_texts, layer, pool_batch, task_batch, layout
 ):
     """The scorer's kept scores are the dot products of autograd gradients of batch-mean losses."""
     pool_texts, pool_keys, task_texts, task_labels = _pool_and_task(chemprot_texts, corpus_texts)
-    grads = _grads(tiny_model, layer, tokenizer, chemprot_texts, corpus_texts, layout)
-    task_groups = seeded_groups(len(task_texts), task_batch, SEED)
-    unit_groups = seeded_groups(len(pool_texts), pool_batch, SEED + 1)
-
-    bank = task_gradient_bank(grads, tokenizer, task_texts, task_labels, task_groups, 5, MAX_LENGTH, CPU)
-    scorer = PoolScorer(grads, tokenizer, bank, len(unit_groups), 4, 0.15, SEED, MAX_LENGTH, CPU)
-    top = scorer.score(pool_texts, pool_keys, unit_groups)
+    settings = {"layer": layer, "pool_batch": pool_batch, "task_batch": task_batch, "compute_batch": 4}
+    scorer = _scorer(tiny_model, tokenizer, top_k=len(pool_texts), **settings)
+    scorer.fit(task_texts, task_labels, candidate_probe=pool_texts, layout=layout)
+    result = scorer.score(pool_texts, pool_keys)
+    task_groups, unit_groups = scorer.task_units, scorer.candidate_units(len(pool_texts))
+    assert [sorted(keys) for keys in result.pool_units] == [sorted(pool_keys[u].tolist()) for u in unit_groups]
 
     task_all = labelled_batch(tokenizer, task_texts, task_labels, MAX_LENGTH)
     pool_all = masked_batch(tokenizer, pool_texts, pool_keys, 0.15, SEED, MAX_LENGTH)
-    task_refs = [
-        autograd_gradient(tiny_model, grads.group, per_sample_task_loss, _rows(task_all, g)) for g in task_groups
-    ]
-    unit_refs = [
-        autograd_gradient(tiny_model, grads.group, per_sample_mlm_loss, _rows(pool_all, g)) for g in unit_groups
-    ]
-    expected = torch.stack(unit_refs) @ torch.stack(task_refs).T  # [pool units, task units]
+    group = scorer.grads.group
+    task_refs = [autograd_gradient(tiny_model, group, per_sample_task_loss, _rows(task_all, g)) for g in task_groups]
+    unit_refs = [autograd_gradient(tiny_model, group, per_sample_mlm_loss, _rows(pool_all, g)) for g in unit_groups]
+    expected = (torch.stack(unit_refs) @ torch.stack(task_refs).T).numpy()  # [pool units, task units]
 
     for task_unit in range(len(task_groups)):
-        kept = top.units[task_unit]
-        got = top.scores[task_unit]
-        want = expected[kept, task_unit]
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+        kept, got = result.top.ids[task_unit], result.top.scores[task_unit]
+        np.testing.assert_allclose(got, expected[kept, task_unit], rtol=1e-4, atol=1e-4 * np.abs(expected).max())
         assert sorted(kept.tolist()) == list(range(len(unit_groups)))  # k = all units: every unit kept once
-        assert torch.all(got[:-1] >= got[1:])  # best first
+        assert np.all(got[:-1] >= got[1:])  # best first
+    np.testing.assert_allclose(result.unit_means, expected.mean(1), rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
 
 @pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
@@ -199,32 +194,16 @@ def test_projection_is_the_kronecker_projection_of_the_exact_gradient(
     assert torch.equal(again.compute(per_sample_mlm_loss, batch).dense, projected)
 
 
-def test_streaming_top_k_equals_full_matrix_top_k():
-    generator = torch.Generator().manual_seed(0)
-    full = torch.randn(500, 40, generator=generator)  # [candidate units, task units]
-    top = TopK.empty(40, 7)
-    for start in range(0, 500, 64):
-        block = full[start : start + 64]
-        top.update(block, torch.arange(start, start + block.shape[0]))
-    expected = torch.topk(full.T, 7, dim=1)
-    torch.testing.assert_close(top.scores, expected.values)
-    assert torch.equal(top.units, expected.indices)
-
-
 class _Killed(Exception):
     pass
 
 
 def test_scorer_resumes_from_last_finished_shard(tiny_model, tokenizer, chemprot_texts, corpus_texts, tmp_path):
     pool_texts, pool_keys, task_texts, task_labels = _pool_and_task(chemprot_texts, corpus_texts, 14)
-    grads = _grads(tiny_model, "last", tokenizer, chemprot_texts, corpus_texts, "auto")
-    groups = seeded_groups(len(task_texts), 1, 0)
-    units = seeded_groups(len(pool_texts), 1, 1)
-    bank = task_gradient_bank(grads, tokenizer, task_texts, task_labels, groups, 8, MAX_LENGTH, CPU)
-    scorer = PoolScorer(grads, tokenizer, bank, 5, 2, 0.15, 0, MAX_LENGTH, CPU, shard_units=4)
-    whole = scorer.score(pool_texts, pool_keys, units)
+    scorer = _scorer(tiny_model, tokenizer, top_k=5, compute_batch=2, shard_units=4).fit(task_texts, task_labels)
+    whole = scorer.score(pool_texts, pool_keys)
 
-    state, seen = tmp_path / "topk.pt", []
+    state, seen = tmp_path / "topk.npz", []
 
     def die_after_ten(n: int) -> None:
         seen.append(n)
@@ -232,14 +211,15 @@ def test_scorer_resumes_from_last_finished_shard(tiny_model, tokenizer, chemprot
             raise _Killed
 
     with pytest.raises(_Killed):
-        scorer.score(pool_texts, pool_keys, units, state, die_after_ten)
+        scorer.score(pool_texts, pool_keys, state, die_after_ten)
     # shards of 4: the two starting at units 0 and 4 finished before the kill
-    assert torch.load(state, weights_only=True)["done"].tolist() == [0, 4]
+    assert np.load(state)["done"].tolist() == [0, 4]
     resumed_progress = []
-    resumed = scorer.score(pool_texts, pool_keys, units, state, resumed_progress.append)
-    assert resumed_progress[0] == 8 and sum(resumed_progress) == len(units)
-    torch.testing.assert_close(resumed.scores, whole.scores)
-    assert torch.equal(resumed.units, whole.units)
+    resumed = scorer.score(pool_texts, pool_keys, state, resumed_progress.append)
+    assert resumed_progress[0] == 8 and sum(resumed_progress) == len(pool_texts)
+    np.testing.assert_allclose(resumed.top.scores, whole.top.scores)
+    np.testing.assert_array_equal(resumed.top.ids, whole.top.ids)
+    np.testing.assert_allclose(resumed.unit_means, whole.unit_means)
 
 
 def test_tied_embeddings_are_refused(tokenizer):
@@ -257,9 +237,9 @@ def test_tied_embeddings_are_refused(tokenizer):
             tie_word_embeddings=True,
         )
     )
-    with pytest.raises(ValueError, match="untied"):
+    with pytest.raises(ConfigError, match="untied"):
         parameter_group(TaskMLMModel(tied, 3), "embeddings")
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(ConfigError, match="out of range"):
         parameter_group(TaskMLMModel(tied, 3), 5)
 
 
@@ -268,34 +248,31 @@ def test_cosine_scores_equal_autograd_cosines(tiny_model, tokenizer, chemprot_te
     """similarity=cosine: each sample's gradient normalised (norms from the factors, not a dense copy); a matched
     pair of batches scores the mean cosine over its member pairs. The per-unit means rank the whole pool."""
     pool_texts, pool_keys, task_texts, task_labels = _pool_and_task(chemprot_texts, corpus_texts)
-    grads = _grads(tiny_model, layer, tokenizer, chemprot_texts, corpus_texts, layout)
-    task_groups, unit_groups = seeded_groups(len(task_texts), 2, SEED), seeded_groups(len(pool_texts), 3, SEED + 1)
-    bank = task_gradient_bank(
-        grads, tokenizer, task_texts, task_labels, task_groups, 5, MAX_LENGTH, CPU, None, "cosine"
-    )
-    scorer = PoolScorer(grads, tokenizer, bank, len(unit_groups), 4, 0.15, SEED, MAX_LENGTH, CPU, similarity="cosine")
-    top = scorer.score(pool_texts, pool_keys, unit_groups)
+    settings = {"layer": layer, "pool_batch": 3, "task_batch": 2, "compute_batch": 4, "similarity": "cosine"}
+    scorer = _scorer(tiny_model, tokenizer, top_k=len(pool_texts), **settings)
+    scorer.fit(task_texts, task_labels, candidate_probe=pool_texts, layout=layout)
+    result = scorer.score(pool_texts, pool_keys)
+    task_groups, unit_groups = scorer.task_units, scorer.candidate_units(len(pool_texts))
 
     def unit(rows):
         return torch.nn.functional.normalize(torch.stack(rows), dim=1)
 
+    group = scorer.grads.group
     task_all = labelled_batch(tokenizer, task_texts, task_labels, MAX_LENGTH)
     pool_all = masked_batch(tokenizer, pool_texts, pool_keys, 0.15, SEED, MAX_LENGTH)
-    task_refs = unit([autograd_gradient(tiny_model, grads.group, per_sample_task_loss, _rows(task_all, [i]))
+    task_refs = unit([autograd_gradient(tiny_model, group, per_sample_task_loss, _rows(task_all, [i]))
                       for i in range(len(task_texts))])  # fmt: skip
-    pool_refs = unit([autograd_gradient(tiny_model, grads.group, per_sample_mlm_loss, _rows(pool_all, [i]))
+    pool_refs = unit([autograd_gradient(tiny_model, group, per_sample_mlm_loss, _rows(pool_all, [i]))
                       for i in range(len(pool_texts))])  # fmt: skip
     cosines = pool_refs @ task_refs.T
     expected = torch.stack(
         [torch.stack([cosines[u][:, t].mean() for t in task_groups]) for u in unit_groups]
-    )  # [pool units, task units]
-    assert expected.abs().max() <= 1 + 1e-5
+    ).numpy()  # [pool units, task units]
+    assert np.abs(expected).max() <= 1 + 1e-5
     for task_unit in range(len(task_groups)):
-        kept = top.units[task_unit]
-        torch.testing.assert_close(top.scores[task_unit], expected[kept, task_unit], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(
-        torch.from_numpy(top.unit_means(len(unit_groups))).float(), expected.mean(1), rtol=1e-4, atol=1e-5
-    )
+        kept = result.top.ids[task_unit]
+        np.testing.assert_allclose(result.top.scores[task_unit], expected[kept, task_unit], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(result.unit_means, expected.mean(1), rtol=1e-4, atol=1e-5)
 
 
 def test_gradient_norms_from_factors_equal_explicit_norms(tiny_model, tokenizer, chemprot_texts, corpus_texts):

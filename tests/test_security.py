@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from iss.config import load_config
+from iss.config import OptimizerConfig, load_config
 from iss.model import TaskMLMModel
+from iss.training import LoopSettings, train_loop
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "iss"
 
@@ -49,13 +50,24 @@ def test_checkpoint_with_custom_code_is_refused_unless_trusted(tiny_model, tmp_p
 
 
 def test_pickled_weights_are_refused_by_the_checkpoint_loader(tmp_path):
+    """A resumed training loop loads its checkpoint's state without running pickled code in it."""
+    model = torch.nn.Linear(2, 2)
+    settings = LoopSettings(OptimizerConfig(), total_steps=4, save_every=2)
+
+    def step_loss(step: int, micro: int):
+        return model(torch.ones(1, 2)).sum(), {}
+
+    checkpoint = tmp_path / "checkpoint"
+    train_loop(model, LoopSettings(OptimizerConfig(), total_steps=2, save_every=2), step_loss, 0, checkpoint, False)
+    assert (checkpoint / "state.pt").is_file()
+
     class Payload:
         def __reduce__(self):
             return (Path(tmp_path / "pwned").write_text, ("yes",))
 
-    torch.save({"step": 1, "payload": Payload()}, tmp_path / "state.pt")
+    torch.save({"step": 1, "payload": Payload()}, checkpoint / "state.pt")
     with pytest.raises(Exception, match="Weights only load failed"):
-        torch.load(tmp_path / "state.pt", weights_only=True)
+        train_loop(model, settings, step_loss, 0, checkpoint, False)
     assert not (tmp_path / "pwned").exists()
 
 

@@ -33,6 +33,8 @@ from sklearn.metrics import silhouette_score
 
 from iss.config import CorpusConfig
 from iss.data import iter_corpus
+from iss.errors import ConfigError
+from iss.methods import display_name
 from iss.model import TaskMLMModel, load_tokenizer, transformer_blocks
 from iss.report import save_figure, write_rows
 from iss.training import cls_features
@@ -42,7 +44,6 @@ if TYPE_CHECKING:
     from iss.runs import StageResult
 
 WORD_PATTERN = r"(?u)\b[a-zA-Z][a-zA-Z\-]+\b"  # words of two or more letters (hyphens kept: "anti-cancer")
-SOURCE_NAMES = {"iss": "ISS", "tlm": "TLM (BM25)", "random": "random", "corpus": "corpus"}
 
 
 # --------------------------------------------------------------------------------------------- words
@@ -60,7 +61,7 @@ def label_pmi(
     try:
         presence = vectorizer.fit_transform(texts)
     except ValueError as error:  # sklearn: "After pruning, no terms remain"
-        raise ValueError(f"no word occurs in {min_docs} task texts; lower analysis.min_word_docs") from error
+        raise ConfigError(f"no word occurs in {min_docs} task texts; lower analysis.min_word_docs") from error
     onehot = sp.csr_matrix((np.ones(len(label_ids)), (np.arange(len(label_ids)), label_ids)), (len(texts), n_labels))
     joint = np.asarray((presence.T @ onehot).todense())
     doc_freq = np.asarray(presence.sum(axis=0)).ravel()
@@ -103,7 +104,7 @@ def plot_words(rows: list[dict], sources: list[str], path: Path) -> None:
     positions = np.arange(len(rows))
     for offset, source in enumerate(sources):
         values = [row[f"{source}_per_10k"] for row in rows]
-        ax.barh(positions + offset * height, values, height, label=SOURCE_NAMES.get(source, source))
+        ax.barh(positions + offset * height, values, height, label=display_name(source))
     ax.set_yticks(positions + height * (len(sources) - 1) / 2, [f"{r['word']} ({r['label']})" for r in rows])
     ax.invert_yaxis()
     ax.set_xlabel("occurrences per 10k words")
@@ -126,7 +127,7 @@ def analyze_words(pipeline: Pipeline) -> StageResult:
         )
         rows = top_words(words, pmi, joint, task.labels, settings.words, settings.min_word_docs)
         if not rows:
-            raise ValueError(f"no word occurs in {settings.min_word_docs} train texts of one label; lower "
+            raise ConfigError(f"no word occurs in {settings.min_word_docs} train texts of one label; lower "
                              "analysis.min_word_docs")  # fmt: skip
         chosen = [row["word"] for row in rows]
         totals = {}
@@ -197,7 +198,7 @@ def analyze_tsne(pipeline: Pipeline) -> StageResult:
     """Figure 4: [CLS] features of the test texts under the ISS-, TLM-pretrained and untrained models."""
     config, settings, seed = pipeline.config, pipeline.config.analysis, pipeline.config.seed
     pretrained = {
-        SOURCE_NAMES[method]: pipeline.variant({"selection.method": method}).pretrain(seed) for method in ("iss", "tlm")
+        display_name(method): pipeline.variant({"selection.method": method}).pretrain(seed) for method in ("iss", "tlm")
     }
     data, tokenizer_stage = pipeline.data(), pipeline.tokenizer()
 

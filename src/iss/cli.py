@@ -20,6 +20,7 @@ from rich.table import Table
 
 from iss.analysis import analyze_layers, analyze_tsne, analyze_words
 from iss.config import IssConfig, load_config
+from iss.errors import IssError
 from iss.pipeline import Pipeline
 from iss.report import write_report
 from iss.runs import StageResult
@@ -80,10 +81,11 @@ def _logging(quiet: bool) -> None:
 
 @contextmanager
 def _one_line_errors() -> Iterator[None]:
-    """Expected failures (bad config, bad data, missing files) end the command with one line and exit code 2."""
+    """The user's errors (bad config or data: an :class:`IssError`, an invalid config) end the command with one
+    line and exit code 2; anything else is a bug and keeps its traceback."""
     try:
         yield
-    except (ValidationError, ValueError, FileNotFoundError, KeyError) as error:
+    except (IssError, ValidationError) as error:
         console.print(f"[red]error:[/red] {escape(str(error))}", soft_wrap=True)  # one line, brackets kept
         raise typer.Exit(2) from error
 

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from iss.errors import ConfigError
 from iss.methods import EVALUATED, SELECTION_METHODS
 
 
@@ -356,7 +357,7 @@ class IssConfig(_Section):
             *parents, leaf = dotted.split(".")
             for key in parents:
                 if key not in node or not isinstance(node[key], dict):
-                    raise KeyError(f"unknown config key {dotted!r}")
+                    raise ConfigError(f"unknown config key {dotted!r}")
                 node = node[key]
             node[leaf] = value
         return IssConfig.model_validate(data)
@@ -368,10 +369,10 @@ def load_config(path: str | Path | None = None) -> IssConfig:
         return IssConfig()
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
+        raise ConfigError(f"config file not found: {path}")
     raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: the config must be a mapping of sections")
+        raise ConfigError(f"{path}: the config must be a mapping of sections")
     _resolve_paths(raw, path.parent)
     return IssConfig.model_validate(raw)
 

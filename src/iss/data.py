@@ -22,6 +22,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from iss.config import CorpusConfig, TaskConfig
+from iss.errors import DataError
 
 TASK_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 CORPUS_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")
@@ -30,10 +31,6 @@ SPLIT_ROLES = ("train", "dev", "test")
 
 
 log = logging.getLogger("iss")
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file and, where known, the row."""
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,9 @@ import torch
 
 from iss.config import CorpusConfig, RayConfig, RetrievalConfig
 from iss.data import CorpusShard, DataError, corpus_shards, read_shard
-from iss.gradients import GradientFeatures, ScorerSpec, TopK, TopKCheckpoint
-from iss.retrieval import BM25Index, Hits, SearchState, shard_doc_freq
+from iss.influence import InfluenceScorer, ScorerRecipe
+from iss.retrieval import BM25Index, shard_doc_freq
+from iss.topk import TopK, TopKCheckpoint
 
 Progress = Callable[[int], None]
 log = logging.getLogger("iss")
@@ -62,7 +63,7 @@ def _worker_data_errors() -> Iterator[None]:
         if isinstance(cause, DataError):
             raise DataError(str(cause)) from error
         # across processes Ray may keep only the worker's traceback text
-        found = re.search(r"iss\.data\.DataError: (.+)", str(error))
+        found = re.search(re.escape(f"{DataError.__module__}.DataError: ") + "(.+)", str(error))
         if found is None:
             raise
         raise DataError(found.group(1).strip()) from error
@@ -123,7 +124,7 @@ def ray_bm25_search(
     top_k: int,
     config: RayConfig,
     progress: Progress | None = None,
-) -> Hits:
+) -> TopK:
     """BM25 top-K per query over the corpus, both passes mapped over corpus shards by Ray workers."""
     import ray
 
@@ -142,7 +143,7 @@ def ray_bm25_search(
     if index.n_docs == 0:
         raise DataError(f"corpus {', '.join(corpus.paths)}: no non-empty documents")
     index.set_vocabulary(list(word_ids))
-    state = SearchState(index.work_dir / "search-state-ray.npz", len(queries), top_k)
+    state = TopKCheckpoint(index.work_dir / "search-state-ray.npz", TopK.empty(len(queries), top_k))
     payload = ray.put(
         {
             "words": list(word_ids),
@@ -164,10 +165,10 @@ def ray_bm25_search(
             num_cpus=config.cpus_per_worker,
         )
         for row in scored.iter_rows():
-            state.add(int(row["number"]), Hits(np.asarray(row["ids"]), np.asarray(row["scores"])))
+            state.add(int(row["number"]), TopK(np.asarray(row["ids"]), np.asarray(row["scores"])))
             if progress:
                 progress(1)
-    return state.hits
+    return state.top
 
 
 # ------------------------------------------------------------------------------------------- influence
@@ -176,60 +177,58 @@ def ray_bm25_search(
 class _PoolShardScorer:
     """Actor holding the warmed-up model, the gradient machinery and the task bank; scores pool shards."""
 
-    def __init__(self, spec: ScorerSpec, bank: Any, pool: Any, threads: int) -> None:
+    def __init__(self, recipe: ScorerRecipe, bank: Any, pool: Any, threads: int) -> None:
         import ray
 
         torch.set_num_threads(threads)
-        _, grads, tokenizer = spec.load()
-        self.scorer = spec.scorer(grads, tokenizer, ray.get(bank))
-        self.texts, self.keys, self.unit_groups = ray.get(pool)
+        self.scorer = InfluenceScorer.from_recipe(recipe, ray.get(bank))
+        self.texts, self.ids, self.units = ray.get(pool)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        out: dict[str, list] = {"start": [], "scores": [], "units": [], "seen_units": [], "seen_means": []}
+        out: dict[str, list] = {"start": []}
         for start in batch["start"]:
-            top = self.scorer.score_shard(self.texts, self.keys, self.unit_groups, int(start))
+            top = self.scorer.score_shard(self.texts, self.ids, self.units, int(start))
             out["start"].append(int(start))
-            for name in ("scores", "units", "seen_units", "seen_means"):
-                out[name].append(getattr(top, name).numpy())
+            for name, values in top.state().items():
+                out.setdefault(name, []).append(values)
         return out
 
 
 def ray_score_pool(
-    spec: ScorerSpec,
-    bank: GradientFeatures,
+    scorer: InfluenceScorer,
     texts: list[str],
-    keys: np.ndarray,
-    unit_groups: list[np.ndarray],
-    state_path: Path,
+    ids: np.ndarray,
+    units: list[np.ndarray],
+    checkpoint: Path | None,
     config: RayConfig,
     progress: Progress | None = None,
 ) -> TopK:
-    """Influence top-k per task unit, pool shards scored by Ray actors and merged here (resumable per shard)."""
+    """Influence top-k per task unit, pool shards scored by Ray actors rebuilt from the scorer's recipe and
+    merged here (resumable per shard)."""
     import ray
 
     start_ray(config)
-    state_path = state_path.with_name(f"{state_path.stem}-ray.pt")
-    state = TopKCheckpoint(state_path, len(bank), min(spec.top_k, len(unit_groups)))
-    state.report_resume(unit_groups, spec.shard_units, progress)
-    starts = [start for start in range(0, len(unit_groups), spec.shard_units) if start not in state.done]
+    checkpoint = checkpoint.with_name(f"{checkpoint.stem}-ray{checkpoint.suffix}") if checkpoint else None
+    state = scorer.checkpoint(checkpoint, units, progress)
+    starts = [start for start in scorer.shard_starts(len(units)) if start not in state.done]
     if not starts:
         return state.top
     scored = ray.data.from_items([{"start": start} for start in starts]).map_batches(
         _PoolShardScorer,
         fn_constructor_kwargs={
-            "spec": spec,
-            "bank": ray.put(bank),
-            "pool": ray.put((texts, keys, unit_groups)),
+            "recipe": scorer.recipe(),
+            "bank": ray.put(scorer.bank),
+            "pool": ray.put((texts, ids, units)),
             "threads": max(1, int(config.cpus_per_worker)),
         },
         batch_size=1,
         concurrency=config.workers,
         num_cpus=config.cpus_per_worker,
     )
+    shard = scorer.settings.shard_units
     for row in scored.iter_rows():
         start = int(row["start"])
-        parts = (torch.as_tensor(np.asarray(row[name])) for name in ("scores", "units", "seen_units", "seen_means"))
-        state.add(start, TopK(*parts))
+        state.add(start, TopK.from_state({name: np.asarray(value) for name, value in row.items() if name != "start"}))
         if progress:
-            progress(int(sum(len(g) for g in unit_groups[start : start + spec.shard_units])))
+            progress(int(sum(len(g) for g in units[start : start + shard])))
     return state.top

@@ -15,25 +15,19 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 from torch import nn
-from transformers import PreTrainedTokenizerFast
 
+from iss.errors import ConfigError
 from iss.model import (
     Batch,
     TaskMLMModel,
-    labelled_batch,
-    load_tokenizer,
-    masked_batch,
-    parameter_group,
     per_sample_mlm_loss,
     per_sample_task_loss,
 )
@@ -243,9 +237,9 @@ class GroupGradients:
         self.modules = [m for m in group.modules() if any(True for _ in m.parameters(recurse=False))]
         for module in self.modules:
             if not isinstance(module, SUPPORTED):
-                raise ValueError(f"per-sample gradients are not supported for {type(module).__name__} parameters")
+                raise ConfigError(f"per-sample gradients are not supported for {type(module).__name__} parameters")
             if isinstance(module, nn.LayerNorm) and module.weight is None:
-                raise ValueError("LayerNorm without affine parameters has nothing to differentiate")
+                raise ConfigError("LayerNorm without affine parameters has nothing to differentiate")
         self.low_rank: set[nn.Module] = set()
         self.projections: dict[nn.Module, Projection] = {}
         self._records = {module: _Record() for module in self.modules}
@@ -428,279 +422,3 @@ def autograd_gradient(model: TaskMLMModel, group: nn.Module, loss_fn: LossFn, ba
     return torch.cat(
         [torch.zeros(p.numel()) if g is None else g.reshape(-1) for p, g in zip(parameters, grads, strict=True)]
     )
-
-
-# ------------------------------------------------------------------------------------ influence scoring
-
-
-@dataclass
-class TopK:
-    """Running top-k candidate units per task unit; memory is [task units, k] whatever the pool size.
-
-    It also keeps every scored unit's mean score over all task units (``seen_units``, ``seen_means``): the
-    influence on the mean task loss, which ranks the whole pool (the ``iss-bottom`` control reads it).
-    """
-
-    scores: torch.Tensor
-    units: torch.Tensor
-    seen_units: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
-    seen_means: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
-
-    @classmethod
-    def empty(cls, n_task_units: int, k: int) -> TopK:
-        return cls(torch.full((n_task_units, k), -torch.inf), torch.full((n_task_units, k), -1, dtype=torch.long))
-
-    def update(self, scores: torch.Tensor, unit_ids: torch.Tensor) -> None:
-        """Merge a [candidate units, task units] score block into the running lists."""
-        block = TopK(scores.T.to(self.scores), unit_ids.expand(self.units.shape[0], -1), unit_ids, scores.mean(1))
-        self.merge(block)
-
-    def unit_means(self, n_units: int) -> np.ndarray:
-        """[n_units] mean score of each unit over the task units (NaN for a unit never scored)."""
-        means = np.full(n_units, np.nan)
-        means[self.seen_units.numpy()] = self.seen_means.double().numpy()
-        return means
-
-    def merge(self, other: TopK) -> None:
-        """Keep the best k of both lists, ties broken by lower unit id, so the result does not depend on the
-        order shards are merged in (local and distributed scoring agree exactly)."""
-        self.seen_units = torch.cat([self.seen_units, other.seen_units])
-        self.seen_means = torch.cat([self.seen_means, other.seen_means.to(self.seen_means)])
-        all_scores = torch.cat([self.scores, other.scores], dim=1)
-        all_units = torch.cat([self.units, other.units], dim=1)
-        by_unit = torch.argsort(torch.where(all_units < 0, torch.iinfo(torch.long).max, all_units), dim=1, stable=True)
-        all_scores, all_units = all_scores.gather(1, by_unit), all_units.gather(1, by_unit)
-        order = torch.argsort(all_scores, dim=1, descending=True, stable=True)[:, : self.scores.shape[1]]
-        k = order.shape[1]
-        self.scores = torch.full_like(self.scores, -torch.inf)
-        self.units = torch.full_like(self.units, -1)
-        self.scores[:, :k], self.units[:, :k] = all_scores.gather(1, order), all_units.gather(1, order)
-
-
-class TopKCheckpoint:
-    """The running top-k over the pool shards merged so far, saved after each (temp file + rename).
-
-    Shards are keyed by their first unit, so they may finish in any order (Ray) and a rerun skips the ones
-    already merged. Without a path nothing is saved.
-    """
-
-    def __init__(self, path: Path | None, n_task_units: int, k: int) -> None:
-        self.path = path
-        self.top = TopK.empty(n_task_units, k)
-        self.done: set[int] = set()
-        if path is not None and path.is_file():
-            state = torch.load(path, weights_only=True)
-            self.top = TopK(state["scores"], state["units"], state["seen_units"], state["seen_means"])
-            self.done = set(state["done"].tolist())
-
-    def report_resume(
-        self, unit_groups: list[np.ndarray], shard_units: int, progress: Callable[[int], None] | None
-    ) -> None:
-        """Log and count (progress bar) the candidate units a previous run already scored."""
-        if not self.done:
-            return
-        scored = sum(len(g) for start in self.done for g in unit_groups[start : start + shard_units])
-        log.info("influence: resuming at candidate unit %d of %d", scored, len(unit_groups))
-        if progress:
-            progress(int(scored))
-
-    def add(self, shard_start: int, shard_top: TopK) -> None:
-        self.top.merge(shard_top)
-        self.done.add(shard_start)
-        if self.path is not None:
-            tmp = self.path.with_suffix(".tmp")
-            torch.save(
-                {
-                    "scores": self.top.scores,
-                    "units": self.top.units,
-                    "seen_units": self.top.seen_units,
-                    "seen_means": self.top.seen_means,
-                    "done": torch.tensor(sorted(self.done)),
-                },
-                tmp,
-            )
-            os.replace(tmp, self.path)
-
-
-def seeded_groups(n: int, size: int, seed: int) -> list[np.ndarray]:
-    """Mini-batches for matching: consecutive chunks of a seeded permutation of 0..n-1."""
-    order = np.random.default_rng(seed).permutation(n)
-    return [order[start : start + size] for start in range(0, n, size)]
-
-
-def _group_chunks(groups: list[np.ndarray], compute_batch: int) -> Iterator[tuple[int, np.ndarray, list[np.ndarray]]]:
-    """Whole groups packed into compute batches: (first group index, rows, groups re-indexed into rows)."""
-    start = 0
-    while start < len(groups):
-        stop, size = start, 0
-        while stop < len(groups) and (size == 0 or size + len(groups[stop]) <= compute_batch):
-            size += len(groups[stop])
-            stop += 1
-        rows = np.concatenate(groups[start:stop])
-        offsets = np.cumsum([0] + [len(g) for g in groups[start:stop]])
-        local = [np.arange(offsets[i], offsets[i + 1]) for i in range(stop - start)]
-        yield start, rows, local
-        start = stop
-
-
-def task_gradient_bank(
-    grads: GroupGradients,
-    tokenizer: PreTrainedTokenizerFast,
-    texts: list[str],
-    label_ids: np.ndarray,
-    groups: list[np.ndarray],
-    compute_batch: int,
-    max_length: int,
-    device: torch.device,
-    progress: Callable[[int], None] | None = None,
-    similarity: str = "dot",
-) -> GradientFeatures:
-    """Task-loss gradients of every task group (B_t samples; one row per group), held in memory.
-
-    With ``similarity="cosine"`` each sample's gradient is normalised before a group's mean is taken. The dense
-    bank is filled in place, so peak memory is the bank plus one compute batch, not twice the bank.
-    """
-    dense: torch.Tensor | None = None
-    sparse_parts: list[list[sp.csr_matrix]] = []
-    low_rank_parts: list[list[LowRank]] = []
-    for first, rows, local in _group_chunks(groups, compute_batch):
-        batch = labelled_batch(tokenizer, [texts[i] for i in rows], label_ids[rows], max_length)
-        features = grads.compute(per_sample_task_loss, batch.to(device))
-        if similarity == "cosine":
-            features = features.normalised()
-        if not all(len(g) == 1 for g in local):
-            features = features.group_mean(local)
-        if dense is None:
-            dense = features.dense.new_empty(len(groups), features.dense.shape[1])
-        dense[first : first + len(local)] = features.dense
-        sparse_parts.append(features.sparse)
-        low_rank_parts.append(features.low_rank)
-        if progress:
-            progress(len(rows))
-    if dense is None:
-        raise ValueError("no task samples to take gradients of")
-    sparse = [sp.vstack(ms, format="csr") for ms in zip(*sparse_parts, strict=True)]
-    low_rank = [LowRank.stack(list(ms)) for ms in zip(*low_rank_parts, strict=True)]
-    return GradientFeatures(dense, sparse, low_rank)
-
-
-@dataclass
-class PoolScorer:
-    """Streams candidate units (B_p documents each) against the task bank, keeping the top-k per task unit.
-
-    A candidate's MLM mask is keyed by its corpus id, so scores do not depend on batching. Candidates are scored
-    in shards of ``shard_units`` units; with a ``state_path`` the running top-k is saved after each finished
-    shard (:class:`TopKCheckpoint`), and a rerun skips the shards already merged.
-    """
-
-    grads: GroupGradients
-    tokenizer: PreTrainedTokenizerFast
-    bank: GradientFeatures
-    top_k: int
-    compute_batch: int
-    mlm_probability: float
-    seed: int
-    max_length: int
-    device: torch.device
-    shard_units: int = 4096
-    similarity: str = "dot"  # 'cosine': each candidate's scores divided by its gradient norm (bank normalised)
-    merge_units: int = 512  # score blocks merged into the running top-k at once: one top-k per block, not batch
-
-    def score(
-        self,
-        texts: list[str],
-        keys: np.ndarray,
-        unit_groups: list[np.ndarray],
-        state_path: Path | None = None,
-        progress: Callable[[int], None] | None = None,
-    ) -> TopK:
-        state = TopKCheckpoint(state_path, len(self.bank), min(self.top_k, len(unit_groups)))
-        state.report_resume(unit_groups, self.shard_units, progress)
-        for shard_start in self.shard_starts(len(unit_groups)):
-            if shard_start not in state.done:
-                state.add(shard_start, self.score_shard(texts, keys, unit_groups, shard_start, progress))
-        return state.top
-
-    def shard_starts(self, n_units: int) -> list[int]:
-        """First unit of every shard: the resume points, and the work items of the Ray backend."""
-        return list(range(0, n_units, self.shard_units))
-
-    def score_shard(
-        self,
-        texts: list[str],
-        keys: np.ndarray,
-        unit_groups: list[np.ndarray],
-        shard_start: int,
-        progress: Callable[[int], None] | None = None,
-    ) -> TopK:
-        """Top-k of one shard's candidate units (global unit ids) for every task unit."""
-        shard = unit_groups[shard_start : shard_start + self.shard_units]
-        top = TopK.empty(len(self.bank), min(self.top_k, len(unit_groups)))
-        pending: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for first, rows, local in _group_chunks(shard, self.compute_batch):
-            first += shard_start
-            batch = masked_batch(
-                self.tokenizer, [texts[i] for i in rows], keys[rows], self.mlm_probability, self.seed, self.max_length
-            )
-            features = self.grads.compute(per_sample_mlm_loss, batch.to(self.device))
-            scores = features.dot(self.bank)
-            if self.similarity == "cosine":
-                scores /= features.norms().clamp(min=1e-12).unsqueeze(1)
-            if not all(len(g) == 1 for g in local):
-                scores = group_mean_scores(scores, local)
-            pending.append((scores.cpu(), torch.arange(first, first + len(local))))
-            if sum(len(units) for _, units in pending) >= self.merge_units:
-                top.update(*map(torch.cat, zip(*pending, strict=True)))
-                pending = []
-            if progress:
-                progress(len(rows))
-        if pending:
-            top.update(*map(torch.cat, zip(*pending, strict=True)))
-        return top
-
-
-@dataclass(frozen=True)
-class ScorerSpec:
-    """What rebuilds the driver's influence scorer anywhere (paths and settings, no objects), so a Ray worker
-    scores candidates exactly as the local backend does."""
-
-    model_path: str
-    tokenizer_path: str
-    layer: str | int
-    top_k: int
-    compute_batch: int
-    mlm_probability: float
-    seed: int
-    max_length: int
-    shard_units: int
-    device: str = "cpu"
-    projection_dim: int | None = None
-    projection: str = "rademacher"
-    similarity: str = "dot"
-    low_rank: tuple[str, ...] = field(default=())
-
-    def load(self) -> tuple[str, GroupGradients, PreTrainedTokenizerFast]:
-        """The warmed-up model's gradient machinery at the chosen layer: (group name, gradients, tokenizer)."""
-        device = torch.device(self.device)
-        model = TaskMLMModel.load(self.model_path).to(device).eval()
-        group_name, group = parameter_group(model, self.layer)
-        grads = GroupGradients(model, group)
-        if self.projection_dim:
-            grads.project(self.projection_dim, self.projection, self.seed)
-        grads.low_rank = {module for name, module in group.named_modules() if name in self.low_rank}
-        return group_name, grads, load_tokenizer(self.tokenizer_path)
-
-    def scorer(self, grads: GroupGradients, tokenizer: PreTrainedTokenizerFast, bank: GradientFeatures) -> PoolScorer:
-        return PoolScorer(
-            grads,
-            tokenizer,
-            bank,
-            top_k=self.top_k,
-            compute_batch=self.compute_batch,
-            mlm_probability=self.mlm_probability,
-            seed=self.seed,
-            max_length=self.max_length,
-            device=torch.device(self.device),
-            shard_units=self.shard_units,
-            similarity=self.similarity,
-        )

@@ -1,14 +1,102 @@
-"""The methods a run can compare, in one place: what each selects with, which config it changes, its name.
+"""The methods a run can compare, in one place: what each needs, how it ranks candidates, its display name.
 
-A selection method (``selection.method``) turns the pool or the corpus into ranked lists; an evaluated method
-(``evaluation.methods``) is a selection method under some config overrides, or ``none`` (no pretraining).
-Stage names use the evaluated method's name, so ISS with cosine similarity keeps artifacts of its own.
+A selection method (``selection.method``) turns its inputs (the BM25 pool, the retrieval hits, the influence
+result, or a sample of the whole corpus) into ranked lists that ``selection.round_robin`` turns into a subset.
+An evaluated method (``evaluation.methods``) is a selection method under some config overrides, or ``none``
+(no pretraining). Stage names use the evaluated method's name, so ISS with cosine similarity keeps artifacts of
+its own. No other module lists method names: the config validates against this registry.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from iss.selection import RankedLists, random_lists
+
+if TYPE_CHECKING:
+    from iss.influence import InfluenceResult
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """What a selection method ranks: the candidate documents in table order and what it needs of upstream."""
+
+    corpus_ids: np.ndarray
+    seed: int
+    bm25: RankedLists | None = None  # per task training query (needs_hits)
+    influence: InfluenceResult | None = None  # (needs_influence)
+    task_split: str = "dev"  # the split influence was measured on (names the task units)
+
+
+def _influence(candidates: Candidates) -> InfluenceResult:
+    if candidates.influence is None:
+        raise ValueError("this method ranks by influence, but no influence result was given")
+    return candidates.influence
+
+
+def _unit_docs(result: InfluenceResult) -> list[np.ndarray]:
+    return [np.asarray(docs, np.int64) for docs in result.pool_units]
+
+
+def iss_lists(candidates: Candidates) -> RankedLists:
+    """ISS: every task unit ranks candidate units by influence (its top-k)."""
+    result = _influence(candidates)
+    split = candidates.task_split
+    names = [[f"{split}:{i}" for i in ids] for ids in result.task_units]
+    return RankedLists(result.top.ids, result.top.scores.astype(np.float64), names, _unit_docs(result))
+
+
+def iss_bottom_lists(candidates: Candidates) -> RankedLists:
+    """Negative control: the pool's candidate units by ascending mean influence over all task units."""
+    result = _influence(candidates)
+    means = result.unit_means
+    scored = np.flatnonzero(~np.isnan(means))
+    order = scored[np.argsort(means[scored], kind="stable")]
+    return RankedLists(order[None, :], means[order][None, :], [[]], _unit_docs(result))
+
+
+def tlm_lists(candidates: Candidates) -> RankedLists:
+    """TLM: each task training query ranks documents by BM25."""
+    if candidates.bm25 is None:
+        raise ValueError("tlm ranks by the BM25 hits, but none were given")
+    return candidates.bm25
+
+
+def random_pool_lists(candidates: Candidates) -> RankedLists:
+    """The random baseline: a seeded shuffle of the BM25 pool."""
+    return random_lists(candidates.corpus_ids, candidates.seed)
+
+
+def corpus_sample_lists(candidates: Candidates) -> RankedLists:
+    """Positive control: documents of the whole corpus, already in their seeded random order."""
+    ids = candidates.corpus_ids
+    return RankedLists(np.arange(ids.size)[None, :], None, [[]], [np.array([d]) for d in ids])
+
+
+@dataclass(frozen=True)
+class SelectionMethod:
+    name: str
+    rank: Callable[[Candidates], RankedLists]
+    needs_influence: bool = False  # reads the influence stage
+    needs_hits: bool = False  # reads the BM25 hits per training query
+    samples_corpus: bool = False  # ranks a uniform sample of the whole corpus instead of the BM25 pool
+
+
+SELECTION: dict[str, SelectionMethod] = {
+    method.name: method
+    for method in (
+        SelectionMethod("iss", iss_lists, needs_influence=True),
+        SelectionMethod("tlm", tlm_lists, needs_hits=True),
+        SelectionMethod("random", random_pool_lists),
+        SelectionMethod("random-corpus", corpus_sample_lists, samples_corpus=True),
+        SelectionMethod("iss-bottom", iss_bottom_lists, needs_influence=True),
+    )
+}
+SELECTION_METHODS = tuple(SELECTION)  # the values of selection.method
 
 
 @dataclass(frozen=True)
@@ -36,10 +124,20 @@ EVALUATED: dict[str, EvaluatedMethod] = {
         EvaluatedMethod("none", "no pretraining", None),
     )
 }
+assert all(m.selection is None or m.selection in SELECTION for m in EVALUATED.values())
 
-SELECTION_METHODS = ("iss", "tlm", "random", "random-corpus", "iss-bottom")  # values of selection.method
-NEEDS_INFLUENCE = {"iss", "iss-bottom"}  # selection methods that read the influence stage
-POOL_FREE = {"random-corpus"}  # selection methods that sample the corpus, not the BM25 pool
+
+# (first, second, what it shows) for the paired-differences table; pairs whose methods did not run are left out
+COMPARISONS = [
+    ("iss", "tlm", "ISS vs BM25"),
+    ("iss", "random", "ISS vs random of the pool"),
+    ("iss-cosine", "tlm", "ISS (cosine) vs BM25"),
+    ("iss-cosine", "random", "ISS (cosine) vs random of the pool"),
+    ("iss-cosine", "iss", "cosine vs dot"),
+    ("tlm", "random-corpus", "positive control: the regime sees data if > 0"),
+    ("iss", "iss-bottom", "negative control: influence ranks if > 0"),
+]
+assert all(name in EVALUATED for pair in COMPARISONS for name in pair[:2])
 
 
 def display_name(name: str) -> str:

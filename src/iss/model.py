@@ -22,6 +22,7 @@ from torch import nn
 from transformers import AutoModelForMaskedLM, AutoTokenizer, BertConfig, PreTrainedTokenizerFast
 
 from iss.config import ModelConfig, TokenizerConfig
+from iss.errors import ConfigError
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 HEAD_FILE = "task_head.safetensors"
@@ -70,7 +71,7 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrai
     """Load a tokenizer folder; it must be able to mask (MLM) and pad. Code shipped with it runs only if trusted."""
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     if tokenizer.mask_token_id is None or tokenizer.pad_token_id is None:
-        raise ValueError(f"{path}: tokenizer has no mask or pad token, so it cannot be used for MLM")
+        raise ConfigError(f"{path}: tokenizer has no mask or pad token, so it cannot be used for MLM")
     return tokenizer
 
 
@@ -122,12 +123,12 @@ class TaskMLMModel(nn.Module):
         if head_path.is_file():
             saved = json.loads((folder / TASK_FILE).read_text(encoding="utf-8"))
             if num_labels is not None and num_labels != saved["num_labels"]:
-                raise ValueError(f"{folder}: head has {saved['num_labels']} labels, the task has {num_labels}")
+                raise ConfigError(f"{folder}: head has {saved['num_labels']} labels, the task has {num_labels}")
             model = cls(mlm, saved["num_labels"], saved.get("dropout", 0.1))
             model.classifier.load_state_dict(load_file(str(head_path)))
             return model
         if num_labels is None:
-            raise ValueError(f"{folder}: no task head saved; pass num_labels to add a fresh one")
+            raise ConfigError(f"{folder}: no task head saved; pass num_labels to add a fresh one")
         return cls(mlm, num_labels)
 
     def save(self, folder: str | Path) -> None:
@@ -148,7 +149,7 @@ class TaskMLMModel(nn.Module):
         """The module mapping hidden states to vocabulary logits (``cls`` for BERT, ``lm_head`` for RoBERTa)."""
         heads = [m for m in self.mlm.children() if m is not self.mlm.base_model]
         if len(heads) != 1:
-            raise ValueError(f"{type(self.mlm).__name__}: expected one MLM head next to the encoder")
+            raise ConfigError(f"{type(self.mlm).__name__}: expected one MLM head next to the encoder")
         return heads[0]
 
     def masked_logits(self, batch: Batch) -> torch.Tensor:
@@ -169,7 +170,7 @@ def transformer_blocks(model: TaskMLMModel) -> nn.ModuleList:
     encoder = getattr(model.encoder, "encoder", None)
     blocks = getattr(encoder, "layer", None)
     if not isinstance(blocks, nn.ModuleList):
-        raise ValueError(f"{type(model.mlm).__name__}: cannot find its transformer blocks (encoder.layer)")
+        raise ConfigError(f"{type(model.mlm).__name__}: cannot find its transformer blocks (encoder.layer)")
     return blocks
 
 
@@ -177,12 +178,12 @@ def parameter_group(model: TaskMLMModel, layer: str | int) -> tuple[str, nn.Modu
     """The module whose parameters influence is measured at: 'embeddings', 'last' or block i (1-based)."""
     if layer == "embeddings":
         if model.mlm.get_output_embeddings() is not None and _tied(model):
-            raise ValueError("layer 'embeddings' needs untied input/output embeddings; choose a block instead")
+            raise ConfigError("layer 'embeddings' needs untied input/output embeddings; choose a block instead")
         return "embeddings", model.encoder.embeddings
     blocks = transformer_blocks(model)
     index = len(blocks) if layer == "last" else int(layer)
     if not 1 <= index <= len(blocks):
-        raise ValueError(f"layer {layer} is out of range: the model has blocks 1..{len(blocks)}")
+        raise ConfigError(f"layer {layer} is out of range: the model has blocks 1..{len(blocks)}")
     return f"block{index}", blocks[index - 1]
 
 

@@ -10,7 +10,6 @@ import json
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,24 +21,23 @@ from tqdm.auto import tqdm
 
 from iss.config import IssConfig
 from iss.data import TaskData, iter_corpus, load_task, read_task, save_task
-from iss.distributed import ray_bm25_search, ray_score_pool
+from iss.distributed import ray_bm25_search
+from iss.errors import ConfigError
 from iss.evaluation import finetune as finetune_model
 from iss.evaluation import head_scores
-from iss.gradients import ScorerSpec, seeded_groups, task_gradient_bank
-from iss.methods import EVALUATED, NEEDS_INFLUENCE, POOL_FREE
+from iss.influence import InfluenceResult, InfluenceScorer
+from iss.methods import EVALUATED, SELECTION, Candidates
 from iss.model import (
     TaskMLMModel,
-    labelled_batch,
     load_tokenizer,
-    masked_batch,
     pick_device,
     set_trainable,
     train_tokenizer,
 )
 from iss.report import write_results
-from iss.retrieval import BM25Index, collect_pool
+from iss.retrieval import BM25Index, collect_pool, hits_table
 from iss.runs import RunFolder, StageResult, file_signature, fingerprint
-from iss.selection import RankedLists, hits_lists, random_lists, resolve_budget, round_robin, subset_table
+from iss.selection import RankedLists, hits_lists, resolve_budget, round_robin, subset_table
 from iss.training import pretrain as pretrain_model
 from iss.training import unigram_entropy, warmup_train
 
@@ -124,7 +122,7 @@ class Pipeline:
             return TaskMLMModel.from_scratch(config.model, tokenizer, len(task.labels))
         model = TaskMLMModel.load(config.model.path, len(task.labels), config.model.trust_remote_code)
         if model.mlm.config.vocab_size < len(tokenizer):
-            raise ValueError(
+            raise ConfigError(
                 f"tokenizer has {len(tokenizer)} tokens but model {config.model.path} only "
                 f"{model.mlm.config.vocab_size} embeddings: they do not belong together"
             )
@@ -186,7 +184,7 @@ class Pipeline:
                     index.build(config.corpus, progress=bar.update)
                 with self.progress(index.n_docs, "BM25 search") as bar:
                     hits = index.search(queries, config.retrieval.top_k, progress=bar.update)
-            pq.write_table(hits.table(), folder / "hits.parquet")
+            pq.write_table(hits_table(hits), folder / "hits.parquet")
             pool = collect_pool(hits, config.corpus)
             pq.write_table(pool, folder / "pool.parquet")
             summary.update(
@@ -247,97 +245,32 @@ class Pipeline:
 
         def body(folder: Path, summary: dict) -> None:
             task = self.task()
-            spec = ScorerSpec(
-                model_path=str(warmup.path / "model"),
-                tokenizer_path=str(tokenizer_stage.path),
-                layer=influence.layer,
-                top_k=influence.top_k,
-                compute_batch=influence.compute_batch,
-                mlm_probability=influence.mlm_probability,
-                seed=config.seed,
-                max_length=config.model.max_length,
-                shard_units=influence.shard_units,
-                device=str(self.device),
-                projection_dim=influence.projection_dim,
-                projection=influence.projection,
-                similarity=influence.similarity,
-            )
-            group_name, grads, tokenizer = spec.load()
-            group = grads.group
+            scorer = InfluenceScorer.from_pretrained(
+                warmup.path / "model", tokenizer_stage.path, influence,
+                seed=config.seed, max_length=config.model.max_length, device=self.device,
+            )  # fmt: skip
             pool = pq.read_table(retrieval.path / "pool.parquet", columns=["corpus_id", "text"])
-            pool_texts, pool_keys = pool.column("text").to_pylist(), pool.column("corpus_id").to_numpy()
-            task_texts, task_labels = task.texts(influence.task_split), task.label_ids(influence.task_split)
-            task_groups = seeded_groups(len(task_texts), influence.task_batch, config.seed)
-            unit_groups = seeded_groups(pool.num_rows, influence.pool_batch, config.seed + 1)
-            probe, max_length = slice(0, influence.compute_batch), config.model.max_length
-            grads.choose_low_rank(
-                labelled_batch(tokenizer, task_texts[probe], task_labels[probe], max_length).to(self.device),
-                masked_batch(
-                    tokenizer, pool_texts[probe], pool_keys[probe], influence.mlm_probability, config.seed, max_length
-                ).to(self.device),
-                influence.task_batch,
-            )
-            low_rank = tuple(sorted(n for n, m in group.named_modules() if m in grads.low_rank))
+            pool_texts = pool.column("text").to_pylist()
+            split = influence.task_split
+            task_texts = task.texts(split)
             with self.progress(len(task_texts), "task gradients") as bar:
-                bank = task_gradient_bank(
-                    grads,
-                    tokenizer,
+                scorer.fit(
                     task_texts,
-                    task_labels,
-                    task_groups,
-                    influence.compute_batch,
-                    max_length,
-                    self.device,
-                    bar.update,
-                    influence.similarity,
+                    task.label_ids(split),
+                    task.splits[split].column("id").to_pylist(),
+                    candidate_probe=pool_texts,
+                    progress=bar.update,
                 )
-            state_path = self.run.work_dir(name) / "topk.pt"
             with self.progress(pool.num_rows, "influence") as bar:
-                if config.backend == "ray":
-                    top = ray_score_pool(
-                        replace(spec, low_rank=low_rank), bank, pool_texts, pool_keys, unit_groups, state_path,
-                        config.ray, bar.update,
-                    )  # fmt: skip
-                else:
-                    top = spec.scorer(grads, tokenizer, bank).score(
-                        pool_texts, pool_keys, unit_groups, state_path, bar.update
-                    )
-            task_ids = task.splits[influence.task_split].column("id").to_numpy()
-            pq.write_table(
-                pa.table(
-                    {"task_unit": range(len(task_groups)), "task_ids": [task_ids[g].tolist() for g in task_groups]}
-                ),
-                folder / "task_units.parquet",
-            )
-            pq.write_table(
-                pa.table({"unit": range(len(unit_groups)), "corpus_ids": [pool_keys[g].tolist() for g in unit_groups]}),
-                folder / "pool_units.parquet",
-            )
-            pq.write_table(
-                pa.table(
-                    {
-                        "scores": pa.FixedSizeListArray.from_arrays(top.scores.numpy().ravel(), top.scores.shape[1]),
-                        "units": pa.FixedSizeListArray.from_arrays(top.units.numpy().ravel(), top.units.shape[1]),
-                    }
-                ),
-                folder / "topk.parquet",
-            )
-            pq.write_table(
-                pa.table({"unit": range(len(unit_groups)), "mean_score": top.unit_means(len(unit_groups))}),
-                folder / "unit_scores.parquet",
-            )
-            summary.update(
-                {
-                    "layer": group_name,
-                    "group_parameters": sum(p.numel() for p in group.parameters()),
-                    "task_units": len(task_groups),
-                    "pool_units": len(unit_groups),
-                    "pool_docs": pool.num_rows,
-                    "distinct_candidates_ranked": int(torch.unique(top.units[top.units >= 0]).numel()),
-                    "low_rank_modules": list(low_rank),
-                    "projected_modules": sorted(n for n, m in group.named_modules() if m in grads.projections),
-                }
-            )
+                result = scorer.score(
+                    pool_texts,
+                    pool.column("corpus_id").to_numpy(),
+                    self.run.work_dir(name) / "topk.npz",
+                    bar.update,
+                    config.ray if config.backend == "ray" else None,
+                )
+            result.save(folder)
+            summary.update({**scorer.summary(), **result.summary(), "pool_docs": pool.num_rows})
 
         parts = {
             "influence": influence.model_dump(mode="json"),
@@ -351,12 +284,13 @@ class Pipeline:
     def select(self) -> StageResult:
         """Run whatever the configured method needs, then pick the subset under the budget."""
         config = self.config
-        method = config.selection.method
+        method = SELECTION[config.selection.method]
         retrieval, tokenizer_stage = self.retrieval(), self.tokenizer()
         upstream = {"retrieval": retrieval.fingerprint, "tokenizer": tokenizer_stage.fingerprint}
-        if method in NEEDS_INFLUENCE:
-            upstream[self.influence_name] = self.influence().fingerprint
-        if method in POOL_FREE:
+        influence = self.influence() if method.needs_influence else None
+        if influence is not None:
+            upstream[self.influence_name] = influence.fingerprint
+        if method.samples_corpus:
             upstream["corpus"] = self.corpus_signature()
 
         def body(folder: Path, summary: dict) -> None:
@@ -364,14 +298,21 @@ class Pipeline:
             tokenizer = load_tokenizer(tokenizer_stage.path)
             pool_lengths = np.asarray(self._token_counts(tokenizer, pool.column("text").to_pylist()))
             kind, limit = resolve_budget(config.selection.budget, pool_lengths)
-            if method in POOL_FREE:
+            if method.samples_corpus:
                 pool = self._corpus_sample(kind, limit, float(pool_lengths.mean()))
                 lengths = np.asarray(self._token_counts(tokenizer, pool.column("text").to_pylist()))
             else:
                 lengths = pool_lengths
             corpus_ids = pool.column("corpus_id").to_numpy()
             doc_tokens = dict(zip(corpus_ids.tolist(), lengths.tolist(), strict=True))
-            lists = self._ranked_lists(method, corpus_ids)
+            candidates = Candidates(
+                corpus_ids,
+                config.seed,
+                bm25=self._bm25_lists(retrieval.path) if method.needs_hits else None,
+                influence=InfluenceResult.load(influence.path) if influence else None,
+                task_split=config.influence.task_split,
+            )
+            lists = method.rank(candidates)
             selection = round_robin(lists, doc_tokens, kind, limit, config.seed)
             if not selection.budget_met:
                 log.warning(
@@ -387,7 +328,7 @@ class Pipeline:
                     handle.write(json.dumps(row, ensure_ascii=False) + "\n")
             summary.update(
                 {
-                    "method": method,
+                    "method": method.name,
                     "budget": str(config.selection.budget),
                     "budget_unit": kind,
                     "budget_limit": limit,
@@ -402,7 +343,7 @@ class Pipeline:
             )
 
         parts = {"selection": config.selection.model_dump(mode="json"), "seed": config.seed, **upstream}
-        return self.stage(f"select-{method}{self.tag}", parts, body)
+        return self.stage(f"select-{method.name}{self.tag}", parts, body)
 
     @staticmethod
     def _token_counts(tokenizer, texts: list[str]) -> list[int]:
@@ -640,40 +581,16 @@ class Pipeline:
         parts = {"runs": [row["fingerprint"] for row in rows], "mechanism": mechanism, "subsets": subsets}
         return self.stage("results", parts, body)
 
-    def _ranked_lists(self, method: str, corpus_ids: np.ndarray) -> RankedLists:
-        if method == "random":
-            return random_lists(corpus_ids, self.config.seed)
-        if method == "random-corpus":  # the sample is already in its seeded random order
-            return RankedLists(np.arange(corpus_ids.size)[None, :], None, [[]], [np.array([d]) for d in corpus_ids])
-        if method == "tlm":
-            hits = pq.read_table(self.results["retrieval"].path / "hits.parquet")
-            task = self.task()
-            n_queries, top_k = task.splits["train"].num_rows, self.config.retrieval.top_k
-            ids, scores = np.full((n_queries, top_k), -1, np.int64), np.zeros((n_queries, top_k), np.float32)
-            query, rank = hits.column("query").to_numpy(), hits.column("rank").to_numpy()
-            ids[query, rank] = hits.column("corpus_id").to_numpy()
-            scores[query, rank] = hits.column("score").to_numpy()
-            train_ids = task.splits["train"].column("id").to_pylist()
-            return hits_lists(ids, scores, [f"train:{i}" for i in train_ids])
-        folder = self.results[self.influence_name].path
-        unit_docs = [
-            np.asarray(d, np.int64)
-            for d in pq.read_table(folder / "pool_units.parquet").column("corpus_ids").to_pylist()
-        ]
-        if method == "iss-bottom":  # the pool's units by ascending mean influence over all task units
-            means = pq.read_table(folder / "unit_scores.parquet").column("mean_score").to_numpy()
-            scored = np.flatnonzero(~np.isnan(means))
-            order = scored[np.argsort(means[scored], kind="stable")]
-            return RankedLists(order[None, :], means[order][None, :], [[]], unit_docs)
-        top = pq.read_table(folder / "topk.parquet")
-        units = np.asarray(top.column("units").to_pylist(), np.int64)
-        scores = np.asarray(top.column("scores").to_pylist(), np.float64)
-        split = self.config.influence.task_split
-        names = [
-            [f"{split}:{i}" for i in ids]
-            for ids in pq.read_table(folder / "task_units.parquet").column("task_ids").to_pylist()
-        ]
-        return RankedLists(units, scores, names, unit_docs)
+    def _bm25_lists(self, retrieval: Path) -> RankedLists:
+        """TLM's lists: each task training query's BM25 hits, best first."""
+        hits = pq.read_table(retrieval / "hits.parquet")
+        task = self.task()
+        n_queries, top_k = task.splits["train"].num_rows, self.config.retrieval.top_k
+        ids, scores = np.full((n_queries, top_k), -1, np.int64), np.zeros((n_queries, top_k), np.float32)
+        query, rank = hits.column("query").to_numpy(), hits.column("rank").to_numpy()
+        ids[query, rank] = hits.column("corpus_id").to_numpy()
+        scores[query, rank] = hits.column("score").to_numpy()
+        return hits_lists(ids, scores, [f"train:{i}" for i in task.splits["train"].column("id").to_pylist()])
 
 
 def _mix(ids: np.ndarray, seed: int) -> np.ndarray:

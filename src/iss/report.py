@@ -15,7 +15,7 @@ import os
 import shutil
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 import jinja2
@@ -27,20 +27,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import yaml
 
-from iss.methods import display_name
+from iss.errors import ConfigError
+from iss.influence import InfluenceResult
+from iss.methods import COMPARISONS, display_name
 from iss.runs import MANIFEST_FILE
 from iss.stats import paired_bootstrap
-
-# (first, second, what it shows) for the paired-differences table; pairs whose methods did not run are left out
-COMPARISONS = [
-    ("iss", "tlm", "ISS vs BM25"),
-    ("iss", "random", "ISS vs random of the pool"),
-    ("iss-cosine", "tlm", "ISS (cosine) vs BM25"),
-    ("iss-cosine", "random", "ISS (cosine) vs random of the pool"),
-    ("iss-cosine", "iss", "cosine vs dot"),
-    ("tlm", "random-corpus", "positive control: the regime sees data if > 0"),
-    ("iss", "iss-bottom", "negative control: influence ranks if > 0"),
-]
 
 
 def results_table(rows: list[dict]) -> list[dict]:
@@ -249,7 +240,7 @@ def write_report(run_dir: Path, out: Path | None = None) -> dict:
     run_dir = Path(run_dir)
     manifest_path = run_dir / MANIFEST_FILE
     if not manifest_path.is_file():
-        raise FileNotFoundError(f"{run_dir}: no {MANIFEST_FILE}; is this an iss run folder?")
+        raise ConfigError(f"{run_dir}: no {MANIFEST_FILE}; is this an iss run folder?")
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     out = Path(out) if out else run_dir / "report"
     tmp = out.with_name(f".{out.name}.tmp")
@@ -341,13 +332,14 @@ def _selection_section(manifest: dict, stages: dict[str, Path], folder: Path) ->
 
 def _scores_section(stages: dict[str, Path], folder: Path) -> Section:
     influence, selected = stages.get("influence"), stages.get("select-iss")
-    if not influence or not selected or not (influence / "topk.parquet").is_file():
+    if not influence or not selected or not InfluenceResult.exists(influence):
         return Section("Influence scores")
-    best = candidate_best_scores(influence)
+    result = InfluenceResult.load(influence)
+    best = result.best_scores()
     chosen = set(pq.read_table(selected / "subset.parquet", columns=["corpus_id"]).column("corpus_id").to_pylist())
     is_selected = np.array([doc in chosen for doc in best])
     scores = np.array(list(best.values()))
-    pool_docs = pq.read_table(influence / "pool_units.parquet").num_rows
+    pool_docs = len(result.pool_units)
     fig, ax = plt.subplots(figsize=(7, 4))
     bins = np.histogram_bin_edges(scores, bins=50) if scores.size else 10
     ax.hist(scores[~is_selected], bins=bins, alpha=0.6, label=f"rejected ({(~is_selected).sum()})")
@@ -370,18 +362,6 @@ def _scores_section(stages: dict[str, Path], folder: Path) -> Section:
         tables=[("Score quantiles", stats)],
         figures=[("Influence score of selected vs rejected candidates (log counts)", folder / "scores.png")],
     )
-
-
-def candidate_best_scores(influence: Path) -> dict[int, float]:
-    """First corpus id of each ranked pool unit -> its best kept score over all task units."""
-    top = pq.read_table(influence / "topk.parquet")
-    units = np.asarray(top.column("units").to_pylist(), np.int64).ravel()
-    scores = np.asarray(top.column("scores").to_pylist(), np.float64).ravel()
-    kept = units >= 0
-    best = np.full(units.max() + 1 if kept.any() else 0, -np.inf)
-    np.maximum.at(best, units[kept], scores[kept])
-    unit_docs = pq.read_table(influence / "pool_units.parquet").column("corpus_ids").to_pylist()
-    return {unit_docs[unit][0]: float(best[unit]) for unit in np.flatnonzero(np.isfinite(best))}
 
 
 def _quantiles(values: np.ndarray) -> dict[str, float]:
@@ -440,4 +420,4 @@ def _markdown(title: str, subtitle: str, sections: list[Section], folder: Path) 
 
 
 def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -10,7 +10,6 @@ shard plus the vocabulary, whatever the corpus size.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,29 +21,24 @@ from bm25s.tokenization import Tokenizer
 
 from iss.config import CorpusConfig, RetrievalConfig
 from iss.data import DataError, iter_corpus
+from iss.runs import atomic_savez
+from iss.topk import TopK, TopKCheckpoint
 
 Progress = Callable[[int], None]
 log = logging.getLogger("iss")
 
 
-@dataclass
-class Hits:
-    """Top-K corpus ids and BM25 scores per query, best first; unused slots hold id -1 and score 0."""
-
-    ids: np.ndarray
-    scores: np.ndarray
-
-    def table(self) -> pa.Table:
-        """Long format: one row per (query, rank) with a real hit."""
-        query, rank = np.nonzero(self.ids >= 0)
-        return pa.table(
-            {
-                "query": pa.array(query, pa.int32()),
-                "rank": pa.array(rank, pa.int32()),
-                "corpus_id": pa.array(self.ids[query, rank], pa.int64()),
-                "score": pa.array(self.scores[query, rank], pa.float32()),
-            }
-        )
+def hits_table(hits: TopK) -> pa.Table:
+    """Long format of the top-K per query: one row per (query, rank) with a real hit."""
+    query, rank = np.nonzero(hits.ids >= 0)
+    return pa.table(
+        {
+            "query": pa.array(query, pa.int32()),
+            "rank": pa.array(rank, pa.int32()),
+            "corpus_id": pa.array(hits.ids[query, rank], pa.int64()),
+            "score": pa.array(hits.scores[query, rank], pa.float32()),
+        }
+    )
 
 
 def bm25_tokenizer(config: RetrievalConfig) -> Tokenizer:
@@ -65,7 +59,7 @@ class TokenizedShard:
         return cls(ids, lengths, np.concatenate([[0], np.cumsum(lengths)]), terms)
 
     def save(self, path: Path) -> None:
-        _atomic_savez(path, ids=self.ids, lengths=self.lengths, offsets=self.offsets, terms=self.terms)
+        atomic_savez(path, ids=self.ids, lengths=self.lengths, offsets=self.offsets, terms=self.terms)
 
     @classmethod
     def load(cls, path: Path) -> TokenizedShard:
@@ -135,7 +129,7 @@ class BM25Index:
         self.tokenizer.word_to_id = {word: i for i, word in enumerate(words)}
 
     def save_build_state(self) -> None:
-        _atomic_savez(
+        atomic_savez(
             self._build_state,
             words=np.asarray(self.vocabulary, dtype=str),
             doc_freq=self.doc_freq,
@@ -180,23 +174,22 @@ class BM25Index:
         matrix.sum_duplicates()
         return matrix
 
-    def shard_top_k(self, shard: TokenizedShard, query_matrix: sp.csr_matrix, top_k: int) -> Hits:
-        """The best ``top_k`` documents of one shard for every query."""
+    def shard_top_k(self, shard: TokenizedShard, query_matrix: sp.csr_matrix, top_k: int) -> TopK:
+        """The best ``top_k`` documents of one shard for every query; a zero score (no shared term) is no hit."""
         doc_matrix = self.shard_matrix(shard).T.tocsr()
-        n_queries = query_matrix.shape[0]
-        hits = Hits(np.full((n_queries, top_k), -1, np.int64), np.zeros((n_queries, top_k), np.float32))
-        for start in range(0, n_queries, self.config.query_batch_size):
+        hits = TopK.empty(query_matrix.shape[0], top_k)
+        for start in range(0, query_matrix.shape[0], self.config.query_batch_size):
             stop = start + self.config.query_batch_size
             scores = (query_matrix[start:stop] @ doc_matrix).toarray()
-            hits.ids[start:stop], hits.scores[start:stop] = _merge_top_k(
-                hits.ids[start:stop], hits.scores[start:stop], shard.ids, scores, top_k
-            )
+            block = TopK.empty(scores.shape[0], top_k)
+            block.update(np.where(scores > 0, scores, -np.inf), shard.ids)
+            hits.ids[start:stop], hits.scores[start:stop] = block.ids, block.scores
         return hits
 
-    def search(self, queries: list[str], top_k: int, progress: Progress | None = None) -> Hits:
-        """Pass 2: score every shard against every query, keeping a running top-K per query."""
+    def search(self, queries: list[str], top_k: int, progress: Progress | None = None) -> TopK:
+        """Pass 2: score every shard against every query, keeping a running top-K per query (resumable)."""
         query_matrix = self.query_matrix(queries)
-        state = SearchState(self.work_dir / "search-state.npz", len(queries), top_k)
+        state = TopKCheckpoint(self.work_dir / "search-state.npz", TopK.empty(len(queries), top_k))
         if state.done:
             log.info("BM25 search: resuming, %d of %d shards already scored", len(state.done), len(self.shards))
         for number, path in enumerate(self.shards):
@@ -206,7 +199,7 @@ class BM25Index:
             state.add(number, self.shard_top_k(shard, query_matrix, top_k))
             if progress:
                 progress(shard.ids.size)
-        return state.hits
+        return state.top
 
 
 def shard_doc_freq(shard: TokenizedShard, vocab_size: int) -> np.ndarray:
@@ -216,54 +209,7 @@ def shard_doc_freq(shard: TokenizedShard, vocab_size: int) -> np.ndarray:
     return np.bincount(unique_pairs % vocab_size, minlength=vocab_size)
 
 
-class SearchState:
-    """The running top-K over the shards scored so far, saved after each one (shards may finish in any order)."""
-
-    def __init__(self, path: Path, n_queries: int, top_k: int) -> None:
-        self.path = path
-        self.hits = Hits(np.full((n_queries, top_k), -1, np.int64), np.zeros((n_queries, top_k), np.float32))
-        self.done: set[int] = set()
-        if path.is_file():
-            with np.load(path) as state:
-                self.hits = Hits(state["ids"], state["scores"])
-                self.done = set(state["done"].tolist())
-
-    def add(self, number: int, shard_hits: Hits) -> None:
-        top_k = self.hits.ids.shape[1]
-        self.hits.ids, self.hits.scores = _merge_top_k(
-            self.hits.ids, self.hits.scores, shard_hits.ids, shard_hits.scores, top_k
-        )
-        self.done.add(number)
-        _atomic_savez(
-            self.path, ids=self.hits.ids, scores=self.hits.scores, done=np.asarray(sorted(self.done), np.int64)
-        )
-
-
-def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-
-
-def _merge_top_k(
-    best_ids: np.ndarray, best_scores: np.ndarray, shard_ids: np.ndarray, scores: np.ndarray, top_k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Merge a shard's scores into the running top-K; zero scores (no shared term) are never hits."""
-    all_scores = np.concatenate([best_scores, scores], axis=1)
-    all_ids = np.concatenate([best_ids, np.broadcast_to(shard_ids, scores.shape)], axis=1)
-    k = min(top_k, all_scores.shape[1])
-    part = np.argpartition(-all_scores, k - 1, axis=1)[:, :k]
-    part_scores = np.take_along_axis(all_scores, part, axis=1)
-    # Order by score, then by corpus id so ties break the same way on every run.
-    part_ids = np.take_along_axis(all_ids, part, axis=1)
-    order = np.lexsort((part_ids, -part_scores), axis=1)
-    ids = np.take_along_axis(part_ids, order, axis=1)
-    ranked = np.take_along_axis(part_scores, order, axis=1)
-    ids = np.where(ranked > 0, ids, -1)
-    return ids, np.where(ranked > 0, ranked, 0)
-
-
-def collect_pool(hits: Hits, corpus: CorpusConfig) -> pa.Table:
+def collect_pool(hits: TopK, corpus: CorpusConfig) -> pa.Table:
     """Stream the corpus once more to fetch the text of every retrieved document (the candidate pool)."""
     valid = hits.ids >= 0
     pool_ids, inverse = np.unique(hits.ids[valid], return_inverse=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import platform
 import shutil
@@ -16,18 +17,24 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from iss._version import CACHE_VERSION, __version__
+
+log = logging.getLogger("iss")
 STAGE_FILE = "stage.json"
 MANIFEST_FILE = "manifest.json"
 
 
 def fingerprint(*parts: Any) -> str:
-    """Stable short hash of JSON-serialisable parts (configs, upstream fingerprints, file stats)."""
-    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    """Stable short hash of JSON-serialisable parts (configs, upstream fingerprints, file stats) and of the code's
+    cache version (``iss`` major.minor), so an artifact of older code is not reused after a fix."""
+    blob = json.dumps([CACHE_VERSION, *parts], sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -52,9 +59,16 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def atomic_savez(path: Path, **arrays: Any) -> None:
+    """Save numpy arrays atomically (temp file + rename): a kill never leaves half a checkpoint."""
+    tmp = path.with_name(f".{path.stem}.tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
 def package_versions() -> dict[str, str]:
-    names = ["iss", "torch", "transformers", "tokenizers", "bm25s", "pyarrow", "numpy", "scipy"]
-    versions = {"python": platform.python_version()}
+    names = ["torch", "transformers", "tokenizers", "bm25s", "pyarrow", "numpy", "scipy"]
+    versions = {"python": platform.python_version(), "iss": __version__}
     for name in names:
         try:
             versions[name] = metadata.version(name)
@@ -88,8 +102,13 @@ class RunFolder:
         if not record_path.is_file():
             return None
         record = json.loads(record_path.read_text(encoding="utf-8"))
+        made_by = record.get("versions", {}).get("iss", "unknown")
         if record.get("fingerprint") != stage_fingerprint:
+            if made_by != __version__:
+                log.info("stage %s: the artifact was made by iss %s; rerunning under %s", name, made_by, __version__)
             return None
+        if made_by != __version__:
+            log.warning("stage %s: reusing an artifact made by iss %s (this is %s)", name, made_by, __version__)
         return StageResult(name, folder, stage_fingerprint, record.get("summary", {}), reused=True)
 
     def work_dir(self, name: str) -> Path:
@@ -115,7 +134,7 @@ class RunFolder:
         record = {
             "stage": name,
             "fingerprint": stage_fingerprint,
-            "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "config": config,
             "summary": summary,
             "versions": package_versions(),
@@ -154,6 +173,6 @@ class RunFolder:
             }
         manifest.update(extra)
         manifest["versions"] = package_versions()
-        manifest["updated_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+        manifest["updated_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         write_json(path, manifest)
         return path

@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 
-from iss.config import Budget
+from iss.errors import ConfigError
+
+if TYPE_CHECKING:
+    from iss.config import Budget
 
 
-class BudgetError(ValueError):
+class BudgetError(ConfigError):
     """The budget cannot be met by the candidate pool."""
 
 

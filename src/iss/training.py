@@ -23,6 +23,7 @@ from transformers import PreTrainedTokenizerFast, get_linear_schedule_with_warmu
 
 from iss.config import OptimizerConfig, PretrainConfig, WarmupConfig
 from iss.data import TaskData
+from iss.errors import DataError
 from iss.model import TaskMLMModel, encode, labelled_batch, mask_tokens, per_sample_mlm_loss, per_sample_task_loss
 
 log = logging.getLogger("iss")
@@ -222,7 +223,7 @@ def pretrain(
     """
     texts, labels = task.texts("train"), task.label_ids("train")
     if not subset_texts:
-        raise ValueError("the subset is empty: nothing to pretrain on")
+        raise DataError("the subset is empty: nothing to pretrain on")
     micro_batches = config.steps * config.accumulation
     is_task = task_batch_schedule(micro_batches, config.rho1, config.objective)
     position = np.where(is_task, np.cumsum(is_task) - 1, np.cumsum(~is_task) - 1)

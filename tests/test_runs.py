@@ -1,0 +1,57 @@
+"""The run folder: a stage runs once per fingerprint, is reused after, and says when older code made it."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from iss import runs
+from iss.runs import RunFolder, fingerprint
+
+
+def _run_stage(folder: RunFolder, name: str, stage_fingerprint: str, calls: list[str]) -> None:
+    with folder.stage(name, stage_fingerprint, {"k": 1}) as (path, summary):
+        calls.append(name)
+        (path / "out.txt").write_text("done", encoding="utf-8")
+        summary["rows"] = 3
+
+
+def test_finished_stage_is_reused_only_under_its_fingerprint(tmp_path):
+    folder, calls = RunFolder(tmp_path), []
+    assert folder.finished("select", "aaa") is None
+    _run_stage(folder, "select", "aaa", calls)
+    reused = folder.finished("select", "aaa")
+    assert reused is not None and reused.reused and reused.summary["rows"] == 3
+    assert (reused.path / "out.txt").read_text(encoding="utf-8") == "done"
+    assert folder.finished("select", "bbb") is None  # another config: not reused
+    _run_stage(folder, "select", "bbb", calls)
+    assert calls == ["select", "select"] and folder.finished("select", "aaa") is None
+
+
+def test_killed_stage_leaves_nothing_that_looks_finished(tmp_path):
+    folder = RunFolder(tmp_path)
+    with pytest.raises(KeyboardInterrupt), folder.stage("influence", "aaa", {}) as (path, _):
+        (path / "partial.txt").write_text("half", encoding="utf-8")
+        raise KeyboardInterrupt
+    assert folder.finished("influence", "aaa") is None and not (tmp_path / "influence").exists()
+
+
+def test_fingerprints_change_with_the_cache_version(monkeypatch):
+    before = fingerprint("select", {"k": 1})
+    monkeypatch.setattr(runs, "CACHE_VERSION", "99.0")
+    assert fingerprint("select", {"k": 1}) != before
+
+
+def test_reusing_an_artifact_of_another_version_says_so(tmp_path, caplog):
+    folder = RunFolder(tmp_path)
+    _run_stage(folder, "warmup", "aaa", [])
+    record_path = tmp_path / "warmup" / runs.STAGE_FILE
+    record = json.loads(record_path.read_text(encoding="utf-8"))
+    assert record["versions"]["iss"] == runs.__version__
+    record["versions"]["iss"] = "0.0.1"
+    record_path.write_text(json.dumps(record), encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="iss"):
+        assert folder.finished("warmup", "aaa") is not None
+    assert "made by iss 0.0.1" in caplog.text
