@@ -201,10 +201,26 @@ def test_config_parsing_and_validation(tmp_path):
         load_config(path)
 
 
-def test_gzip_corpus_shards_read_as_the_same_rows_as_plain_jsonl(tmp_path):
-    """A .jsonl.gz shard is read whole (one unit of work) and yields the rows, ids and sources plain JSONL does."""
+def _gzip(path, text: str) -> None:
     import gzip
 
+    with gzip.open(path.with_name(path.name + ".gz"), "wt", encoding="utf-8") as handle:
+        handle.write(text)
+
+
+def _zstd(path, text: str) -> None:
+    import zstandard
+
+    data = text.encode()
+    frames = [zstandard.ZstdCompressor().compress(data[: len(data) // 2]), zstandard.ZstdCompressor().compress(
+        data[len(data) // 2 :])]  # fmt: skip
+    path.with_name(path.name + ".zst").write_bytes(b"".join(frames))  # two frames, as datatrove writes
+
+
+@pytest.mark.parametrize("compress", [_gzip, _zstd], ids=["gz", "zst"])
+def test_compressed_corpus_shards_read_as_the_same_rows_as_plain_jsonl(tmp_path, compress):
+    """A .jsonl.gz / .jsonl.zst shard is read whole (one unit of work) and yields the rows, ids and sources plain
+    JSONL does."""
     records = [{"text": f"document {i}", "source": f"s{i % 3}"} for i in range(25)]
     records[7]["text"] = ""  # an empty document keeps its row id
     chunks = {"a": records[:10], "b": records[10:18], "c": records[18:]}
@@ -217,8 +233,7 @@ def test_gzip_corpus_shards_read_as_the_same_rows_as_plain_jsonl(tmp_path):
         if name == "b":  # a folder may mix compressed and plain shards
             (packed / f"{name}.jsonl").write_text(lines, encoding="utf-8")
         else:
-            with gzip.open(packed / f"{name}.jsonl.gz", "wt", encoding="utf-8") as handle:
-                handle.write(lines)
+            compress(packed / f"{name}.jsonl", lines)
 
     def stream(folder):
         batches = list(iter_corpus(CorpusConfig(paths=[str(folder)], shard_size=4)))
@@ -232,11 +247,45 @@ def test_gzip_corpus_shards_read_as_the_same_rows_as_plain_jsonl(tmp_path):
     assert 7 not in stream(packed)[0] and len(stream(packed)[0]) == 24
     config = CorpusConfig(paths=[str(packed)], shard_size=4)
     shards = corpus_shards(config)
-    gz_shards = [s for s in shards if s.file.endswith(".gz")]
-    assert [s.rows for s in gz_shards] == [10, 7]  # each compressed file is one shard, whatever shard_size says
+    compressed = [s for s in shards if s.file.endswith((".gz", ".zst"))]
+    assert [s.rows for s in compressed] == [10, 7]  # each compressed file is one shard, whatever shard_size says
     read = [read_shard(s, config) for s in shards]
     assert [int(i) for b in read for i in b.ids] == stream(plain)[0]
     assert [t for b in read for t in b.texts] == stream(plain)[1]
+
+
+def _stream(config: CorpusConfig) -> tuple[list[int], list[str], list[str]]:
+    batches = list(iter_corpus(config))
+    return [int(i) for b in batches for i in b.ids], [t for b in batches for t in b.texts], [
+        s for b in batches for s in b.sources]  # fmt: skip
+
+
+def test_saved_and_hub_datasets_read_as_the_same_rows_as_plain_jsonl(tmp_path, monkeypatch):
+    """A datasets save_to_disk folder and a dataset loaded by name (here a local folder, offline) are read from
+    their Arrow files by row: the same ids and texts as the rows in plain JSONL, in row-offset shards."""
+    import datasets
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    records = [{"text": f"document {i}", "source": f"s{i % 3}"} for i in range(23)]
+    records[5]["text"] = ""  # an empty document keeps its row id
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    expected = _stream(CorpusConfig(paths=[str(plain)]))
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_list(records).save_to_disk(str(saved), num_shards=3)
+    hub_source = tmp_path / "hub_source"
+    hub_source.mkdir()
+    (hub_source / "train.jsonl").write_bytes(plain.read_bytes())
+    for entry in (str(saved), f"hub:{hub_source}"):
+        config = CorpusConfig(paths=[entry], shard_size=4)
+        assert _stream(config) == expected
+        shards = corpus_shards(config)
+        assert sum(s.rows for s in shards) == 23 and max(s.rows for s in shards) <= 4
+        read = [read_shard(s, config) for s in shards]
+        assert [int(i) for b in read for i in b.ids] == expected[0]
+        assert [t for b in read for t in b.texts] == expected[1]
+    assert len(list(saved.glob("*.arrow"))) > 1  # several Arrow files, read in the saved order
 
 
 def test_the_large_shared_corpus_streams_from_its_gzip_shards():

@@ -64,7 +64,15 @@ class TaskConfig(_Section):
 class CorpusConfig(_Section):
     """The unlabeled general corpus, read as a stream of shards."""
 
-    paths: list[str] = Field(default_factory=lambda: ["../shared/data/corpus/general.jsonl"], min_length=1)
+    paths: list[str] = Field(
+        default_factory=lambda: ["../shared/data/corpus/general.jsonl"],
+        min_length=1,
+        description="Files or folders of .jsonl/.json/.txt (plain, .gz or .zst), .parquet or .arrow; a datasets "
+        "save_to_disk folder; or a Hugging Face dataset name ('hub:owner/name', or a bare name that is no local "
+        "path), prepared once by datasets in its cache.",
+    )
+    hub_split: str = Field("train", description="Split of a Hugging Face corpus dataset.")
+    hub_config: str | None = Field(None, description="Configuration (subset) of a Hugging Face corpus dataset.")
     text_column: str = "text"
     source_column: str | None = "source"
     shard_size: int = Field(50_000, ge=1, description="Documents per shard in streamed stages.")

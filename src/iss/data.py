@@ -8,25 +8,31 @@ any selected document can be traced back to its file and row.
 from __future__ import annotations
 
 import gzip
+import io
 import itertools
 import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
+import zstandard
 
 from iss.config import CorpusConfig, TaskConfig
 from iss.errors import DataError
 
 TASK_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
-CORPUS_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")
-COMPRESSED_SUFFIXES = (".gz",)  # gzip-compressed .jsonl/.json/.txt shards: each is read whole, one unit of work
+CORPUS_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet", ".arrow")
+COLUMNAR_SUFFIXES = (".parquet", ".arrow")  # read by row; a shard starts at a row offset
+# gzip/zstandard-compressed .jsonl/.json/.txt shards (C4, Dolma, datatrove): each is read whole, one unit of work
+COMPRESSED_SUFFIXES = (".gz", ".zst")
+HUB_PREFIX = "hub:"  # corpus.paths entry naming a Hugging Face dataset (also: a bare name that is not a local path)
 SPLIT_ROLES = ("train", "dev", "test")
 
 
@@ -222,12 +228,35 @@ def _format(file: Path) -> str:
 
 def _is_corpus_file(file: Path) -> bool:
     if file.suffix in COMPRESSED_SUFFIXES:
-        return _format(file) in CORPUS_SUFFIXES and _format(file) != ".parquet"
+        return _format(file) in CORPUS_SUFFIXES and _format(file) not in COLUMNAR_SUFFIXES
     return file.suffix in CORPUS_SUFFIXES
 
 
-def _open_bytes(file: Path):
-    return gzip.open(file, "rb") if file.suffix in COMPRESSED_SUFFIXES else file.open("rb")
+def _open_bytes(file: Path) -> BinaryIO:
+    """The file's bytes, decompressed as a stream (gzip, zstandard) if it is compressed."""
+    if file.suffix == ".gz":
+        return gzip.open(file, "rb")
+    if file.suffix == ".zst":
+        # datatrove and the Pile write multi-frame streams: read_across_frames reads them all
+        reader = zstandard.ZstdDecompressor().stream_reader(file.open("rb"), read_across_frames=True)
+        return io.BufferedReader(reader)
+    return file.open("rb")
+
+
+def _saved_dataset_files(folder: Path) -> list[Path]:
+    """The Arrow files of a ``datasets`` ``save_to_disk`` folder, in its own order."""
+    state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+    return [folder / entry["filename"] for entry in state["_data_files"]]
+
+
+def _hub_dataset_files(name: str, config: CorpusConfig) -> list[Path]:
+    """A Hugging Face dataset's Arrow cache files: ``datasets`` downloads and prepares it once (its own cache),
+    after which it is read like a saved dataset (by row, in shards, resumable)."""
+    import datasets
+
+    log.info("corpus: loading %s (split %s) with datasets", name, config.hub_split)
+    dataset = datasets.load_dataset(name, config.hub_config, split=config.hub_split)
+    return [Path(entry["filename"]) for entry in dataset.cache_files]
 
 
 def corpus_files(config: CorpusConfig) -> list[Path]:
@@ -235,14 +264,25 @@ def corpus_files(config: CorpusConfig) -> list[Path]:
     files: list[Path] = []
     for entry in config.paths:
         path = Path(entry)
-        if path.is_dir():
+        if entry.startswith(HUB_PREFIX):
+            files.extend(_hub_dataset_files(entry[len(HUB_PREFIX) :], config))
+        elif (path / "state.json").is_file():
+            files.extend(_saved_dataset_files(path))
+        elif path.is_dir():
             files.extend(sorted(p for p in path.rglob("*") if _is_corpus_file(p) and p.is_file()))
         elif path.is_file():
             files.append(path)
+        elif _looks_like_hub_name(entry):
+            try:
+                files.extend(_hub_dataset_files(entry, config))
+            except Exception as error:  # offline, no such dataset: the user meant a local path
+                raise DataError(f"corpus path not found: {entry} (nor a Hugging Face dataset: {error})") from error
         else:
             raise DataError(f"corpus path not found: {entry}")
     if not files:
-        raise DataError(f"no corpus files ({', '.join(CORPUS_SUFFIXES)}, or .gz of text ones) under {config.paths}")
+        raise DataError(
+            f"no corpus files ({', '.join(CORPUS_SUFFIXES)}, or .gz/.zst of text ones) under {config.paths}"
+        )
     return files
 
 
@@ -279,28 +319,8 @@ def _iter_file(
 
     Compressed files are read from their start (``start`` must be 0): a compressed stream has no byte offsets.
     """
-    if file.suffix == ".parquet":
-        columns = [config.text_column] + ([config.source_column] if config.source_column else [])
-        parquet = pq.ParquetFile(file)
-        columns = [c for c in columns if c in parquet.schema_arrow.names]
-        if config.text_column not in columns:
-            raise DataError(f"{file}: missing text column {config.text_column!r}")
-        skip, batch_start = start, 0  # rows still to skip; file row of the record batch's first row
-        for record_batch in parquet.iter_batches(columns=columns):
-            batch_rows = record_batch.num_rows
-            if skip >= batch_rows:
-                skip, batch_start = skip - batch_rows, batch_start + batch_rows
-                continue
-            first_row = batch_start + skip + 1  # 1-based, for error messages
-            record_batch, skip, batch_start = record_batch.slice(skip), 0, batch_start + batch_rows
-            text_values = record_batch.column(config.text_column).to_pylist()
-            source_values = (
-                record_batch.column(config.source_column).to_pylist()
-                if config.source_column in columns
-                else [None] * len(text_values)
-            )
-            for row, (text, source) in enumerate(zip(text_values, source_values, strict=True), start=first_row):
-                yield _checked_length(text, config, file, f"row {row}"), source
+    if file.suffix in COLUMNAR_SUFFIXES:
+        yield from _iter_columnar(file, config, start)
         return
     with _open_bytes(file) as handle:
         if start:
@@ -325,6 +345,43 @@ def _iter_file(
             yield _checked_length(record[config.text_column], config, file, f"line {line_number}"), source
 
 
+def _record_batches(file: Path) -> tuple[list[str], Iterator[pa.RecordBatch]]:
+    """Column names and record batches of a parquet file or an Arrow IPC stream (what ``datasets`` writes)."""
+    if file.suffix == ".parquet":
+        parquet = pq.ParquetFile(file)
+        return parquet.schema_arrow.names, parquet.iter_batches()
+    reader = pa.ipc.open_stream(pa.memory_map(str(file)))
+    return reader.schema.names, iter(reader)
+
+
+def _columnar_rows(file: Path) -> int:
+    if file.suffix == ".parquet":
+        return pq.ParquetFile(file).metadata.num_rows
+    return sum(batch.num_rows for batch in _record_batches(file)[1])
+
+
+def _iter_columnar(file: Path, config: CorpusConfig, start: int) -> Iterator[tuple[str, str | None]]:
+    """(text, source) records of a parquet or Arrow file from row ``start``."""
+    names, batches = _record_batches(file)
+    if config.text_column not in names:
+        raise DataError(f"{file}: missing text column {config.text_column!r}")
+    has_source = config.source_column is not None and config.source_column in names
+    skip, batch_start = start, 0  # rows still to skip; file row of the record batch's first row
+    for record_batch in batches:
+        batch_rows = record_batch.num_rows
+        if skip >= batch_rows:
+            skip, batch_start = skip - batch_rows, batch_start + batch_rows
+            continue
+        first_row = batch_start + skip + 1  # 1-based, for error messages
+        record_batch, skip, batch_start = record_batch.slice(skip), 0, batch_start + batch_rows
+        text_values = record_batch.column(config.text_column).to_pylist()
+        source_values = (
+            record_batch.column(config.source_column).to_pylist() if has_source else [None] * len(text_values)
+        )
+        for row, (text, source) in enumerate(zip(text_values, source_values, strict=True), start=first_row):
+            yield _checked_length(text, config, file, f"row {row}"), source
+
+
 def _checked_length(text: str | None, config: CorpusConfig, file: Path, where: str) -> str | None:
     if text is not None and len(text) > config.max_doc_chars:
         raise DataError(
@@ -341,7 +398,7 @@ class CorpusShard:
     file: str
     first_id: int
     rows: int
-    start: int = 0  # byte offset (text files) or row offset (parquet)
+    start: int = 0  # byte offset (text files) or row offset (parquet, arrow)
     first_line: int = 1
 
 
@@ -355,8 +412,8 @@ def corpus_shards(config: CorpusConfig, rows_per_shard: int | None = None) -> li
     shards: list[CorpusShard] = []
     next_id = 0
     for file in corpus_files(config):
-        if file.suffix == ".parquet":
-            total = pq.ParquetFile(file).metadata.num_rows
+        if file.suffix in COLUMNAR_SUFFIXES:
+            total = _columnar_rows(file)
             for start in range(0, total, rows_per_shard):
                 shards.append(CorpusShard(str(file), next_id + start, min(rows_per_shard, total - start), start))
             next_id += total

@@ -20,7 +20,7 @@ import transformers
 from tqdm.auto import tqdm
 
 from iss.config import IssConfig
-from iss.data import TaskData, iter_corpus, load_task, read_task, save_task
+from iss.data import TaskData, corpus_files, iter_corpus, load_task, read_task, save_task
 from iss.distributed import ray_bm25_search
 from iss.errors import ConfigError
 from iss.evaluation import finetune as finetune_model
@@ -112,7 +112,8 @@ class Pipeline:
 
     def corpus_signature(self) -> dict:
         corpus = self.config.corpus
-        return {"corpus": corpus.model_dump(mode="json"), "files": file_signature(corpus.paths)}
+        files = [str(file) for file in corpus_files(corpus)]  # hub names and saved datasets resolved
+        return {"corpus": corpus.model_dump(mode="json"), "files": file_signature(files)}
 
     def initial_model(self, task: TaskData, tokenizer, seed: int) -> TaskMLMModel:
         """A fresh model sized by the config (from scratch) or the local checkpoint (further pretraining)."""
