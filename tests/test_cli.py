@@ -164,3 +164,21 @@ def test_mismatched_tokenizer_and_model_fail_in_one_line(tokenizer, tmp_path):
     args = [item for pair in (("--set", o) for o in overrides) for item in pair]
     line = _one_error_line(_iss("warmup", "--run-dir", str(tmp_path / "run"), "--quiet", *args))
     assert f"tokenizer has {len(tokenizer)} tokens but model" in line and "only 100 embeddings" in line
+
+
+@pytest.mark.slow
+def test_same_config_gives_a_byte_identical_subset_in_two_fresh_run_folders(config_file, tmp_path):
+    """Two separate processes, two fresh run folders: the tokenizer is trained once and reused by content hash
+    (WordPiece training is not deterministic across processes), so everything downstream is identical."""
+    cache = tmp_path / "tokenizers"
+    stages = []
+    for name in ("first", "second"):
+        result = _iss(
+            "select", str(config_file), "--run-dir", str(tmp_path / name), "--set", f"tokenizer.cache_dir={cache}",
+            "--quiet", "--json",
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        stages.append(json.loads(result.stdout))
+    assert [s["tokenizer"]["from_cache"] for s in stages] == [False, True]
+    first, second = ((tmp_path / name / "select-iss" / "subset.parquet").read_bytes() for name in ("first", "second"))
+    assert first == second

@@ -88,6 +88,12 @@ class TokenizerConfig(_Section):
     min_frequency: int = Field(2, ge=1)
     max_corpus_docs: int = Field(200_000, ge=0, description="Corpus documents streamed into tokenizer training.")
     lowercase: bool = True
+    cache_dir: str | None = Field(
+        "~/.cache/iss/tokenizers",
+        description="WordPiece training is not deterministic across processes, so a tokenizer trained on the same "
+        "texts with the same settings is made once, kept here under their content hash and reused: the same config "
+        "gives the same tokenizer, and the same subset, in every run folder. None: always train.",
+    )
 
 
 class RetrievalConfig(_Section):

@@ -8,9 +8,12 @@ on corpus samples and the task loss used on end-task samples. It saves as a norm
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
-from collections.abc import Iterable, Iterator
+import os
+import shutil
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +39,7 @@ def train_tokenizer(texts: Iterable[str], config: TokenizerConfig) -> PreTrained
     """Train a BERT-style WordPiece tokenizer on a stream of texts (task + corpus, from-scratch setting).
 
     The trainer breaks merge-frequency ties in hash order, so two trainings on the same texts may differ in a
-    few rare subwords; the run folder keeps the trained tokenizer, and ``tokenizer.path`` pins one across runs.
+    few rare subwords; :func:`cached_tokenizer` makes one per input and reuses it.
     """
     tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tokenizer.normalizer = normalizers.BertNormalizer(lowercase=config.lowercase)
@@ -65,6 +68,35 @@ def train_tokenizer(texts: Iterable[str], config: TokenizerConfig) -> PreTrained
         sep_token="[SEP]",
         mask_token="[MASK]",
     )
+
+
+def cached_tokenizer(
+    texts: Callable[[], Iterable[str]], config: TokenizerConfig, cache_dir: str | Path | None
+) -> tuple[PreTrainedTokenizerFast, bool]:
+    """The tokenizer trained on ``texts()`` (a fresh stream per call), from the cache if it was made before.
+
+    The key is a hash of the settings and of every training text, so equal inputs get the very same tokenizer
+    in any process and any run folder, and any change to them trains anew. Returns (tokenizer, reused).
+    """
+    if cache_dir is None:
+        return train_tokenizer(texts(), config), False
+    digest = hashlib.sha256(
+        json.dumps(config.model_dump(mode="json", exclude={"path", "cache_dir"}), sort_keys=True).encode()
+    )
+    for text in texts():
+        digest.update(text.encode("utf-8", "surrogatepass") + b"\0")
+    folder = Path(cache_dir).expanduser() / digest.hexdigest()[:20]
+    if (folder / "tokenizer.json").is_file():
+        return load_tokenizer(folder), True
+    tokenizer = train_tokenizer(texts(), config)
+    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+    tokenizer.save_pretrained(str(tmp))
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process cached it first: use theirs, so both agree
+        shutil.rmtree(tmp, ignore_errors=True)
+        return load_tokenizer(folder), True
+    return tokenizer, False
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerFast:

@@ -9,7 +9,7 @@ import itertools
 import json
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +29,10 @@ from iss.influence import InfluenceResult, InfluenceScorer
 from iss.methods import EVALUATED, SELECTION, Candidates
 from iss.model import (
     TaskMLMModel,
+    cached_tokenizer,
     load_tokenizer,
     pick_device,
     set_trainable,
-    train_tokenizer,
 )
 from iss.report import write_results
 from iss.retrieval import BM25Index, collect_pool, hits_table
@@ -154,12 +154,16 @@ class Pipeline:
                 tokenizer = load_tokenizer(config.tokenizer.path, config.model.trust_remote_code)
             else:
                 task = self.task()
-                corpus_texts = itertools.islice(
-                    (text for batch in iter_corpus(config.corpus) for text in batch.texts),
-                    config.tokenizer.max_corpus_docs,
-                )
-                texts = itertools.chain(*(task.texts(role) for role in ("train", "dev") if role in task.splits))
-                tokenizer = train_tokenizer(itertools.chain(texts, corpus_texts), config.tokenizer)
+
+                def texts() -> Iterator[str]:
+                    corpus_texts = itertools.islice(
+                        (text for batch in iter_corpus(config.corpus) for text in batch.texts),
+                        config.tokenizer.max_corpus_docs,
+                    )
+                    task_texts = (task.texts(role) for role in ("train", "dev") if role in task.splits)
+                    return itertools.chain(*task_texts, corpus_texts)
+
+                tokenizer, summary["from_cache"] = cached_tokenizer(texts, config.tokenizer, config.tokenizer.cache_dir)
             tokenizer.save_pretrained(str(folder))
             summary["vocab_size"] = len(tokenizer)
 
