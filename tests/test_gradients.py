@@ -17,6 +17,7 @@ from iss.model import (
     parameter_group,
     per_sample_mlm_loss,
     per_sample_task_loss,
+    precision,
 )
 
 MAX_LENGTH = 64
@@ -284,3 +285,28 @@ def test_gradient_norms_from_factors_equal_explicit_norms(tiny_model, tokenizer,
         torch.testing.assert_close(features.norms(), grads.flatten(features).norm(dim=1), rtol=1e-4, atol=1e-6)
         normalised = grads.flatten(features.normalised())
         torch.testing.assert_close(normalised.norm(dim=1), torch.ones(len(pool_texts)), rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_autocast_scores_track_fp32_and_accumulate_in_float32(tiny_model, tokenizer, chemprot_texts, corpus_texts):
+    """precision('bf16') runs the forward passes under bfloat16 autocast (the GPU code path, here on CPU); the
+    per-sample gradients and their dot products are float32 and close to the fp32 ones."""
+    pool_texts, pool_keys, task_texts, task_labels = _pool_and_task(chemprot_texts, corpus_texts)
+    scores = {}
+    for name in ("fp32", "bf16"):
+        with precision(name):
+            scorer = _scorer(tiny_model, tokenizer, top_k=len(pool_texts), compute_batch=4)
+            scorer.fit(task_texts, task_labels, candidate_probe=pool_texts)
+            assert scorer.bank.dense.dtype == torch.float32
+            seen: list[torch.dtype] = []
+            handle = tiny_model.mlm_head.register_forward_hook(
+                lambda module, args, out, seen=seen: seen.append(out.dtype)
+            )
+            result = scorer.score(pool_texts, pool_keys)
+            handle.remove()
+        assert set(seen) == {torch.bfloat16 if name == "bf16" else torch.float32}
+        scores[name] = result.unit_means
+    assert scores["bf16"].dtype == np.float64 and np.isfinite(scores["bf16"]).all()
+    np.testing.assert_allclose(scores["bf16"], scores["fp32"], rtol=0.1, atol=0.05 * np.abs(scores["fp32"]).max())
+    assert not np.array_equal(scores["bf16"], scores["fp32"])  # autocast really ran
+    with pytest.raises(ValueError, match="precision"), precision("fp8"):
+        pass

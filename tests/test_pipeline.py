@@ -187,3 +187,23 @@ def test_run_all_compares_every_method_with_controls_and_paired_differences(tmp_
     assert mechanism["none"].get("steps") is None and mechanism["iss"]["steps"] == 2
     markdown = (pipeline.results["results"].path / "results.md").read_text()
     assert "Paired differences" in markdown and "Mechanism check" in markdown and "random (whole corpus)" in markdown
+
+
+def test_bf16_precision_runs_every_model_stage_and_keeps_its_own_fingerprints(tmp_path, tokenizer):
+    """precision: bf16 (autocast; the GPU path, run here on CPU) selects, pretrains and fine-tunes; model stages
+    are fingerprinted by precision, so fp32 artifacts are never reused for bf16 ones."""
+    tokenizer.save_pretrained(str(tmp_path / "tok"))
+    fp32 = _small_config(
+        tmp_path / "run",
+        tokenizer={"path": str(tmp_path / "tok")},
+        pretrain={"steps": 2, "batch_size": 4},
+        finetune={"epochs": 1, "seeds": [0]},
+    )
+    bf16 = Pipeline(fp32.with_overrides({"precision": "bf16"}), show_progress=False)
+    subset = pq.read_table(bf16.select().path / "subset.parquet")
+    assert subset.num_rows == 30
+    scores = bf16.finetune(0)
+    assert 0 <= scores.summary["test"] <= 1
+    reference = Pipeline(fp32, show_progress=False)
+    assert reference.data().fingerprint == bf16.results["data"].fingerprint  # no model: shared
+    assert reference.warmup().fingerprint != bf16.results["warmup"].fingerprint

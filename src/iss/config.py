@@ -338,6 +338,9 @@ class RayConfig(_Section):
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray (None: all of this machine's).")
     workers: int = Field(2, ge=1, description="Actors scoring shards at once (each holds the model and bank).")
     cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(
+        0.0, ge=0, description="GPUs per influence actor (> 0: each actor scores its pool shards on its own GPU)."
+    )
 
 
 class IssConfig(_Section):
@@ -345,7 +348,12 @@ class IssConfig(_Section):
 
     run_dir: str = "runs/chemprot"
     seed: int = 0
-    device: str = Field("auto", description="'auto', 'cpu' or 'cuda'.")
+    device: str = Field("auto", description="'auto' (a GPU if there is one), 'cpu', 'cuda' or 'cuda:N'.")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="'bf16': forward passes of warm-up, influence, pretraining, fine-tuning and evaluation under "
+        "bfloat16 autocast (parameters, optimiser state and influence dot products stay float32).",
+    )
     backend: Literal["local", "ray"] = Field(
         "local", description="Where retrieval and influence scoring run; both give the same subset."
     )

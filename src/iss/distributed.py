@@ -18,6 +18,7 @@ import logging
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ import torch
 from iss.config import CorpusConfig, RayConfig, RetrievalConfig
 from iss.data import CorpusShard, DataError, corpus_shards, read_shard
 from iss.influence import InfluenceScorer, ScorerRecipe
+from iss.model import precision
 from iss.retrieval import BM25Index, shard_doc_freq
 from iss.topk import TopK, TopKCheckpoint
 
@@ -181,13 +183,15 @@ class _PoolShardScorer:
         import ray
 
         torch.set_num_threads(threads)
+        self.precision = recipe.precision
         self.scorer = InfluenceScorer.from_recipe(recipe, ray.get(bank))
         self.texts, self.ids, self.units = ray.get(pool)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         out: dict[str, list] = {"start": []}
         for start in batch["start"]:
-            top = self.scorer.score_shard(self.texts, self.ids, self.units, int(start))
+            with precision(self.precision):
+                top = self.scorer.score_shard(self.texts, self.ids, self.units, int(start))
             out["start"].append(int(start))
             for name, values in top.state().items():
                 out.setdefault(name, []).append(values)
@@ -216,7 +220,8 @@ def ray_score_pool(
     scored = ray.data.from_items([{"start": start} for start in starts]).map_batches(
         _PoolShardScorer,
         fn_constructor_kwargs={
-            "recipe": scorer.recipe(),
+            # an actor with a GPU of its own scores on it, whatever device the driver uses
+            "recipe": replace(scorer.recipe(), device="cuda") if config.gpus_per_worker else scorer.recipe(),
             "bank": ray.put(scorer.bank),
             "pool": ray.put((texts, ids, units)),
             "threads": max(1, int(config.cpus_per_worker)),
@@ -224,6 +229,7 @@ def ray_score_pool(
         batch_size=1,
         concurrency=config.workers,
         num_cpus=config.cpus_per_worker,
+        num_gpus=config.gpus_per_worker or None,
     )
     shard = scorer.settings.shard_units
     for row in scored.iter_rows():

@@ -28,6 +28,7 @@ from iss.errors import ConfigError
 from iss.model import (
     Batch,
     TaskMLMModel,
+    forward_autocast,
     per_sample_mlm_loss,
     per_sample_task_loss,
 )
@@ -321,15 +322,18 @@ class GroupGradients:
             record.inputs = record.output = None
         self._batch_size = batch.input_ids.shape[0]
         with self._hooks(), torch.enable_grad():
-            losses = loss_fn(self.model, batch)
+            with forward_autocast(batch.input_ids.device):
+                losses = loss_fn(self.model, batch)
             outputs = [self._records[m].output for m in self.modules]
             if any(o is None for o in outputs):
                 raise RuntimeError("a module of the chosen group did not run in the forward pass")
-            grads = torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
+            grads = torch.autograd.grad(losses.float().sum(), outputs, allow_unused=True)
         captured = []
         for module, grad in zip(self.modules, grads, strict=True):
             record = self._records[module]
-            captured.append((module, record.inputs, torch.zeros_like(record.output) if grad is None else grad))
+            grad = torch.zeros_like(record.output) if grad is None else grad
+            inputs = record.inputs.float() if record.inputs.is_floating_point() else record.inputs
+            captured.append((module, inputs, grad.float()))  # per-sample gradients and dot products in float32
             record.inputs = record.output = None
         return captured
 

@@ -33,6 +33,7 @@ from iss.gradients import GradientFeatures, GroupGradients, LowRank, group_mean_
 from iss.model import (
     Batch,
     TaskMLMModel,
+    current_precision,
     labelled_batch,
     load_tokenizer,
     masked_batch,
@@ -156,6 +157,7 @@ class ScorerRecipe:
     max_length: int
     device: str
     low_rank: tuple[str, ...] = field(default=())
+    precision: str = "fp32"
 
 
 class InfluenceScorer:
@@ -222,6 +224,7 @@ class InfluenceScorer:
             max_length=self.max_length,
             device=str(self.device),
             low_rank=self.low_rank_modules,
+            precision=current_precision(),
         )
 
     @property

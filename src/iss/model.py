@@ -14,6 +14,8 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -335,6 +337,33 @@ def batched(items: list, size: int) -> Iterator[tuple[int, list]]:
     """(start offset, chunk) pairs over a list."""
     for start in range(0, len(items), size):
         yield start, items[start : start + size]
+
+
+_PRECISION: ContextVar[str] = ContextVar("iss_precision", default="fp32")
+
+
+@contextmanager
+def precision(name: str) -> Iterator[None]:
+    """Run the enclosed work's forward passes in ``name``: 'fp32', or 'bf16' (autocast to bfloat16; parameters,
+    optimiser state and gradient dot products stay float32). The pipeline wraps every model stage in it."""
+    if name not in ("fp32", "bf16"):
+        raise ConfigError(f"precision must be 'fp32' or 'bf16', got {name!r}")
+    token = _PRECISION.set(name)
+    try:
+        yield
+    finally:
+        _PRECISION.reset(token)
+
+
+def current_precision() -> str:
+    return _PRECISION.get()
+
+
+def forward_autocast(device: torch.device | str) -> torch.autocast:
+    """Autocast for one forward pass and its loss under the current precision (backward runs outside it, as
+    PyTorch recommends). On CPU, bf16 autocast runs the same code path as on GPU."""
+    device_type = torch.device(device).type
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=_PRECISION.get() == "bf16")
 
 
 def pick_device(name: str) -> torch.device:

@@ -32,6 +32,7 @@ from iss.model import (
     cached_tokenizer,
     load_tokenizer,
     pick_device,
+    precision,
     set_trainable,
 )
 from iss.report import write_results
@@ -69,7 +70,7 @@ class Pipeline:
         result = self.run.finished(name, stage_fingerprint)
         if result is None:
             log.info("stage %s: running", name)
-            with self.run.stage(name, stage_fingerprint, parts) as (folder, summary):
+            with self.run.stage(name, stage_fingerprint, parts) as (folder, summary), precision(self.config.precision):
                 body(folder, summary)
             result = self.run.finished(name, stage_fingerprint)
             assert result is not None
@@ -236,6 +237,7 @@ class Pipeline:
         parts = {
             "model": config.model.model_dump(mode="json"),
             "warmup": config.warmup.model_dump(mode="json"),
+            "precision": config.precision,
             "seed": config.seed,
             "data": data.fingerprint,
             "tokenizer": tokenizer_stage.fingerprint,
@@ -279,6 +281,7 @@ class Pipeline:
 
         parts = {
             "influence": influence.model_dump(mode="json"),
+            "precision": config.precision,
             "seed": config.seed,
             "max_length": config.model.max_length,
             "retrieval": retrieval.fingerprint,
@@ -418,6 +421,7 @@ class Pipeline:
         parts = {
             "pretrain": config.pretrain.model_dump(mode="json"),
             "model": config.model.model_dump(mode="json"),
+            "precision": config.precision,
             "seed": seed,
             "selection": selected.fingerprint,
             "tokenizer": tokenizer_stage.fingerprint,
@@ -465,6 +469,7 @@ class Pipeline:
 
         parts = {
             "finetune": config.finetune.model_dump(mode="json", exclude={"seeds"}),  # one seed per stage
+            "precision": config.precision,
             "metric": config.task.metric,
             "seed": seed,
             "upstream": upstream.fingerprint if upstream else config.model.model_dump(mode="json"),
@@ -507,6 +512,7 @@ class Pipeline:
 
         parts = {
             "steps": steps,
+            "precision": config.precision,
             "pretrain": config.pretrain.model_dump(mode="json"),
             "warmup": warmup.fingerprint,
             "selection": selected.fingerprint if selected else None,

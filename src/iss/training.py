@@ -24,7 +24,15 @@ from transformers import PreTrainedTokenizerFast, get_linear_schedule_with_warmu
 from iss.config import OptimizerConfig, PretrainConfig, WarmupConfig
 from iss.data import TaskData
 from iss.errors import DataError
-from iss.model import TaskMLMModel, encode, labelled_batch, mask_tokens, per_sample_mlm_loss, per_sample_task_loss
+from iss.model import (
+    TaskMLMModel,
+    encode,
+    forward_autocast,
+    labelled_batch,
+    mask_tokens,
+    per_sample_mlm_loss,
+    per_sample_task_loss,
+)
 
 log = logging.getLogger("iss")
 
@@ -60,6 +68,7 @@ def train_loop(
     """
     torch.manual_seed(seed)
     model.train()
+    device = next(model.parameters()).device
     trainable = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in trainable if p.ndim > 1]
     no_decay = [p for p in trainable if p.ndim <= 1]
@@ -77,7 +86,8 @@ def train_loop(
     while step < total:
         optimizer.zero_grad(set_to_none=True)
         for micro in range(settings.accumulation):
-            loss, parts = step_loss(step, micro)
+            with forward_autocast(device):
+                loss, parts = step_loss(step, micro)
             (loss / settings.accumulation).backward()
             for name, value in parts.items():
                 running[name] = _smooth(running.get(name, math.nan), value)
@@ -290,7 +300,9 @@ def cls_features(
     for start in range(0, len(texts), batch_size):
         rows = order[start : start + batch_size]
         batch = encode(tokenizer, [texts[i] for i in rows], max_length).to(device)
-        features[torch.from_numpy(rows)] = model.cls_hidden(batch.input_ids, batch.attention_mask).float().cpu()
+        with forward_autocast(device):
+            hidden = model.cls_hidden(batch.input_ids, batch.attention_mask)
+        features[torch.from_numpy(rows)] = hidden.float().cpu()
     return features
 
 
