@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 
 import datasets
+import numpy as np
 import pytest
 
 import iss
@@ -54,6 +56,13 @@ def test_select_takes_in_memory_task_and_corpus_and_reuses_its_stages(tmp_path):
     manifest = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
     assert all(stage["reused"] for stage in manifest["stages"].values())
     assert again["corpus_id"] == subset["corpus_id"]
+
+    folder = run_dir / "select-iss"
+    assert np.load(folder / "ids.npy").tolist() == subset["corpus_id"]  # the export forms of the subset
+    loaded = datasets.load_dataset("parquet", data_files=str(folder / "subset.parquet"), split="train")
+    assert loaded["corpus_id"] == subset["corpus_id"]
+    with gzip.open(folder / "subset.jsonl.gz", "rt", encoding="utf-8") as handle:
+        assert [json.loads(line)["text"] for line in handle] == subset["text"]
 
     tlm = iss.select(task, corpus, method="tlm", budget="30 docs", run_dir=run_dir, overrides=TINY)
     assert tlm.num_rows == 30 and all(c.startswith("train:") for row in tlm for c in row["chosen_by"])

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -28,8 +30,9 @@ def test_select_iss_tlm_random_end_to_end(config_file):
         ids = subset.column("corpus_id").to_pylist()
         assert len(ids) == BUDGET == len(set(ids)), method
         assert set(ids) <= pool_ids, method
-        jsonl = [json.loads(line) for line in (run_dir / f"select-{method}" / "subset.jsonl").open()]
-        assert [row["corpus_id"] for row in jsonl] == ids
+        with gzip.open(run_dir / f"select-{method}" / "subset.jsonl.gz", "rt", encoding="utf-8") as handle:
+            assert [json.loads(line)["corpus_id"] for line in handle] == ids
+        assert np.load(run_dir / f"select-{method}" / "ids.npy").tolist() == ids
     assert set(subsets["iss"].column("corpus_id").to_pylist()) != set(subsets["tlm"].column("corpus_id").to_pylist())
 
     iss_rows = subsets["iss"].to_pylist()

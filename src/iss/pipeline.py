@@ -8,7 +8,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -38,7 +37,7 @@ from iss.model import (
 from iss.report import write_results
 from iss.retrieval import BM25Index, collect_pool, hits_table
 from iss.runs import RunFolder, StageResult, file_signature, fingerprint
-from iss.selection import RankedLists, hits_lists, resolve_budget, round_robin, subset_table
+from iss.selection import RankedLists, hits_lists, resolve_budget, round_robin, subset_table, write_subset
 from iss.training import pretrain as pretrain_model
 from iss.training import unigram_entropy, warmup_train
 
@@ -329,11 +328,7 @@ class Pipeline:
                     len(selection.doc_ids),
                 )
             subset = subset_table(selection, pool, doc_tokens)
-            pq.write_table(subset, folder / "subset.parquet")
-            with (folder / "subset.jsonl").open("w", encoding="utf-8") as handle:
-                for row in subset.to_pylist():
-                    row["score"] = None if row["score"] is None or math.isnan(row["score"]) else row["score"]
-                    handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            write_subset(subset, folder)
             summary.update(
                 {
                     "method": method.name,

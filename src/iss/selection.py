@@ -9,12 +9,16 @@ every chooser that reached it, so the subset can be explained row by row.
 
 from __future__ import annotations
 
+import gzip
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from iss.errors import ConfigError
 
@@ -135,3 +139,15 @@ def subset_table(selection: Selection, pool: pa.Table, doc_tokens: dict[int, int
 def _natural(name: str) -> tuple[str, int]:
     split, _, number = name.partition(":")
     return split, int(number) if number.isdigit() else -1
+
+
+def write_subset(subset: pa.Table, folder: Path) -> None:
+    """The subset as ``subset.parquet`` (what iss and ``datasets.load_dataset("parquet", ...)`` read), a
+    ``subset.jsonl.gz`` copy and ``ids.npy``, its corpus ids in selection order (what resharders take). Every
+    file is deterministic: the gzip header carries no timestamp."""
+    pq.write_table(subset, folder / "subset.parquet")
+    with gzip.GzipFile(folder / "subset.jsonl.gz", "wb", mtime=0) as handle:
+        for row in subset.to_pylist():
+            row["score"] = None if row["score"] is None or math.isnan(row["score"]) else row["score"]
+            handle.write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
+    np.save(folder / "ids.npy", subset.column("corpus_id").to_numpy())
