@@ -82,8 +82,6 @@ class InfluenceResult:
     pool_units: list[list[int]]
     unit_means: np.ndarray
 
-    FILES = ("topk.parquet", "task_units.parquet", "pool_units.parquet", "unit_scores.parquet")
-
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -350,7 +348,7 @@ class InfluenceScorer:
 
     def checkpoint(self, path: Path | None, units: list[np.ndarray], progress: Progress | None) -> TopKCheckpoint:
         """The running top-k (resumed from ``path`` if a previous run saved one; its units count as progress)."""
-        state = TopKCheckpoint(path, TopK.empty(len(self.bank), min(self.settings.top_k, len(units)), True))
+        state = TopKCheckpoint(path, self._running_top(len(units)))
         if state.done:
             shard = self.settings.shard_units
             scored = sum(len(g) for start in state.done for g in units[start : start + shard])
@@ -358,6 +356,10 @@ class InfluenceScorer:
             if progress:
                 progress(int(scored))
         return state
+
+    def _running_top(self, n_units: int) -> TopK:
+        """An empty top-k list per task unit, k capped by the pool's units, keeping every unit's mean score."""
+        return TopK.empty(len(self.bank), min(self.settings.top_k, n_units), track_means=True)
 
     def shard_starts(self, n_units: int) -> list[int]:
         """First unit of every shard: the resume points, and the work items of the Ray backend."""
@@ -376,7 +378,7 @@ class InfluenceScorer:
         ``merge_units`` units at a time (one top-k per block, not per compute batch)."""
         settings = self.settings
         shard = units[shard_start : shard_start + settings.shard_units]
-        top = TopK.empty(len(self.bank), min(settings.top_k, len(units)), track_means=True)
+        top = self._running_top(len(units))
         pending: list[tuple[np.ndarray, np.ndarray]] = []
         for first, rows, local in _group_chunks(shard, settings.compute_batch):
             first += shard_start

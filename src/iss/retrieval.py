@@ -181,8 +181,7 @@ class BM25Index:
         for start in range(0, query_matrix.shape[0], self.config.query_batch_size):
             stop = start + self.config.query_batch_size
             scores = (query_matrix[start:stop] @ doc_matrix).toarray()
-            block = TopK.empty(scores.shape[0], top_k)
-            block.update(np.where(scores > 0, scores, -np.inf), shard.ids)
+            block = TopK.of(np.where(scores > 0, scores, -np.inf), shard.ids, top_k)
             hits.ids[start:stop], hits.scores[start:stop] = block.ids, block.scores
         return hits
 

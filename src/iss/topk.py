@@ -41,15 +41,19 @@ class TopK:
     def k(self) -> int:
         return self.ids.shape[1]
 
-    def update(self, scores: np.ndarray, ids: np.ndarray) -> None:
-        """Merge a [rows, n] score block whose columns are the candidates ``ids`` ([n])."""
+    @classmethod
+    def of(cls, scores: np.ndarray, ids: np.ndarray, k: int, track_means: bool = False) -> TopK:
+        """The best k of one [rows, n] score block whose columns are the candidates ``ids`` ([n])."""
         scores = np.asarray(scores, np.float32)
         ids = np.asarray(ids, np.int64)
-        block = TopK.empty(0, self.k)
-        block.ids, block.scores = _best(np.broadcast_to(ids, scores.shape), scores, self.k)
-        if self.seen_ids is not None:
-            block.seen_ids, block.seen_means = ids, scores.mean(0)
-        self.merge(block)
+        top = cls(*_best(np.broadcast_to(ids, scores.shape), scores, k))
+        if track_means:
+            top.seen_ids, top.seen_means = ids, scores.mean(0)
+        return top
+
+    def update(self, scores: np.ndarray, ids: np.ndarray) -> None:
+        """Merge a [rows, n] score block whose columns are the candidates ``ids`` ([n])."""
+        self.merge(TopK.of(scores, ids, self.k, track_means=self.seen_ids is not None))
 
     def merge(self, other: TopK) -> None:
         """Keep the best k of both (the order of merges does not change the result)."""
