@@ -6,13 +6,16 @@ The candidate pool is the config's BM25 pool over the shared corpus, the task ba
 config's (default: the last block), sequences up to the config's max_length (128). Every method scores candidates
 against the same bank (gradient dot products), except the forward-only floor, which computes the MLM loss and
 nothing else. Each method runs in a child process so its peak RSS is its own (wait4). Also: BM25 index build
-docs/s and queries/s, and the error of random projections against exact scores.
+docs/s and queries/s, the error of random projections against exact scores, and pretraining throughput on a
+slice of the pool with and without packing (real, non-padding tokens per second). The ratios the targets are
+stated in (iss/forward <= 1.3, loop/iss >= 20) are written under ``ratios``.
 Prints a Markdown table and writes benchmarks/results/influence_<task>.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -41,9 +44,10 @@ from iss.model import (
 )
 from iss.pipeline import Pipeline
 from iss.retrieval import BM25Index
+from iss.training import pretrain
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ("forward", "iss", "iss-matched", "vmap", "loop", "projection", "bm25")
+METHODS = ("forward", "iss", "iss-defaults", "iss-matched", "vmap", "loop", "projection", "bm25", "pretrain")
 
 
 @dataclass
@@ -96,10 +100,10 @@ class Setup:
             self.config.model.max_length,
         )
 
-    def scorer(self, projection_dim: int | None = None, task_batch: int = 1) -> InfluenceScorer:
-        """The library's scorer, per-sample on the candidate side (B_p = 1), fitted on the task split."""
+    def scorer(self, projection_dim: int | None = None, task_batch: int = 1, pool_batch: int = 1) -> InfluenceScorer:
+        """The library's scorer (per sample on both sides unless B_t / B_p are given), fitted on the task split."""
         settings = self.config.influence.model_copy(
-            update={"projection_dim": projection_dim, "task_batch": task_batch, "pool_batch": 1}
+            update={"projection_dim": projection_dim, "task_batch": task_batch, "pool_batch": pool_batch}
         )
         scorer = InfluenceScorer(
             self.model, self.tokenizer, settings, seed=self.config.seed, max_length=self.config.model.max_length
@@ -128,14 +132,15 @@ def run_forward(setup: Setup, n: int) -> dict:
     return {"docs": n, "seconds": seconds}
 
 
-def run_iss(setup: Setup, n: int, task_batch: int = 1) -> dict:
-    """The influence stage's own scorer; ``task_batch`` > 1 is mini-batch matching (B_t samples per bank row)."""
-    scorer, bank_seconds = _timed(lambda: setup.scorer(task_batch=task_batch))
+def run_iss(setup: Setup, n: int, task_batch: int = 1, pool_batch: int = 1) -> dict:
+    """The influence stage's own scorer; B_t / B_p > 1 is mini-batch matching (samples per bank row / unit)."""
+    scorer, bank_seconds = _timed(lambda: setup.scorer(task_batch=task_batch, pool_batch=pool_batch))
     _, seconds = _timed(lambda: scorer.score(setup.pool_texts[:n], setup.pool_keys[:n]))
     return {
         "docs": n,
         "seconds": seconds,
         "task_batch": task_batch,
+        "pool_batch": pool_batch,
         "bank_seconds": bank_seconds,
         "bank_rows": len(scorer.bank),
         "low_rank": list(scorer.low_rank_modules),
@@ -272,6 +277,30 @@ def run_bm25(setup: Setup) -> dict:
     }
 
 
+def run_pretrain(setup: Setup, docs: int, steps: int) -> dict:
+    """Pretraining steps on the first ``docs`` pool candidates, with and without packing: the same steps and
+    batch shape, so real (non-padding) tokens per second is what packing changes."""
+    config, task = setup.config, setup.pipeline.task()
+    rows = {}
+    for packing in (False, True):
+        settings = config.pretrain.model_copy(update={"steps": steps, "packing": packing, "save_every": 0})
+        model = copy.deepcopy(setup.model)
+        summary, seconds = _timed(
+            lambda settings=settings, model=model: pretrain(
+                model, setup.tokenizer, setup.pool_texts[:docs], task, settings, config.model.max_length,
+                config.seed, torch.device("cpu"), show_progress=False,
+            )
+        )  # fmt: skip
+        rows["packed" if packing else "unpacked"] = {
+            "seconds": seconds,
+            "steps_per_second": steps / seconds,
+            "real_tokens": summary["real_tokens"],
+            "real_tokens_per_second": summary["real_tokens"] / seconds,
+            "final_mlm": summary.get("mlm"),
+        }
+    return {"docs": docs, "steps": steps, "batch_size": config.pretrain.batch_size, **rows}
+
+
 def child(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     config = load_config(args.config).with_overrides({"run_dir": str(args.run_dir)})
@@ -280,11 +309,13 @@ def child(args: argparse.Namespace) -> None:
     results = {
         "forward": lambda: run_forward(setup, n),
         "iss": lambda: run_iss(setup, n),
+        "iss-defaults": lambda: run_iss(setup, n, setup.config.influence.task_batch, setup.config.influence.pool_batch),
         "iss-matched": lambda: run_iss(setup, n, args.matched_task_batch),
         "vmap": lambda: run_vmap(setup, min(n, args.vmap_docs)),
         "loop": lambda: run_loop(setup, min(n, args.loop_docs)),
         "projection": lambda: run_projection(setup, min(n, args.projection_docs), args.projection_dims),
         "bm25": lambda: run_bm25(setup),
+        "pretrain": lambda: run_pretrain(setup, min(n, args.pretrain_docs), args.pretrain_steps),
     }[args.child]()
     print(json.dumps(results))
 
@@ -300,7 +331,9 @@ def run_child(args: argparse.Namespace, method: str) -> dict:
         "--run-dir",
         str(args.run_dir),
     ]
-    for flag in ("limit", "vmap_docs", "loop_docs", "projection_docs", "matched_task_batch"):
+    for flag in (
+        "limit", "vmap_docs", "loop_docs", "projection_docs", "matched_task_batch", "pretrain_docs", "pretrain_steps"
+    ):  # fmt: skip
         if getattr(args, flag) is not None:
             command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     command += ["--projection-dims", *map(str, args.projection_dims)]
@@ -310,19 +343,42 @@ def run_child(args: argparse.Namespace, method: str) -> dict:
     return result
 
 
-def table(runs: dict) -> list[str]:
-    rate = {
-        m: runs[m]["docs"] / runs[m]["seconds"] for m in ("forward", "iss", "iss-matched", "vmap", "loop") if m in runs
+SPEED_ROWS = ("loop", "vmap", "iss", "iss-defaults", "iss-matched", "forward")
+
+
+def docs_per_second(runs: dict) -> dict[str, float]:
+    return {m: runs[m]["docs"] / runs[m]["seconds"] for m in SPEED_ROWS if m in runs}
+
+
+def ratios(runs: dict) -> dict[str, float]:
+    """Time per document of one method over another's: the figures the targets are stated in."""
+    rate = docs_per_second(runs)
+    pairs = {
+        "iss/forward": ("forward", "iss"),  # target <= 1.3
+        "iss-defaults/forward": ("forward", "iss-defaults"),
+        "iss-matched/forward": ("forward", "iss-matched"),
+        "loop/iss": ("iss", "loop"),  # target >= 20
+        "vmap/iss": ("iss", "vmap"),
     }
+    return {name: round(rate[a] / rate[b], 3) for name, (a, b) in pairs.items() if {a, b} <= rate.keys()}
+
+
+def table(runs: dict) -> list[str]:
+    rate = docs_per_second(runs)
+
+    def matching(method: str) -> str:
+        return f"B_p={runs.get(method, {}).get('pool_batch')}, B_t={runs.get(method, {}).get('task_batch')}"
+
     labels = {
         "loop": "(a) per-sample backward loop",
         "vmap": "(b) torch.func vmap(grad)",
-        "iss": "(c) iss hook path",
-        "iss-matched": f"(c') iss, B_t={runs.get('iss-matched', {}).get('task_batch')}",
+        "iss": "(c) iss hook path, B_p=B_t=1",
+        "iss-defaults": f"(c'') iss, Table A.1 {matching('iss-defaults')}",
+        "iss-matched": f"(c') iss, {matching('iss-matched')}",
         "forward": "(d) forward only (floor)",
     }
     lines = ["| method | docs | docs/s | peak RSS GiB | max rel. error vs (c) |", "| --- | ---: | ---: | ---: | ---: |"]
-    for method in ("loop", "vmap", "iss", "iss-matched", "forward"):
+    for method in SPEED_ROWS:
         if method in runs:
             run = runs[method]
             error = run.get("max_rel_error_vs_iss")
@@ -330,15 +386,10 @@ def table(runs: dict) -> list[str]:
                 f"| {labels[method]} | {run['docs']} | {rate[method]:.1f} | {run['peak_rss_gib']} | "
                 f"{'' if error is None else f'{error:.1e}'} |"
             )
-    if {"iss", "forward"} <= rate.keys():
-        lines.append(f"\n(c)/(d) time per doc: {rate['forward'] / rate['iss']:.2f} (target <= 1.3)")
-    if {"iss-matched", "forward"} <= rate.keys():
-        lines.append(f"(c')/(d) time per doc: {rate['forward'] / rate['iss-matched']:.2f}")
-    if {"iss", "loop"} <= rate.keys():
-        lines.append(f"(a)/(c) time per doc: {rate['iss'] / rate['loop']:.1f} (target >= 20)")
-    if {"iss", "vmap"} <= rate.keys():
-        lines.append(f"(b)/(c) time per doc: {rate['iss'] / rate['vmap']:.1f}")
-    for method in ("iss", "iss-matched"):
+    targets = {"iss/forward": " (target <= 1.3)", "loop/iss": " (target >= 20)"}
+    lines.append("")
+    lines += [f"{name} time per doc: {value:.2f}{targets.get(name, '')}" for name, value in ratios(runs).items()]
+    for method in ("iss", "iss-defaults", "iss-matched"):
         if method in runs:
             run = runs[method]
             lines.append(f"{labels[method]}: task bank {run['bank_rows']} rows in {run['bank_seconds']:.1f} s; "
@@ -356,6 +407,20 @@ def table(runs: dict) -> list[str]:
                 f"| {row['dim']} | {row['relative_frobenius_error']:.3f} | {row['mean_spearman']:.3f} | "
                 f"{row['top10_overlap']:.2f} | {row['docs_per_second']:.1f} |"
             )
+    if "pretrain" in runs:
+        run = runs["pretrain"]
+        lines += [
+            f"\nPretraining, {run['steps']} steps x {run['batch_size']} rows on {run['docs']} pool documents "
+            f"(peak RSS {run['peak_rss_gib']} GiB):",
+            "| batches | steps/s | real tokens | real tokens/s |",
+            "| --- | ---: | ---: | ---: |",
+        ]
+        for name in ("unpacked", "packed"):
+            row = run[name]
+            rate = f"{row['real_tokens_per_second']:.0f}"
+            lines.append(f"| {name} | {row['steps_per_second']:.2f} | {row['real_tokens']} | {rate} |")
+        speedup = run["packed"]["real_tokens_per_second"] / run["unpacked"]["real_tokens_per_second"]
+        lines.append(f"packed/unpacked real tokens/s: {speedup:.2f}")
     if "bm25" in runs:
         bm25 = runs["bm25"]
         lines.append(
@@ -373,10 +438,12 @@ def main() -> None:
     parser.add_argument("--limit", type=int, help="Score only the first N pool candidates.")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--vmap-docs", type=int, default=512)
-    parser.add_argument("--loop-docs", type=int, default=128)
+    parser.add_argument("--loop-docs", type=int, default=512)
     parser.add_argument("--matched-task-batch", type=int, default=16, help="B_t of the mini-batch matching row.")
     parser.add_argument("--projection-docs", type=int, default=1024)
     parser.add_argument("--projection-dims", type=int, nargs="+", default=[1024, 4096, 16384])
+    parser.add_argument("--pretrain-docs", type=int, default=4000, help="Pool candidates the pretraining row uses.")
+    parser.add_argument("--pretrain-steps", type=int, default=40)
     parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -397,7 +464,13 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "device": "cpu",
     }
-    report = {"config": str(args.config), "layer": str(config.influence.layer), "machine": machine, "runs": runs}
+    report = {
+        "config": str(args.config),
+        "layer": str(config.influence.layer),
+        "machine": machine,
+        "runs": runs,
+        "ratios": ratios(runs),
+    }
     report["table"] = lines
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"influence_{config.task.name}.json").write_text(json.dumps(report, indent=2), encoding="utf-8")

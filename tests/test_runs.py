@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import pytest
 
@@ -55,3 +56,26 @@ def test_reusing_an_artifact_of_another_version_says_so(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="iss"):
         assert folder.finished("warmup", "aaa") is not None
     assert "made by iss 0.0.1" in caplog.text
+
+
+def test_input_signature_follows_the_bytes_not_the_mtime(tmp_path, monkeypatch):
+    monkeypatch.setattr(runs, "HASH_CACHE", tmp_path / "hashes")
+    data = tmp_path / "task"
+    data.mkdir()
+    (data / "train.jsonl").write_text('{"text": "a"}\n', encoding="utf-8")
+    before = runs.file_signature([str(data)])
+    os.utime(data / "train.jsonl", ns=(1, 1))  # a re-synced copy: same bytes, new mtime
+    assert runs.file_signature([str(data)]) == before
+    assert len(list((tmp_path / "hashes").iterdir())) == 2  # hashed once per (path, size, mtime, inode)
+    (data / "train.jsonl").write_text('{"text": "b"}\n', encoding="utf-8")  # same size, new bytes
+    after = runs.file_signature([str(data)])
+    assert after[0][1] == before[0][1] and after != before
+
+
+def test_a_cached_digest_is_used_while_the_file_is_unchanged(tmp_path):
+    file, cache = tmp_path / "corpus.jsonl", tmp_path / "hashes"
+    file.write_bytes(b"x" * 10)
+    digest = runs.content_digest(file, cache)
+    (entry,) = cache.iterdir()
+    entry.write_text("from-cache", encoding="utf-8")
+    assert runs.content_digest(file, cache) == "from-cache" != digest  # read from the cache, not rehashed

@@ -9,10 +9,10 @@ import torch
 from sklearn.metrics import f1_score
 
 from iss import training
-from iss.config import ModelConfig, PretrainConfig
+from iss.config import ModelConfig, PretrainConfig, fingerprint_dump
 from iss.data import TaskData
 from iss.evaluation import f1
-from iss.model import TaskMLMModel
+from iss.model import PackedDocuments, TaskMLMModel
 from iss.training import pretrain, task_batch_schedule
 
 
@@ -50,6 +50,19 @@ class _Killed(Exception):
     pass
 
 
+def _die_at_encoder_call(model: TaskMLMModel, call: int) -> None:
+    """Make the ``call``-th forward pass of the encoder raise, as a kill mid-run would stop it."""
+    original, calls = model.encoder.forward, {"n": 0}
+
+    def dying_forward(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise _Killed
+        return original(*args, **kwargs)
+
+    model.encoder.forward = dying_forward
+
+
 def test_pretraining_resumed_after_a_kill_ends_with_the_same_weights(tokenizer, chemprot_texts, corpus_texts, tmp_path):
     task = _task(chemprot_texts)
     subset = corpus_texts[:60]
@@ -63,18 +76,9 @@ def test_pretraining_resumed_after_a_kill_ends_with_the_same_weights(tokenizer, 
 
     checkpoint = tmp_path / "checkpoint"
     interrupted = _fresh(tokenizer, len(task.labels))
-    encoder, original = interrupted.encoder, interrupted.encoder.forward
-    calls = {"n": 0}
-
-    def dying_forward(*args, **kwargs):
-        # 1-2 encoder calls per micro-batch, 2 micro-batches per step: call 14 comes after the step-3
-        # checkpoint (at most 12 calls by then) and before the run ends (at least 16 calls).
-        calls["n"] += 1
-        if calls["n"] == 14:
-            raise _Killed
-        return original(*args, **kwargs)
-
-    encoder.forward = dying_forward
+    # 1-2 encoder calls per micro-batch, 2 micro-batches per step: call 14 comes after the step-3
+    # checkpoint (at most 12 calls by then) and before the run ends (at least 16 calls).
+    _die_at_encoder_call(interrupted, 14)
     with pytest.raises(_Killed):
         pretrain(interrupted, tokenizer, subset, task, config, 48, 3, cpu, checkpoint, show_progress=False)
     assert checkpoint.joinpath("state.pt").is_file()
@@ -135,3 +139,53 @@ def test_length_buckets_cover_every_row_once_and_pad_less():
     assert all(np.array_equal(a, b) for a, b in zip(batches, again, strict=True))
     other_epoch = training.bucketed_batches(lengths, 16, seed=3, epoch=1, pool=10)
     assert not all(np.array_equal(a, b) for a, b in zip(batches, other_epoch, strict=True))
+
+
+def test_packed_rows_hold_every_document_in_order_with_no_padding_but_the_last(tokenizer, corpus_texts):
+    texts = corpus_texts[:50]
+    packed = PackedDocuments.pack(tokenizer, texts, max_length=32)
+    assert (packed.input_ids[:, 0] == tokenizer.cls_token_id).all()
+    assert (packed.lengths[:-1] == 32).all() and 1 < packed.lengths[-1] <= 32
+    stream = np.concatenate([row[1:length] for row, length in zip(packed.input_ids, packed.lengths, strict=True)])
+    expected = [t for text in texts for t in [*tokenizer(text, add_special_tokens=False)["input_ids"], 3]]
+    assert tokenizer.sep_token_id == 3 and stream.tolist() == expected  # nothing truncated, nothing reordered
+    batch = packed.batch(np.array([len(packed) - 1, 0]))
+    assert batch.input_ids.shape == (2, 32) and batch.attention_mask.sum(1).tolist() == [packed.lengths[-1], 32]
+
+
+def test_packed_pretraining_trains_on_more_real_tokens_and_resumes_exactly(
+    tokenizer, chemprot_texts, corpus_texts, tmp_path
+):
+    task = _task(chemprot_texts)
+    subset = corpus_texts[:80]
+    cpu = torch.device("cpu")
+    unpacked = PretrainConfig(steps=6, batch_size=4, rho1=3, save_every=2)
+    packed = unpacked.model_copy(update={"packing": True})
+    mlm_only = {"objective": "mlm", "save_every": 0}
+    plain, full = (
+        pretrain(_fresh(tokenizer, 1), tokenizer, subset, task, c.model_copy(update=mlm_only), 48, 1, cpu, None, False)
+        for c in (unpacked, packed)
+    )
+    assert full["tokens"] == plain["tokens"] == 6 * 4 * 48  # the same steps and shapes, as the paper counts them
+    assert plain["real_tokens"] < 0.8 * full["real_tokens"]  # a row per document: short ones leave padding
+    assert full["real_tokens"] >= 23 * 48 and full["packed_rows"] > 24  # packs are full (the last one may not be)
+    whole = _fresh(tokenizer, len(task.labels))
+    summary = pretrain(whole, tokenizer, subset, task, packed, 48, 1, cpu, None, False)
+
+    checkpoint = tmp_path / "checkpoint"
+    stopped = _fresh(tokenizer, len(task.labels))
+    _die_at_encoder_call(stopped, 7)  # 1-2 calls per step: after the step-2 checkpoint, before step 6 ends
+    with pytest.raises(_Killed):
+        pretrain(stopped, tokenizer, subset, task, packed, 48, 1, cpu, checkpoint, False)
+    assert checkpoint.joinpath("state.pt").is_file()
+    resumed = _fresh(tokenizer, len(task.labels))
+    again = pretrain(resumed, tokenizer, subset, task, packed, 48, 1, cpu, checkpoint, False)
+    assert again["real_tokens"] == summary["real_tokens"]  # counted over the whole run, not this process's part
+    for (name, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_an_option_at_its_cache_neutral_default_leaves_fingerprints_alone():
+    default, packed = PretrainConfig(), PretrainConfig(packing=True)
+    assert "packing" not in fingerprint_dump(default) and fingerprint_dump(packed)["packing"] is True
+    assert fingerprint_dump(default) == {k: v for k, v in default.model_dump(mode="json").items() if k != "packing"}

@@ -21,6 +21,20 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# An option added after runs exist, whose default is the old behaviour: at that default it is left out of stage
+# fingerprints, so adding it does not invalidate every finished stage of every run folder.
+CACHE_NEUTRAL_DEFAULT = {"cache_neutral_default": True}
+
+
+def fingerprint_dump(section: BaseModel, **dump_options: Any) -> dict[str, Any]:
+    """``section`` as JSON for a stage fingerprint, without cache-neutral options left at their defaults."""
+    dump = section.model_dump(mode="json", **dump_options)
+    for name, field in type(section).model_fields.items():
+        if (field.json_schema_extra or {}).get("cache_neutral_default") and getattr(section, name) == field.default:
+            dump.pop(name, None)
+    return dump
+
+
 class TaskConfig(_Section):
     """Where the labeled end task lives and which columns hold text and label."""
 
@@ -167,6 +181,13 @@ class PretrainConfig(OptimizerConfig):
     )
     rho2: float = Field(20.0, ge=0, description="TLM's rho2: weight of the MLM loss on task batches.")
     save_every: int = Field(50, ge=0, description="Steps between resumable checkpoints (0 = none).")
+    packing: bool = Field(
+        False,
+        description="Subset batches as packs: the subset's documents in one stream, each followed by [SEP], cut "
+        "into [CLS]-led rows of max_length tokens (as BERT and RoBERTa's FULL-SENTENCES pretrain; attention spans "
+        "the pack). No padding and no truncation, so a step trains on max_length real tokens per row.",
+        json_schema_extra=CACHE_NEUTRAL_DEFAULT,
+    )
 
 
 class FinetuneConfig(OptimizerConfig):

@@ -265,6 +265,42 @@ def encode(tokenizer: PreTrainedTokenizerFast, texts: list[str], max_length: int
     return Batch(encoded["input_ids"], encoded["attention_mask"])
 
 
+@dataclass(frozen=True)
+class PackedDocuments:
+    """Documents packed into full rows for MLM: one token stream (each document followed by [SEP]) cut into
+    rows of ``max_length`` that start with [CLS]. Only the last row is padded; no document is truncated."""
+
+    input_ids: np.ndarray  # [rows, max_length], padded with the tokenizer's pad id
+    lengths: np.ndarray  # [rows] real tokens per row
+
+    @classmethod
+    def pack(cls, tokenizer: PreTrainedTokenizerFast, texts: list[str], max_length: int) -> PackedDocuments:
+        if max_length < 2:
+            raise ConfigError(f"packing needs max_length >= 2 ([CLS] and one token), got {max_length}")
+        documents = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        sep, width = tokenizer.sep_token_id, max_length - 1
+        stream = np.fromiter(itertools.chain.from_iterable([*doc, sep] for doc in documents), dtype=np.int64)
+        rows = max(1, -(-len(stream) // width))
+        input_ids = np.full((rows, max_length), tokenizer.pad_token_id, dtype=np.int64)
+        input_ids[:, 0] = tokenizer.cls_token_id
+        body = np.full(rows * width, tokenizer.pad_token_id, dtype=np.int64)
+        body[: len(stream)] = stream
+        input_ids[:, 1:] = body.reshape(rows, width)
+        lengths = np.full(rows, max_length, dtype=np.int64)
+        lengths[-1] = 1 + len(stream) - (rows - 1) * width
+        return cls(input_ids, lengths)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def batch(self, rows: np.ndarray) -> Batch:
+        """The rows as a batch, trimmed to its longest row."""
+        lengths = self.lengths[rows]
+        width = int(lengths.max())
+        attention = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+        return Batch(torch.from_numpy(self.input_ids[rows, :width].copy()), torch.from_numpy(attention))
+
+
 def mask_tokens(
     batch: Batch, tokenizer: PreTrainedTokenizerFast, probability: float, seed: int, keys: Iterable[int]
 ) -> Batch:

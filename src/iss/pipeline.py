@@ -18,7 +18,7 @@ import torch
 import transformers
 from tqdm.auto import tqdm
 
-from iss.config import IssConfig
+from iss.config import IssConfig, fingerprint_dump
 from iss.data import TaskData, corpus_files, iter_corpus, load_task, read_task, save_task
 from iss.distributed import ray_bm25_search
 from iss.errors import ConfigError
@@ -113,7 +113,7 @@ class Pipeline:
     def corpus_signature(self) -> dict:
         corpus = self.config.corpus
         files = [str(file) for file in corpus_files(corpus)]  # hub names and saved datasets resolved
-        return {"corpus": corpus.model_dump(mode="json"), "files": file_signature(files)}
+        return {"corpus": fingerprint_dump(corpus), "files": file_signature(files)}
 
     def initial_model(self, task: TaskData, tokenizer, seed: int) -> TaskMLMModel:
         """A fresh model sized by the config (from scratch) or the local checkpoint (further pretraining)."""
@@ -140,7 +140,7 @@ class Pipeline:
             summary.update({f"{role}_rows": table.num_rows for role, table in task.splits.items()})
             summary["labels"] = len(task.labels)
 
-        parts = {"task": config.task.model_dump(mode="json"), "seed": config.seed}
+        parts = {"task": fingerprint_dump(config.task), "seed": config.seed}
         if Path(config.task.path).exists():
             parts["files"] = file_signature([config.task.path])
         return self.stage("data", parts, body)
@@ -167,7 +167,7 @@ class Pipeline:
             tokenizer.save_pretrained(str(folder))
             summary["vocab_size"] = len(tokenizer)
 
-        parts = {"tokenizer": config.tokenizer.model_dump(mode="json"), "data": data.fingerprint}
+        parts = {"tokenizer": fingerprint_dump(config.tokenizer), "data": data.fingerprint}
         if not config.tokenizer.path:
             parts["corpus"] = self.corpus_signature()
         return self.stage("tokenizer", parts, body)
@@ -203,7 +203,7 @@ class Pipeline:
             )
 
         parts = {
-            "retrieval": config.retrieval.model_dump(mode="json"),
+            "retrieval": fingerprint_dump(config.retrieval),
             "data": data.fingerprint,
             "corpus": self.corpus_signature(),
         }
@@ -234,8 +234,8 @@ class Pipeline:
             model.save(folder / "model")
 
         parts = {
-            "model": config.model.model_dump(mode="json"),
-            "warmup": config.warmup.model_dump(mode="json"),
+            "model": fingerprint_dump(config.model),
+            "warmup": fingerprint_dump(config.warmup),
             "precision": config.precision,
             "seed": config.seed,
             "data": data.fingerprint,
@@ -279,7 +279,7 @@ class Pipeline:
             summary.update({**scorer.summary(), **result.summary(), "pool_docs": pool.num_rows})
 
         parts = {
-            "influence": influence.model_dump(mode="json"),
+            "influence": fingerprint_dump(influence),
             "precision": config.precision,
             "seed": config.seed,
             "max_length": config.model.max_length,
@@ -345,7 +345,7 @@ class Pipeline:
                 }
             )
 
-        parts = {"selection": config.selection.model_dump(mode="json"), "seed": config.seed, **upstream}
+        parts = {"selection": fingerprint_dump(config.selection), "seed": config.seed, **upstream}
         return self.stage(f"select-{method.name}{self.tag}", parts, body)
 
     @staticmethod
@@ -414,8 +414,8 @@ class Pipeline:
             model.save(folder / "model")
 
         parts = {
-            "pretrain": config.pretrain.model_dump(mode="json"),
-            "model": config.model.model_dump(mode="json"),
+            "pretrain": fingerprint_dump(config.pretrain),
+            "model": fingerprint_dump(config.model),
             "precision": config.precision,
             "seed": seed,
             "selection": selected.fingerprint,
@@ -463,11 +463,11 @@ class Pipeline:
             summary.update({k: result[k] for k in ("seed", "metric", "best_epoch", "dev", "test")})
 
         parts = {
-            "finetune": config.finetune.model_dump(mode="json", exclude={"seeds"}),  # one seed per stage
+            "finetune": fingerprint_dump(config.finetune, exclude={"seeds"}),  # one seed per stage
             "precision": config.precision,
             "metric": config.task.metric,
             "seed": seed,
-            "upstream": upstream.fingerprint if upstream else config.model.model_dump(mode="json"),
+            "upstream": upstream.fingerprint if upstream else fingerprint_dump(config.model),
             "tokenizer": tokenizer_stage.fingerprint,
             "data": data.fingerprint,
         }
@@ -508,7 +508,7 @@ class Pipeline:
         parts = {
             "steps": steps,
             "precision": config.precision,
-            "pretrain": config.pretrain.model_dump(mode="json"),
+            "pretrain": fingerprint_dump(config.pretrain),
             "warmup": warmup.fingerprint,
             "selection": selected.fingerprint if selected else None,
             "metric": config.task.metric,

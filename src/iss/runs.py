@@ -38,14 +38,41 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def file_signature(paths: list[str]) -> list[tuple[str, int, int]]:
-    """Path, size and mtime of each input file, so edited inputs invalidate downstream stages."""
+HASH_CACHE = Path("~/.cache/iss/file-hashes")
+
+
+def file_signature(paths: list[str]) -> list[tuple[str, int, str]]:
+    """Path, size and SHA-256 of each input file: edited inputs invalidate downstream stages, while a fresh copy of
+    the same bytes (a new mtime: a re-synced data folder, a checkout) does not. A digest is cached by (path, size,
+    mtime, inode) under ``HASH_CACHE``, so a large corpus is read once, not at every run."""
     signature = []
     for path in paths:
         for file in sorted(_expand(Path(path))):
-            stat = file.stat()
-            signature.append((str(file.resolve()), stat.st_size, stat.st_mtime_ns))
+            resolved = file.resolve()
+            signature.append((str(resolved), resolved.stat().st_size, content_digest(resolved)))
     return signature
+
+
+def content_digest(file: Path, cache: Path | None = None) -> str:
+    """SHA-256 of a file's bytes, from the cache (default ``HASH_CACHE``) while the file's (path, size, mtime,
+    inode) are unchanged."""
+    stat = file.stat()
+    key = json.dumps([str(file), stat.st_size, stat.st_mtime_ns, stat.st_ino]).encode()
+    entry = (cache or HASH_CACHE).expanduser() / hashlib.sha256(key).hexdigest()[:32]
+    if entry.is_file():
+        return entry.read_text(encoding="utf-8")
+    digest = hashlib.sha256()
+    with file.open("rb") as handle:
+        while block := handle.read(1 << 22):
+            digest.update(block)
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = entry.with_name(f"{entry.name}.{os.getpid()}.tmp")
+        tmp.write_text(digest.hexdigest(), encoding="utf-8")
+        os.replace(tmp, entry)
+    except OSError as error:  # a read-only home: hash again next time
+        log.debug("file hash cache not written: %s", error)
+    return digest.hexdigest()
 
 
 def _expand(path: Path) -> list[Path]:

@@ -25,6 +25,7 @@ from iss.config import OptimizerConfig, PretrainConfig, WarmupConfig
 from iss.data import TaskData
 from iss.errors import DataError
 from iss.model import (
+    PackedDocuments,
     TaskMLMModel,
     encode,
     forward_autocast,
@@ -228,8 +229,9 @@ def pretrain(
     """TLM's joint objective: MLM on subset batches; (rho2 * MLM + task) / (rho2 + 1) on task batches.
 
     Task batches are masked task texts with their labels (see :func:`task_batch_schedule`); with
-    ``objective="mlm"`` every batch is a subset batch (further pretraining). Batches and masks are a pure
-    function of (seed, micro-batch index), so resuming replays the same sequence.
+    ``objective="mlm"`` every batch is a subset batch (further pretraining). With ``packing`` the subset batches
+    are rows of :class:`PackedDocuments`. Batches and masks are a pure function of (seed, micro-batch index), so
+    resuming replays the same sequence. ``real_tokens`` counts the non-padding tokens the model saw.
     """
     texts, labels = task.texts("train"), task.label_ids("train")
     if not subset_texts:
@@ -237,17 +239,24 @@ def pretrain(
     micro_batches = config.steps * config.accumulation
     is_task = task_batch_schedule(micro_batches, config.rho1, config.objective)
     position = np.where(is_task, np.cumsum(is_task) - 1, np.cumsum(~is_task) - 1)
+    packed = PackedDocuments.pack(tokenizer, subset_texts, max_length) if config.packing else None
+    subset_rows = len(packed) if packed is not None else len(subset_texts)
     model.to(device)
+
+    def micro_batch_rows(index: int) -> np.ndarray:
+        """Rows of the task split (task batches) or of the subset / its packs (subset batches)."""
+        if is_task[index]:
+            return epoch_rows(len(texts), config.batch_size, seed, int(position[index]))
+        return epoch_rows(subset_rows, config.batch_size, seed + 1, int(position[index]))
 
     def step_loss(step: int, micro: int) -> tuple[torch.Tensor, dict[str, float]]:
         index = step * config.accumulation + micro
+        rows = micro_batch_rows(index)
         if is_task[index]:
-            rows = epoch_rows(len(texts), config.batch_size, seed, int(position[index]))
             batch = labelled_batch(tokenizer, [texts[i] for i in rows], labels[rows], max_length)
             keys = 2 * (rows * micro_batches + index)  # distinct per (source, row, micro-batch): even = task
         else:
-            rows = epoch_rows(len(subset_texts), config.batch_size, seed + 1, int(position[index]))
-            batch = encode(tokenizer, [subset_texts[i] for i in rows], max_length)
+            batch = packed.batch(rows) if packed else encode(tokenizer, [subset_texts[i] for i in rows], max_length)
             keys = 2 * (rows * micro_batches + index) + 1
         batch = mask_tokens(batch, tokenizer, config.mlm_probability, seed, keys.tolist()).to(device)
         mlm_loss = per_sample_mlm_loss(model, batch).mean()
@@ -269,8 +278,22 @@ def pretrain(
     summary["task_micro_batches"] = int(is_task.sum())
     summary["subset_micro_batches"] = int((~is_task).sum())
     summary["tokens"] = micro_batches * config.batch_size * max_length  # as the paper counts them, for FLOPs
+    lengths = {
+        True: encoded_lengths(tokenizer, texts, max_length),
+        False: packed.lengths if packed is not None else encoded_lengths(tokenizer, subset_texts, max_length),
+    }
+    summary["real_tokens"] = sum(
+        int(lengths[bool(is_task[index])][micro_batch_rows(index)].sum()) for index in range(micro_batches)
+    )  # non-padding tokens trained on: what equal-compute comparisons count
+    if packed is not None:
+        summary["packed_rows"] = len(packed)
     summary["curve"] = curve
     return summary
+
+
+def encoded_lengths(tokenizer: PreTrainedTokenizerFast, texts: list[str], max_length: int) -> np.ndarray:
+    """Tokens per text as :func:`iss.model.encode` feeds it (special tokens included, truncated)."""
+    return np.asarray(tokenizer(texts, truncation=True, max_length=max_length, return_length=True)["length"])
 
 
 def unigram_entropy(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> float:
@@ -282,7 +305,6 @@ def unigram_entropy(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> flo
     return float(-(p * np.log(p)).sum())
 
 
-@torch.no_grad()
 @torch.inference_mode()
 def cls_features(
     model: TaskMLMModel,
@@ -306,7 +328,6 @@ def cls_features(
     return features
 
 
-@torch.inference_mode()
 @torch.inference_mode()
 def task_logits(
     model: TaskMLMModel,
