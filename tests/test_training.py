@@ -8,12 +8,12 @@ import pytest
 import torch
 from sklearn.metrics import f1_score
 
-from iss import training
-from iss.config import ModelConfig, PretrainConfig, fingerprint_dump
+from iss import evaluation, training
+from iss.config import FinetuneConfig, ModelConfig, PretrainConfig, fingerprint_dump
 from iss.data import TaskData
 from iss.evaluation import f1
 from iss.model import PackedDocuments, TaskMLMModel
-from iss.training import pretrain, task_batch_schedule
+from iss.training import TrainingBatches, pretrain, task_batch_schedule
 
 
 def test_f1_matches_scikit_learn_on_known_predictions():
@@ -189,3 +189,42 @@ def test_an_option_at_its_cache_neutral_default_leaves_fingerprints_alone():
     default, packed = PretrainConfig(), PretrainConfig(packing=True)
     assert "packing" not in fingerprint_dump(default) and fingerprint_dump(packed)["packing"] is True
     assert fingerprint_dump(default) == {k: v for k, v in default.model_dump(mode="json").items() if k != "packing"}
+
+
+def test_training_batches_cover_every_row_once_per_epoch_in_either_order(tokenizer, corpus_texts):
+    texts = corpus_texts[:70]
+    for buckets in (False, True):
+        batches = TrainingBatches(tokenizer, texts, 8, seed=2, length_buckets=buckets)
+        assert batches.steps_per_epoch == 9
+        for epoch in (0, 1):
+            rows = np.concatenate([batches(epoch * 9 + step) for step in range(9)])
+            assert sorted(rows.tolist()) == list(range(70))
+    lengths = np.asarray(tokenizer(texts, add_special_tokens=False, return_length=True)["length"])
+    assert np.array_equal(batches(12), training.bucketed_batches(lengths, 8, 2, epoch=1)[3])
+
+
+def test_fine_tuning_keeps_and_tests_the_weights_of_the_best_dev_epoch(tokenizer, chemprot_texts, monkeypatch):
+    """Dev peaks at epoch 2 of 3: the model ends with epoch 2's weights, and test is scored on them, once."""
+    task = _task(chemprot_texts)
+    task.splits["test"] = task.splits["dev"]
+    model = _fresh(tokenizer, len(task.labels))
+    dev_scores, snapshots, test_calls = iter([0.5, 0.9, 0.7]), [], []
+
+    def scripted(model, tokenizer, task, split, *args):
+        weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+        if split == "dev":
+            snapshots.append(weights)
+            return {"f1": next(dev_scores), "task_loss": 0.0}
+        test_calls.append(weights)
+        return {"f1": 0.42, "task_loss": 0.0}
+
+    monkeypatch.setattr(evaluation, "head_scores", scripted)
+    config = FinetuneConfig(epochs=3, batch_size=8, learning_rate=1e-3, seeds=[0])
+    result = evaluation.finetune(model, tokenizer, task, config, "micro_f1", 48, 0, torch.device("cpu"), False)
+    assert (result["best_epoch"], result["dev"], result["test"]) == (2, 0.9, 0.42)
+    assert [e["epoch"] for e in result["epochs"]] == [1, 2, 3] and len(test_calls) == 1
+    final = dict(model.named_parameters())
+    for name, value in snapshots[1].items():
+        torch.testing.assert_close(final[name].detach(), value, msg=name)
+        torch.testing.assert_close(test_calls[0][name], value, msg=name)
+    assert any(not torch.equal(snapshots[2][n], snapshots[1][n]) for n in final)  # epoch 3 did move the weights

@@ -21,6 +21,7 @@ from rich.table import Table
 from iss.analysis import analyze_layers, analyze_tsne, analyze_words
 from iss.config import IssConfig, load_config
 from iss.errors import IssError
+from iss.estimate import estimate_run
 from iss.pipeline import Pipeline
 from iss.report import write_report
 from iss.runs import StageResult
@@ -156,9 +157,19 @@ _stage_command("influence", "Score candidates by gradient matching and keep the 
 _stage_command("pretrain", "Pretrain on the selected subset (TLM objective from scratch, or further pretraining).")
 _stage_command("finetune", "Fine-tune the pretrained model; dev/test F1 at the best dev epoch.")
 _stage_command("evaluate", "Fine-tune once per seed (finetune.seeds); mean and std of dev/test F1.")
+
+
+def _run_all_estimated(pipeline: Pipeline) -> StageResult:
+    """``run_all``, after saying how long a fresh run folder would take on this machine (see iss.estimate)."""
+    if pipeline.show_progress:
+        console.print(estimate_run(pipeline).describe())
+    return pipeline.run_all()
+
+
 _stage_command(
-    "run_all",
-    "The whole loop for every method and seed: select, pretrain, fine-tune, evaluate; writes the results table.",
+    _run_all_estimated,
+    "The whole loop for every method and seed: select, pretrain, fine-tune, evaluate; writes the results table. "
+    "Prints the estimated time first.",
     name="run",
 )
 

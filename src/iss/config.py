@@ -159,6 +159,12 @@ class WarmupConfig(OptimizerConfig):
     epochs: float = Field(3, gt=0)
     mlm_probability: float = Field(0.15, gt=0, lt=1)
     task_loss_weight: float = Field(1.0, ge=0)
+    length_buckets: bool = Field(
+        False,
+        description="Batch texts of similar length, as fine-tuning does (sorted within seeded pools of 50 batches, "
+        "batch order shuffled): every text once per epoch, far less padding.",
+        json_schema_extra=CACHE_NEUTRAL_DEFAULT,
+    )
 
 
 class PretrainConfig(OptimizerConfig):

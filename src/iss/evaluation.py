@@ -6,8 +6,6 @@ deviation over seeds; scores come from scikit-learn so they match what other too
 
 from __future__ import annotations
 
-import functools
-import math
 from typing import Literal
 
 import numpy as np
@@ -18,7 +16,7 @@ from transformers import PreTrainedTokenizerFast
 from iss.config import FinetuneConfig
 from iss.data import TaskData
 from iss.model import TaskMLMModel, labelled_batch, per_sample_task_loss
-from iss.training import LoopSettings, bucketed_batches, epoch_rows, task_logits, train_loop
+from iss.training import LoopSettings, TrainingBatches, task_logits, train_loop
 
 Metric = Literal["micro_f1", "macro_f1"]
 
@@ -40,48 +38,41 @@ def finetune(
     device: torch.device,
     show_progress: bool = True,
 ) -> dict:
-    """Fine-tune in place; dev and test are scored after every epoch and the best dev epoch is reported."""
+    """Fine-tune in place; dev is scored after every epoch, and test once, with the weights of the best dev epoch
+    (the first among equals), which the model keeps."""
     texts, labels = task.texts("train"), task.label_ids("train")
-    steps_per_epoch = math.ceil(len(texts) / config.batch_size)
+    batches = TrainingBatches(tokenizer, texts, config.batch_size, seed, config.length_buckets)
     model.to(device)
     epochs: list[dict] = []
-
-    @functools.cache
-    def lengths() -> np.ndarray:
-        return np.asarray(tokenizer(texts, add_special_tokens=False, return_length=True)["length"])
-
-    @functools.lru_cache(maxsize=1)
-    def epoch_batches(epoch: int) -> list[np.ndarray]:
-        return bucketed_batches(lengths(), config.batch_size, seed, epoch)
+    best: dict = {}
 
     def step_loss(step: int, micro: int) -> tuple[torch.Tensor, dict[str, float]]:
-        if config.length_buckets:
-            epoch, position = divmod(step, steps_per_epoch)
-            rows = epoch_batches(epoch)[position]
-        else:
-            rows = epoch_rows(len(texts), config.batch_size, seed, step)
+        rows = batches(step)
         batch = labelled_batch(tokenizer, [texts[i] for i in rows], labels[rows], max_length).to(device)
         loss = per_sample_task_loss(model, batch).mean()
         return loss, {"task": loss.item()}
 
     def evaluate(step: int) -> None:
-        if step % steps_per_epoch == 0:
-            batch = config.eval_batch_size
-            scores = {
-                split: head_scores(model, tokenizer, task, split, metric, max_length, device, batch)["f1"]
-                for split in ("dev", "test")
-            }
-            epochs.append({"epoch": step // steps_per_epoch, **scores})
+        if step % batches.steps_per_epoch == 0:
+            dev = head_scores(model, tokenizer, task, "dev", metric, max_length, device, config.eval_batch_size)["f1"]
+            epochs.append({"epoch": step // batches.steps_per_epoch, "dev": dev})
+            if not best or dev > best["dev"]:
+                trained = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+                best.update(epochs[-1], weights=trained)
 
-    settings = LoopSettings(config, config.epochs * steps_per_epoch, description=f"fine-tune (seed {seed})")
+    settings = LoopSettings(config, config.epochs * batches.steps_per_epoch, description=f"fine-tune (seed {seed})")
     summary = train_loop(model, settings, step_loss, seed, show_progress=show_progress, after_step=evaluate)
-    best = max(epochs, key=lambda e: e["dev"])  # first epoch among equals
+    with torch.no_grad():
+        parameters = dict(model.named_parameters())
+        for name, value in best["weights"].items():
+            parameters[name].copy_(value)
+    test = head_scores(model, tokenizer, task, "test", metric, max_length, device, config.eval_batch_size)["f1"]
     return {
         "seed": seed,
         "metric": metric,
         "best_epoch": best["epoch"],
         "dev": best["dev"],
-        "test": best["test"],
+        "test": test,
         "epochs": epochs,
         "task_loss": summary.get("task"),
     }

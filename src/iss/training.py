@@ -175,6 +175,32 @@ def bucketed_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
+class TrainingBatches:
+    """Rows of training batch ``step`` over ``texts``: seeded per-epoch permutations (:func:`epoch_rows`), or with
+    ``length_buckets`` batches of similar length (:func:`bucketed_batches`). Either way a pure function of (seed,
+    step), so a resumed loop sees the batches an uninterrupted one would."""
+
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerFast, texts: list[str], batch_size: int, seed: int, length_buckets: bool
+    ) -> None:
+        self.batch_size, self.seed, self.n = batch_size, seed, len(texts)
+        self.steps_per_epoch = math.ceil(len(texts) / batch_size)
+        self.lengths = (
+            np.asarray(tokenizer(texts, add_special_tokens=False, return_length=True)["length"])
+            if length_buckets
+            else None
+        )
+        self._epoch: tuple[int, list[np.ndarray]] | None = None
+
+    def __call__(self, step: int) -> np.ndarray:
+        if self.lengths is None:
+            return epoch_rows(self.n, self.batch_size, self.seed, step)
+        epoch, position = divmod(step, self.steps_per_epoch)
+        if self._epoch is None or self._epoch[0] != epoch:
+            self._epoch = (epoch, bucketed_batches(self.lengths, self.batch_size, self.seed, epoch))
+        return self._epoch[1][position]
+
+
 def warmup_train(
     model: TaskMLMModel,
     tokenizer: PreTrainedTokenizerFast,
@@ -187,11 +213,12 @@ def warmup_train(
 ) -> dict[str, float]:
     """Train ``model`` in place on the task's train split with MLM + task loss; returns losses and dev accuracy."""
     texts, labels = task.texts("train"), task.label_ids("train")
-    total_steps = max(1, math.ceil(config.epochs * math.ceil(len(texts) / config.batch_size)))
+    batches = TrainingBatches(tokenizer, texts, config.batch_size, seed, config.length_buckets)
+    total_steps = max(1, math.ceil(config.epochs * batches.steps_per_epoch))
     model.to(device)
 
     def step_loss(step: int, micro: int) -> tuple[torch.Tensor, dict[str, float]]:
-        rows = epoch_rows(len(texts), config.batch_size, seed, step)
+        rows = batches(step)
         batch = labelled_batch(tokenizer, [texts[i] for i in rows], labels[rows], max_length)
         batch = mask_tokens(batch, tokenizer, config.mlm_probability, seed, (step * len(texts) + rows).tolist())
         batch = batch.to(device)

@@ -1,0 +1,157 @@
+"""How long ``iss run`` will take, said before its long stages start.
+
+Every stage's work is counted in the tokens its batches really hold (padding included, with the run's own
+batching: length buckets, packing, task/subset micro-batch schedule), and priced by probes of this machine: a
+few training steps of the run's own model on one warm-up batch, with MLM + task loss (warm-up, pretraining)
+and with the task loss alone on the fine-tuned parameters (fine-tuning). Forward-only work (evaluation, the influence
+stage's candidate pass) is priced relative to a training step with factors measured by
+``benchmarks/bench_influence.py``. It is an estimate for a fresh run folder: stages that are already finished
+are reused and cost nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from iss.methods import EVALUATED, SELECTION
+from iss.model import (
+    forward_autocast,
+    labelled_batch,
+    load_tokenizer,
+    mask_tokens,
+    per_sample_mlm_loss,
+    per_sample_task_loss,
+    set_trainable,
+)
+from iss.training import TrainingBatches, encoded_lengths, task_batch_schedule
+
+if TYPE_CHECKING:
+    from iss.pipeline import Pipeline
+
+FORWARD_SHARE = 1 / 3  # a forward pass costs about a third of a training step (forward + backward)
+INFLUENCE_SHARE = 2.2 * FORWARD_SHARE  # influence at Table A.1's B_p/B_t vs forward only (bench_influence: 2.21)
+PROBE_STEPS = 3
+
+
+@dataclass(frozen=True)
+class RunEstimate:
+    """Estimated seconds per kind of stage, and how many stages of that kind the run has."""
+
+    seconds: dict[str, float]
+    runs: dict[str, int]
+    seconds_per_token: dict[str, float]  # per training objective: "joint" (MLM + task) and "task"
+
+    @property
+    def total(self) -> float:
+        return sum(self.seconds.values())
+
+    def describe(self) -> str:
+        parts = ", ".join(
+            f"{kind} {seconds / 60:.1f}" + (f" ({self.runs[kind]} runs)" if self.runs.get(kind, 1) > 1 else "")
+            for kind, seconds in self.seconds.items()
+            if seconds > 0
+        )
+        return f"estimated time for a fresh run folder: {self.total / 60:.1f} min on this machine ({parts}; minutes)"
+
+
+def padded_tokens(lengths: np.ndarray, batches: list[np.ndarray]) -> int:
+    """Tokens the model processes for these batches: each batch is padded to its longest row."""
+    return int(sum(len(rows) * lengths[rows].max() for rows in batches if len(rows)))
+
+
+def epoch_tokens(tokenizer, texts: list[str], batch_size: int, seed: int, buckets: bool, max_length: int) -> int:
+    batches = TrainingBatches(tokenizer, texts, batch_size, seed, buckets)
+    lengths = encoded_lengths(tokenizer, texts, max_length)
+    return padded_tokens(lengths, [batches(step) for step in range(batches.steps_per_epoch)])
+
+
+def probe_seconds_per_token(
+    pipeline: Pipeline, tokenizer, texts: list[str], labels: np.ndarray, objective: str
+) -> float:
+    """Seconds per (padded) token of a training step of the run's model on one batch of task texts: with MLM +
+    task loss (``joint``), or with the task loss on the parameters fine-tuning trains (``task``)."""
+    config = pipeline.config
+    model = pipeline.initial_model(pipeline.task(), tokenizer, config.seed).to(pipeline.device)
+    blocks = config.finetune.trainable_blocks if objective == "task" else None
+    set_trainable(model, config.model.freeze_embeddings, blocks)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    rows = np.arange(min(len(texts), config.warmup.batch_size))
+    batch = labelled_batch(tokenizer, [texts[i] for i in rows], labels[rows], config.model.max_length)
+    batch = mask_tokens(batch, tokenizer, 0.15, config.seed, rows.tolist()).to(pipeline.device)
+    timings = []
+    for _ in range(PROBE_STEPS + 1):  # the first step warms up allocators and kernels and is not counted
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        with forward_autocast(pipeline.device):
+            loss = per_sample_task_loss(model, batch).mean()
+            if objective == "joint":
+                loss = loss + per_sample_mlm_loss(model, batch).mean()
+        loss.backward()
+        optimizer.step()
+        timings.append(time.perf_counter() - start)
+    return float(np.median(timings[1:])) / batch.input_ids.numel()
+
+
+def estimate_run(pipeline: Pipeline) -> RunEstimate:
+    """Price ``pipeline.run_all()`` for a fresh run folder; reads the retrieval stage's pool (runs it if needed)."""
+    config = pipeline.config
+    tokenizer = load_tokenizer(pipeline.tokenizer().path)
+    task, seed, max_length = pipeline.task(), config.seed, config.model.max_length
+    train, labels = task.texts("train"), task.label_ids("train")
+    per_token = {
+        objective: probe_seconds_per_token(pipeline, tokenizer, train, labels, objective)
+        for objective in ("joint", "task")
+    }
+
+    def tokens(split: str) -> int:
+        return int(encoded_lengths(tokenizer, task.texts(split), max_length).sum()) if split in task.splits else 0
+
+    pool = pq.read_table(pipeline.retrieval().path / "pool.parquet", columns=["text"]).column("text").to_pylist()
+    pool_lengths = encoded_lengths(tokenizer, pool, max_length)
+    rng = np.random.default_rng(seed)
+
+    names = config.evaluation.methods
+    pretrained = [pipeline.method_variant(name) for name in names if EVALUATED[name].selection is not None]
+    influence_runs = {m.influence_name for m in pretrained if SELECTION[m.config.selection.method].needs_influence}
+    seeds, budgets = len(config.finetune.seeds), max(1, len(config.evaluation.budgets))
+    pretrain_runs = len(pretrained) * budgets * (seeds if config.evaluation.repeat_pretraining else 1)
+    finetune_runs = (len(pretrained) * budgets + len(names) - len(pretrained)) * seeds
+
+    warmup = config.warmup
+    warmup_epoch = epoch_tokens(tokenizer, train, warmup.batch_size, seed, warmup.length_buckets, max_length)
+    task_batch = warmup_epoch / max(1, -(-len(train) // warmup.batch_size))
+
+    pretrain = config.pretrain
+    schedule = task_batch_schedule(pretrain.steps * pretrain.accumulation, pretrain.rho1, pretrain.objective)
+    if pretrain.packing:
+        subset_batch = pretrain.batch_size * max_length
+    else:  # padded to the longest of batch_size random pool documents
+        draws = rng.choice(pool_lengths, size=(64, pretrain.batch_size))
+        subset_batch = pretrain.batch_size * float(draws.max(1).mean())
+    pretrain_tokens = schedule.sum() * task_batch + (~schedule).sum() * subset_batch
+
+    finetune = config.finetune
+    finetune_epoch = epoch_tokens(tokenizer, train, finetune.batch_size, seed, finetune.length_buckets, max_length)
+    evaluation = (finetune.epochs * tokens("dev") + tokens("test")) * FORWARD_SHARE
+    mechanism = 0.0
+    if config.evaluation.mechanism_steps:
+        steps = config.evaluation.mechanism_steps * len(pretrained)
+        mechanism = steps * subset_batch + (len(pretrained) + 1) * (tokens("dev") + tokens("test")) * FORWARD_SHARE
+
+    seconds = {
+        "warm-up": warmup.epochs * warmup_epoch,
+        "influence": len(influence_runs) * (int(pool_lengths.sum()) * INFLUENCE_SHARE + tokens("dev")),
+        "pretraining": pretrain_runs * pretrain_tokens,
+        "fine-tuning": finetune_runs * (finetune.epochs * finetune_epoch + evaluation),
+        "mechanism check": mechanism,
+    }
+    runs = {"influence": len(influence_runs), "pretraining": pretrain_runs, "fine-tuning": finetune_runs}
+    priced = {kind: float(t) * per_token["task" if kind == "fine-tuning" else "joint"] for kind, t in seconds.items()}
+    return RunEstimate(priced, runs, per_token)

@@ -1,0 +1,78 @@
+"""The up-front time estimate of `iss run`: it counts the runs the config asks for and prices their tokens."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from iss import cli, estimate
+from iss.estimate import estimate_run, padded_tokens
+from iss.pipeline import Pipeline
+
+from .test_pipeline import _small_config
+
+
+def test_padded_tokens_pad_each_batch_to_its_longest_row():
+    lengths = np.array([3, 10, 4, 4])
+    assert padded_tokens(lengths, [np.array([0, 1]), np.array([2, 3])]) == 2 * 10 + 2 * 4
+
+
+@pytest.fixture()
+def fixed_price(monkeypatch):
+    """A machine at one microsecond per token, so estimates are token counts in disguise."""
+    monkeypatch.setattr(estimate, "probe_seconds_per_token", lambda *args: 1e-6)
+
+
+def test_estimate_counts_the_runs_the_config_asks_for(tmp_path, tokenizer, fixed_price):
+    tokenizer.save_pretrained(str(tmp_path / "tok"))
+    config = _small_config(
+        tmp_path / "run",
+        tokenizer={"path": str(tmp_path / "tok")},
+        finetune={"seeds": [0, 1, 2]},
+        evaluation={"methods": ["iss", "iss-cosine", "tlm", "none"]},
+    )
+    repeated = estimate_run(Pipeline(config, show_progress=False))
+    assert repeated.runs == {"influence": 2, "pretraining": 9, "fine-tuning": 12}  # dot and cosine score apart
+    once = estimate_run(Pipeline(config.with_overrides({"evaluation.repeat_pretraining": False}), False))
+    assert once.runs["pretraining"] == 3
+    assert once.seconds["pretraining"] == pytest.approx(repeated.seconds["pretraining"] / 3)
+    assert once.seconds["fine-tuning"] == pytest.approx(repeated.seconds["fine-tuning"])
+    assert "min on this machine" in repeated.describe() and repeated.total == sum(repeated.seconds.values())
+
+
+def test_packing_prices_full_rows_and_buckets_price_less_padding(tmp_path, tokenizer, fixed_price):
+    tokenizer.save_pretrained(str(tmp_path / "tok"))
+    config = _small_config(
+        tmp_path / "run",
+        tokenizer={"path": str(tmp_path / "tok")},
+        model={"max_length": 256},  # no ChemProt text truncated, so lengths (and padding) vary
+        pretrain={"steps": 10, "batch_size": 4, "objective": "mlm"},
+        evaluation={"methods": ["tlm"]},
+        finetune={"seeds": [0]},
+    )
+    packed = estimate_run(Pipeline(config.with_overrides({"pretrain.packing": True}), False))
+    assert packed.seconds["pretraining"] == pytest.approx(10 * 4 * 256 * 1e-6)  # every row max_length tokens
+    unpacked = estimate_run(Pipeline(config, False))
+    assert 0 < unpacked.seconds["pretraining"] <= packed.seconds["pretraining"]
+    bucketed = estimate_run(Pipeline(config.with_overrides({"warmup.length_buckets": True}), False))
+    assert bucketed.seconds["warm-up"] < unpacked.seconds["warm-up"]
+
+
+def test_iss_run_says_the_estimate_before_it_starts(monkeypatch, capsys):
+    events = []
+
+    class Recorder:
+        show_progress = True
+
+        def run_all(self):
+            events.append("run_all")
+            return "results"
+
+    def estimated(pipeline):
+        events.append("estimate")
+        return estimate.RunEstimate({"warm-up": 90.0}, {}, {"joint": 1e-6, "task": 1e-6})
+
+    monkeypatch.setattr(cli, "estimate_run", estimated)
+    assert cli._run_all_estimated(Recorder()) == "results"
+    assert events == ["estimate", "run_all"]
+    assert "1.5 min on this machine (warm-up 1.5" in capsys.readouterr().err.replace("\n", " ")
