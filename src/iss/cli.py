@@ -22,6 +22,7 @@ from iss.analysis import analyze_layers, analyze_tsne, analyze_words
 from iss.config import IssConfig, load_config
 from iss.errors import IssError
 from iss.estimate import estimate_run
+from iss.parallel import processes
 from iss.pipeline import Pipeline
 from iss.report import write_report
 from iss.runs import StageResult
@@ -92,6 +93,8 @@ def _one_line_errors() -> Iterator[None]:
 
 
 def _report(pipeline: Pipeline, result: StageResult, quiet: bool, as_json: bool) -> None:
+    if not processes().is_main:  # under `accelerate launch` one process speaks for all
+        return
     summaries = {name: {"path": str(r.path), "reused": r.reused, **r.summary} for name, r in pipeline.results.items()}
     if as_json:
         json.dump(summaries, sys.stdout, indent=2, default=str)
@@ -160,8 +163,9 @@ _stage_command("evaluate", "Fine-tune once per seed (finetune.seeds); mean and s
 
 
 def _run_all_estimated(pipeline: Pipeline) -> StageResult:
-    """``run_all``, after saying how long a fresh run folder would take on this machine (see iss.estimate)."""
-    if pipeline.show_progress:
+    """``run_all``, after saying how long a fresh run folder would take on this machine (see iss.estimate; one
+    process only: the estimate runs stages outside the lockstep of several processes)."""
+    if pipeline.show_progress and not processes().distributed:
         console.print(estimate_run(pipeline).describe())
     return pipeline.run_all()
 

@@ -16,6 +16,7 @@ from transformers import PreTrainedTokenizerFast
 from iss.config import FinetuneConfig
 from iss.data import TaskData
 from iss.model import TaskMLMModel, labelled_batch, per_sample_task_loss
+from iss.parallel import processes
 from iss.training import LoopSettings, TrainingBatches, task_logits, train_loop
 
 Metric = Literal["micro_f1", "macro_f1"]
@@ -46,10 +47,13 @@ def finetune(
     epochs: list[dict] = []
     best: dict = {}
 
+    group = processes()
+
     def step_loss(step: int, micro: int) -> tuple[torch.Tensor, dict[str, float]]:
-        rows = batches(step)
+        everyone = batches(step)
+        rows = group.share(everyone)
         batch = labelled_batch(tokenizer, [texts[i] for i in rows], labels[rows], max_length).to(device)
-        loss = per_sample_task_loss(model, batch).mean()
+        loss = group.mean(per_sample_task_loss(model, batch), len(everyone))
         return loss, {"task": loss.item()}
 
     def evaluate(step: int) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from iss.model import (
     precision,
     set_trainable,
 )
+from iss.parallel import processes
 from iss.report import write_results
 from iss.retrieval import BM25Index, collect_pool, hits_table
 from iss.runs import RunFolder, StageResult, file_signature, fingerprint
@@ -51,8 +53,8 @@ class Pipeline:
         self.config = config
         self.tag = tag  # suffix of selection/pretrain/fine-tune stage names (budget sweep, layer ablation)
         self.run = RunFolder(config.run_dir)
-        self.show_progress = show_progress
-        self.device = pick_device(config.device)
+        self.show_progress = show_progress and processes().is_main
+        self.device = processes().device(pick_device(config.device))
         self.results: dict[str, StageResult] = {}
         self.base_config = config  # what the manifest records: the run's own config, not a variant's
         if not show_progress:
@@ -60,24 +62,43 @@ class Pipeline:
 
     # ------------------------------------------------------------------------------------------ helpers
 
-    def stage(self, name: str, parts: dict, body: Callable[[Path, dict], None]) -> StageResult:
-        """Reuse the finished artifact ``name`` if its fingerprint matches ``parts``, else run ``body`` into it."""
+    def stage(
+        self, name: str, parts: dict, body: Callable[[Path, dict], None], data_parallel: bool = False
+    ) -> StageResult:
+        """Reuse the finished artifact ``name`` if its fingerprint matches ``parts``, else run ``body`` into it.
+
+        Under several processes (:mod:`iss.parallel`) a ``data_parallel`` stage (a training loop) runs on every
+        process, the main one writing the artifact and the others into a scratch folder; any other stage runs on
+        the main process while the others wait. Every process then reads the same finished artifact.
+        """
         stage_fingerprint = fingerprint(name, parts)
         known = self.results.get(name)
         if known is not None and known.fingerprint == stage_fingerprint:
             return known
+        group = processes()
+        group.barrier()  # every process looks at the run folder as it is now
         result = self.run.finished(name, stage_fingerprint)
         if result is None:
             log.info("stage %s: running", name)
-            with self.run.stage(name, stage_fingerprint, parts) as (folder, summary), precision(self.config.precision):
-                body(folder, summary)
+            numerics = precision(self.config.precision)
+            if group.is_main:
+                with self.run.stage(name, stage_fingerprint, parts) as (folder, summary), numerics:
+                    if data_parallel:
+                        group.barrier()  # the work folder is claimed: the others may read its checkpoint
+                    body(folder, summary)
+            elif data_parallel:
+                with tempfile.TemporaryDirectory() as scratch, numerics:
+                    group.barrier()
+                    body(Path(scratch), {})
+            group.barrier()  # the main process has written the artifact
             result = self.run.finished(name, stage_fingerprint)
             assert result is not None
             result.reused = False
         else:
             log.info("stage %s: reusing finished artifact", name)
         self.results[name] = result
-        self.run.update_manifest([result], {"config": self.base_config.model_dump(mode="json")})
+        if group.is_main:
+            self.run.update_manifest([result], {"config": self.base_config.model_dump(mode="json")})
         return result
 
     def progress(self, total: int | None, desc: str, unit: str = "doc") -> tqdm:
@@ -241,7 +262,7 @@ class Pipeline:
             "data": data.fingerprint,
             "tokenizer": tokenizer_stage.fingerprint,
         }
-        return self.stage("warmup", parts, body)
+        return self.stage("warmup", parts, body, data_parallel=True)
 
     def influence(self) -> StageResult:
         config = self.config
@@ -422,7 +443,7 @@ class Pipeline:
             "tokenizer": tokenizer_stage.fingerprint,
             "data": data.fingerprint,
         }
-        return self.stage(name, parts, body)
+        return self.stage(name, parts, body, data_parallel=True)
 
     def pretrain_seed(self, finetune_seed: int) -> int:
         """The pretraining a fine-tuning seed starts from: its own, or the run's (``repeat_pretraining`` off)."""
@@ -471,7 +492,7 @@ class Pipeline:
             "tokenizer": tokenizer_stage.fingerprint,
             "data": data.fingerprint,
         }
-        return self.stage(name, parts, body)
+        return self.stage(name, parts, body, data_parallel=True)
 
     def mechanism(self, pretrained: bool = True) -> StageResult:
         """The mechanism check: continue the warmed-up model on the subset with MLM only for
@@ -513,7 +534,7 @@ class Pipeline:
             "selection": selected.fingerprint if selected else None,
             "metric": config.task.metric,
         }
-        return self.stage(name, parts, body)
+        return self.stage(name, parts, body, data_parallel=True)
 
     def evaluate(self) -> StageResult:
         """Fine-tune the configured method's pretrained model once per seed; mean and std of dev/test F1."""

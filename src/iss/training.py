@@ -34,6 +34,7 @@ from iss.model import (
     per_sample_mlm_loss,
     per_sample_task_loss,
 )
+from iss.parallel import processes
 
 log = logging.getLogger("iss")
 
@@ -66,7 +67,10 @@ def train_loop(
     With ``checkpoint_dir`` the state is saved every ``save_every`` steps and loaded on start if present.
     ``after_step(step)`` runs after each optimizer step (evaluation); the model is back in train mode after it.
     ``on_losses(step, smoothed losses)`` sees the loss curve. Frozen parameters (``requires_grad`` off) are left out.
+    Under several processes (:mod:`iss.parallel`) ``step_loss`` returns this process's share of the loss; the
+    gradients and logged parts are summed across processes, and only the main process writes checkpoints.
     """
+    group = processes()
     torch.manual_seed(seed)
     model.train()
     device = next(model.parameters()).device
@@ -90,8 +94,9 @@ def train_loop(
             with forward_autocast(device):
                 loss, parts = step_loss(step, micro)
             (loss / settings.accumulation).backward()
-            for name, value in parts.items():
+            for name, value in group.sum_values(parts).items():
                 running[name] = _smooth(running.get(name, math.nan), value)
+        group.sum_gradients(trainable)
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         scheduler.step()
@@ -103,7 +108,8 @@ def train_loop(
         if after_step is not None:
             after_step(step)
             model.train()
-        if checkpoint_dir is not None and settings.save_every and (step % settings.save_every == 0 or step == total):
+        due = settings.save_every and (step % settings.save_every == 0 or step == total)
+        if checkpoint_dir is not None and due and group.is_main:
             _save_checkpoint(checkpoint_dir, model, optimizer, scheduler, step, running)
     bar.close()
     model.eval()
@@ -217,13 +223,16 @@ def warmup_train(
     total_steps = max(1, math.ceil(config.epochs * batches.steps_per_epoch))
     model.to(device)
 
+    group = processes()
+
     def step_loss(step: int, micro: int) -> tuple[torch.Tensor, dict[str, float]]:
-        rows = batches(step)
+        everyone = batches(step)
+        rows = group.share(everyone)
         batch = labelled_batch(tokenizer, [texts[i] for i in rows], labels[rows], max_length)
         batch = mask_tokens(batch, tokenizer, config.mlm_probability, seed, (step * len(texts) + rows).tolist())
         batch = batch.to(device)
-        mlm_loss = per_sample_mlm_loss(model, batch).mean()
-        task_loss = per_sample_task_loss(model, batch).mean()
+        mlm_loss = group.mean(per_sample_mlm_loss(model, batch), len(everyone))
+        task_loss = group.mean(per_sample_task_loss(model, batch), len(everyone))
         return mlm_loss + config.task_loss_weight * task_loss, {"mlm": mlm_loss.item(), "task": task_loss.item()}
 
     settings = LoopSettings(config, total_steps, description="warm-up")
@@ -276,9 +285,12 @@ def pretrain(
             return epoch_rows(len(texts), config.batch_size, seed, int(position[index]))
         return epoch_rows(subset_rows, config.batch_size, seed + 1, int(position[index]))
 
+    group = processes()
+
     def step_loss(step: int, micro: int) -> tuple[torch.Tensor, dict[str, float]]:
         index = step * config.accumulation + micro
-        rows = micro_batch_rows(index)
+        everyone = micro_batch_rows(index)
+        rows = group.share(everyone)
         if is_task[index]:
             batch = labelled_batch(tokenizer, [texts[i] for i in rows], labels[rows], max_length)
             keys = 2 * (rows * micro_batches + index)  # distinct per (source, row, micro-batch): even = task
@@ -286,10 +298,10 @@ def pretrain(
             batch = packed.batch(rows) if packed else encode(tokenizer, [subset_texts[i] for i in rows], max_length)
             keys = 2 * (rows * micro_batches + index) + 1
         batch = mask_tokens(batch, tokenizer, config.mlm_probability, seed, keys.tolist()).to(device)
-        mlm_loss = per_sample_mlm_loss(model, batch).mean()
+        mlm_loss = group.mean(per_sample_mlm_loss(model, batch), len(everyone))
         if not is_task[index]:
             return mlm_loss, {"mlm": mlm_loss.item()}
-        task_loss = per_sample_task_loss(model, batch).mean()
+        task_loss = group.mean(per_sample_task_loss(model, batch), len(everyone))
         loss = (config.rho2 * mlm_loss + task_loss) / (config.rho2 + 1)
         return loss, {"task_mlm": mlm_loss.item(), "task": task_loss.item()}
 

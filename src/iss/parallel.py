@@ -1,0 +1,93 @@
+"""Data-parallel training over the processes ``accelerate launch`` (or torchrun) starts: DDP's arithmetic, by hand.
+
+Every process builds the same global batch (a pure function of seed and step, masks keyed by row), keeps its
+share of the rows and scales its loss by 1 / (global rows); after backward the gradients are summed across
+processes, so each one holds the gradient of the global batch's mean loss and takes the same optimizer step.
+A step's result is that of one process up to float summation order and dropout masks (each process draws its
+own). Stages run in lockstep: every process decides from the same run folder whether a stage is finished; the
+training stages run on all processes, the others on the main one while the rest wait; only the main process
+writes the run folder. Several machines need the run folder on a shared file system.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import timedelta
+
+import numpy as np
+import torch
+
+from iss.errors import ConfigError
+
+STAGE_TIMEOUT = timedelta(hours=48)  # others wait at a barrier while the main process runs a selection stage
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process's place in the group: rank ``rank`` of ``world``."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    def share(self, rows: np.ndarray) -> np.ndarray:
+        """This process's rows of a global batch (every ``world``-th, from ``rank``)."""
+        if len(rows) < self.world:
+            raise ConfigError(f"a batch of {len(rows)} rows cannot be shared by {self.world} processes")
+        return rows[self.rank :: self.world]
+
+    def mean(self, values: torch.Tensor, total: int) -> torch.Tensor:
+        """This process's part of the mean over the ``total`` rows of the global batch (one process: the mean)."""
+        return values.sum() / total if self.distributed else values.mean()
+
+    def sum_gradients(self, parameters: Iterable[torch.nn.Parameter]) -> None:
+        """Sum every gradient across processes, in one flat buffer (one collective per step)."""
+        if not self.distributed:
+            return
+        grads = [p.grad for p in parameters if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat)
+        for grad, summed in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+            grad.copy_(summed.view_as(grad))
+
+    def sum_values(self, values: dict[str, float]) -> dict[str, float]:
+        """Logged loss parts summed across processes: each holds its share of the global mean."""
+        if not self.distributed or not values:
+            return values
+        tensor = torch.tensor(list(values.values()), dtype=torch.float64)
+        torch.distributed.all_reduce(tensor)
+        return dict(zip(values, tensor.tolist(), strict=True))
+
+    def barrier(self) -> None:
+        if self.distributed:
+            torch.distributed.barrier()
+
+    def device(self, configured: torch.device) -> torch.device:
+        """The device of this process: on GPUs its own (``accelerate`` assigns one per process)."""
+        if not self.distributed or configured.type == "cpu":
+            return configured
+        from accelerate import PartialState
+
+        return PartialState().device
+
+
+@functools.cache
+def processes() -> Processes:
+    """The process group from the environment ``accelerate launch`` / torchrun set; one process otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Processes()
+    from accelerate import PartialState
+
+    state = PartialState(timeout=STAGE_TIMEOUT)
+    return Processes(state.process_index, state.num_processes)

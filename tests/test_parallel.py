@@ -1,0 +1,99 @@
+"""Data-parallel training: shares of a global batch add up to its gradient, and `accelerate launch` with two
+CPU processes (gloo) pretrains and fine-tunes as one process does."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from iss.config import ModelConfig
+from iss.errors import ConfigError
+from iss.model import TaskMLMModel, labelled_batch, mask_tokens, per_sample_mlm_loss, per_sample_task_loss
+from iss.parallel import Processes
+
+from .conftest import CHEMPROT, CORPUS, iss_command, require_shared
+
+
+def _gradients(model: TaskMLMModel, tokenizer, texts: list[str], group: Processes, total_rows: np.ndarray) -> dict:
+    model.zero_grad(set_to_none=True)
+    rows = group.share(total_rows)
+    batch = labelled_batch(tokenizer, [texts[i] for i in rows], np.zeros(len(rows), np.int64), 48)
+    batch = mask_tokens(batch, tokenizer, 0.15, 0, rows.tolist())
+    loss = group.mean(per_sample_mlm_loss(model, batch), len(total_rows))
+    loss = loss + group.mean(per_sample_task_loss(model, batch), len(total_rows))
+    loss.backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def test_the_shares_of_a_global_batch_sum_to_its_gradient(tokenizer, corpus_texts):
+    torch.manual_seed(0)
+    config = ModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_length=48, dropout=0)
+    model = TaskMLMModel.from_scratch(config, tokenizer, num_labels=3)
+    rows = np.array([5, 17, 2, 40, 33, 8, 21])  # 7 rows: shares of 4 and 3
+    whole = _gradients(model, tokenizer, corpus_texts, Processes(), rows)
+    shares = [_gradients(model, tokenizer, corpus_texts, Processes(rank, 2), rows) for rank in (0, 1)]
+    for name, gradient in whole.items():
+        torch.testing.assert_close(shares[0][name] + shares[1][name], gradient, rtol=1e-4, atol=1e-6, msg=name)
+    with pytest.raises(ConfigError, match="cannot be shared"):
+        Processes(0, 4).share(np.arange(3))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _weights(folder) -> dict[str, torch.Tensor]:
+    return {f"{f.name}:{k}": v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+@pytest.mark.slow
+def test_two_processes_pretrain_and_fine_tune_as_one_does(tmp_path, tokenizer):
+    require_shared()
+    tokenizer.save_pretrained(str(tmp_path / "tok"))
+    config = {
+        "run_dir": str(tmp_path / "one"),
+        "task": {"path": str(CHEMPROT), "max_train": 48, "max_dev": 16, "max_test": 16},
+        "corpus": {"paths": [str(CORPUS)], "max_docs": 2000},
+        "tokenizer": {"path": str(tmp_path / "tok")},
+        "retrieval": {"top_k": 5},
+        "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64, "max_length": 48},
+        "warmup": {"epochs": 1, "batch_size": 8},
+        "influence": {"top_k": 40},
+        "selection": {"budget": "40 docs"},
+        "pretrain": {"steps": 6, "batch_size": 8, "rho1": 3, "save_every": 2, "packing": True},
+        "finetune": {"epochs": 2, "batch_size": 8, "seeds": [0]},
+    }
+    config["model"]["dropout"] = 0.0  # each process draws its own dropout masks
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(config), encoding="utf-8")
+    single = iss_command("finetune", str(config_file), "--quiet")
+    assert single.returncode == 0, single.stderr
+    # The same selected subset for both: the two-process run starts from a copy of the selection stages.
+    two = tmp_path / "two"
+    shutil.copytree(tmp_path / "one", two, ignore=shutil.ignore_patterns("pretrain-*", "finetune-*", "manifest.json"))
+    launch = [
+        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+        "-m", "iss", "finetune", str(config_file), "--run-dir", str(two), "--quiet",
+    ]  # fmt: skip
+    parallel = subprocess.run(launch, capture_output=True, text=True, timeout=900)
+    assert parallel.returncode == 0, parallel.stderr[-3000:]
+    one_weights = _weights(tmp_path / "one/pretrain-iss-seed0/model")
+    two_weights = _weights(two / "pretrain-iss-seed0/model")
+    assert one_weights.keys() == two_weights.keys()
+    for name, value in one_weights.items():
+        torch.testing.assert_close(two_weights[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    scores = [yaml.safe_load((run / "finetune-iss-seed0/scores.json").read_text()) for run in (tmp_path / "one", two)]
+    assert scores[0]["dev"] == pytest.approx(scores[1]["dev"], abs=1e-6)
+    assert scores[0]["task_loss"] == pytest.approx(scores[1]["task_loss"], rel=1e-3)
+    assert not list(two.glob(".*.tmp"))  # the second process wrote nothing into the run folder
