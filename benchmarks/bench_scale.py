@@ -1,11 +1,14 @@
-"""Peak memory and throughput of `iss select` as the corpus grows from 1x to 10x the shared corpus.
+"""Peak memory and throughput of `iss select` as the corpus grows.
 
-The larger corpora are the shared corpus's file streamed repeatedly (a folder of links to it: real text, no
-synthetic words), so every size holds the same documents, repeated. Each size runs cold in its own process.
+Two kinds of growth, each size cold in its own process:
+- repeated (default): the config's corpus streamed 1x, 3x, 10x over (a folder of links to its files: real text,
+  the same documents repeated);
+- ``--shards DIR``: the first 1, 3, 10 shards of a real sharded corpus (``../shared/data/corpus/large``: ten
+  ``.jsonl.gz`` shards of 37k whole abstracts, articles, reviews and paragraphs each), distinct documents.
 
 Usage: python benchmarks/bench_scale.py [--config configs/chemprot.yaml] [--sizes 1 3 10] [--method iss]
-                                       [--backend local|ray]
-Prints a Markdown table and writes benchmarks/results/scale_<task>[_ray].json. With Ray, peak RSS is the
+                                       [--backend local|ray] [--shards ../shared/data/corpus/large]
+Prints a Markdown table and writes benchmarks/results/scale_<task>[_large][_ray].json. With Ray, peak RSS is the
 driver process's (workers are separate processes started by Ray).
 """
 
@@ -36,26 +39,39 @@ def repeated_corpus(files: list[Path], times: int, folder: Path) -> Path:
     return folder
 
 
+def first_shards(folder: Path, count: int, target: Path) -> Path:
+    """A folder of links to the first ``count`` corpus shards of ``folder`` (by name)."""
+    shards = sorted(p for p in folder.iterdir() if p.name.endswith((".jsonl", ".jsonl.gz", ".jsonl.zst")))
+    if count > len(shards):
+        raise SystemExit(f"{folder} has {len(shards)} shards, not {count}")
+    target.mkdir(parents=True)
+    for shard in shards[:count]:
+        (target / shard.name).symlink_to(shard.resolve())
+    return target
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", type=Path, default=Path("configs/chemprot.yaml"))
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 3, 10])
     parser.add_argument("--method", default="iss")
     parser.add_argument("--backend", default="local", choices=["local", "ray"])
+    parser.add_argument("--shards", type=Path, help="Grow by the first N shards of this corpus folder instead.")
     args = parser.parse_args()
     config = load_config(args.config)
     files = corpus_files(config.corpus)
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for size in args.sizes:
-            corpus = repeated_corpus(files, size, Path(scratch) / f"corpus-{size}x")
+            folder = Path(scratch) / f"corpus-{size}x"
+            corpus = first_shards(args.shards, size, folder) if args.shards else repeated_corpus(files, size, folder)
             keys = (*SMALL_TASK, f"corpus.paths=[{corpus}]", f"backend={args.backend}", "ray.num_cpus=2")
             overrides = [item for key in keys for item in ("--set", key)]
             run = run_select(args.config, args.method, Path(scratch) / f"run-{size}x", tuple(overrides))
             retrieval = run["stages"]["retrieval"]
             rows.append(
                 {
-                    "size": f"{size}x",
+                    "size": f"{size} shards" if args.shards else f"{size}x",
                     "corpus_docs": retrieval["corpus_docs"],
                     "pool_docs": retrieval["pool_docs"],
                     "peak_rss_gib": run["peak_rss_gib"],
@@ -68,7 +84,7 @@ def main() -> None:
             )
             print(f"{size}x done: {rows[-1]['peak_rss_gib']} GiB, {rows[-1]['wall_seconds']} s", flush=True)
     base = rows[0]["peak_rss_gib"]
-    lines = ["| corpus | docs | pool | peak RSS GiB | vs 1x | wall s | retrieval s | retrieval docs/s | docs/s |",
+    lines = ["| corpus | docs | pool | peak RSS GiB | vs smallest | wall s | retrieval s | retrieval docs/s | docs/s |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for row in rows:
         lines.append(
@@ -82,13 +98,14 @@ def main() -> None:
         "config": str(args.config),
         "method": args.method,
         "backend": args.backend,
+        "corpus": str(args.shards) if args.shards else "repeated config corpus",
         "task_overrides": SMALL_TASK,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "runs": rows,
         "peak_rss_ratio_max_over_1x": round(max(r["peak_rss_gib"] for r in rows) / base, 3),
         "table": lines,
     }
-    suffix = "" if args.backend == "local" else f"_{args.backend}"
+    suffix = ("_large" if args.shards else "") + ("" if args.backend == "local" else f"_{args.backend}")
     (RESULTS / f"scale_{config.task.name}{suffix}.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
 
 

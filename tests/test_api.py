@@ -59,8 +59,9 @@ def test_select_takes_in_memory_task_and_corpus_and_reuses_its_stages(tmp_path):
 
     folder = run_dir / "select-iss"
     assert np.load(folder / "ids.npy").tolist() == subset["corpus_id"]  # the export forms of the subset
-    loaded = datasets.load_dataset("parquet", data_files=str(folder / "subset.parquet"), split="train")
+    loaded = datasets.load_dataset("parquet", data_files=str(folder / "subset.parquet" / "*.parquet"), split="train")
     assert loaded["corpus_id"] == subset["corpus_id"]
+    assert [p.name for p in (folder / "subset.parquet").iterdir()] == ["part-00000-of-00001.parquet"]
     with gzip.open(folder / "subset.jsonl.gz", "rt", encoding="utf-8") as handle:
         assert [json.loads(line)["text"] for line in handle] == subset["text"]
 
@@ -76,5 +77,5 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     assert "runs/api-example" in code
     monkeypatch.chdir(REPO)
     exec(compile(code.replace("runs/api-example", str(tmp_path / "run")), "README.md", "exec"), {})
-    subset = datasets.Dataset.from_parquet(str(tmp_path / "run" / "select-iss" / "subset.parquet"))
+    subset = datasets.Dataset.from_parquet(str(tmp_path / "run" / "select-iss" / "subset.parquet" / "*.parquet"))
     assert subset.num_rows == 200

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from iss.config import Budget
@@ -17,6 +18,7 @@ from iss.selection import (
     resolve_budget,
     round_robin,
     subset_table,
+    write_subset,
 )
 
 
@@ -121,3 +123,17 @@ def test_random_and_tlm_lists_share_the_format():
     rows = {row["corpus_id"]: row for row in table.to_pylist()}
     assert rows[105]["text"] == "doc 105" and rows[105]["chosen_by"] == ["train:0", "train:1"]
     assert table.column("selection_rank").to_pylist() == list(range(4))
+
+
+def test_a_subset_is_written_as_ordered_parquet_shards(tmp_path):
+    subset = pa.table({"corpus_id": list(range(25)), "text": [f"doc {i}" for i in range(25)], "score": [0.5] * 25})
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        write_subset(subset, tmp_path / name, shard_rows=10)
+    shards = sorted((tmp_path / "a" / "subset.parquet").iterdir())
+    assert [p.name for p in shards] == [f"part-0000{i}-of-00003.parquet" for i in range(3)]
+    assert [pq.read_metadata(p).num_rows for p in shards] == [10, 10, 5]
+    assert pq.read_table(tmp_path / "a" / "subset.parquet").equals(subset)  # one table, in selection order
+    assert np.load(tmp_path / "a" / "ids.npy").tolist() == list(range(25))
+    for shard in shards:  # deterministic bytes: the same subset writes the same files
+        assert shard.read_bytes() == (tmp_path / "b" / "subset.parquet" / shard.name).read_bytes()

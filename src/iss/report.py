@@ -286,7 +286,7 @@ def _subsets(stages: dict[str, Path]) -> dict[str, Path]:
     return {
         name.removeprefix("select-"): folder / "subset.parquet"
         for name, folder in sorted(stages.items())
-        if name.startswith("select-") and (folder / "subset.parquet").is_file()
+        if name.startswith("select-") and (folder / "subset.parquet").exists()
     }
 
 

@@ -141,11 +141,21 @@ def _natural(name: str) -> tuple[str, int]:
     return split, int(number) if number.isdigit() else -1
 
 
-def write_subset(subset: pa.Table, folder: Path) -> None:
-    """The subset as ``subset.parquet`` (what iss and ``datasets.load_dataset("parquet", ...)`` read), a
-    ``subset.jsonl.gz`` copy and ``ids.npy``, its corpus ids in selection order (what resharders take). Every
-    file is deterministic: the gzip header carries no timestamp."""
-    pq.write_table(subset, folder / "subset.parquet")
+SUBSET_SHARD_ROWS = 100_000
+
+
+def write_subset(subset: pa.Table, folder: Path, shard_rows: int = SUBSET_SHARD_ROWS) -> None:
+    """The subset as ``subset.parquet/``, a folder of parquet shards ``part-NNNNN-of-MMMMM.parquet`` of at most
+    ``shard_rows`` rows in selection order (``pyarrow.parquet.read_table`` reads the folder as one table; for
+    ``datasets.load_dataset("parquet", data_files="…/subset.parquet/*.parquet")``), a ``subset.jsonl.gz`` copy
+    and ``ids.npy``, its corpus ids in selection order (what resharders take). Every file is deterministic: the
+    gzip header carries no timestamp."""
+    shards = folder / "subset.parquet"
+    shards.mkdir()
+    count = max(1, -(-subset.num_rows // shard_rows))
+    for number in range(count):
+        part = subset.slice(number * shard_rows, shard_rows)
+        pq.write_table(part, shards / f"part-{number:05d}-of-{count:05d}.parquet")
     with gzip.GzipFile(folder / "subset.jsonl.gz", "wb", mtime=0) as handle:
         for row in subset.to_pylist():
             row["score"] = None if row["score"] is None or math.isnan(row["score"]) else row["score"]
