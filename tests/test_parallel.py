@@ -1,5 +1,5 @@
 """Data-parallel training: shares of a global batch add up to its gradient, and `accelerate launch` with two
-CPU processes (gloo) pretrains and fine-tunes as one process does."""
+CPU processes (gloo: `--multi_gpu` on a machine without GPUs) pretrains and fine-tunes as one process does."""
 
 from __future__ import annotations
 
@@ -82,8 +82,9 @@ def test_two_processes_pretrain_and_fine_tune_as_one_does(tmp_path, tokenizer):
     two = tmp_path / "two"
     shutil.copytree(tmp_path / "one", two, ignore=shutil.ignore_patterns("pretrain-*", "finetune-*", "manifest.json"))
     launch = [
-        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(_free_port()),
         "-m", "iss", "finetune", str(config_file), "--run-dir", str(two), "--quiet",
     ]  # fmt: skip
     parallel = subprocess.run(launch, capture_output=True, text=True, timeout=900)

@@ -1,4 +1,5 @@
-"""Data-parallel training over the processes ``accelerate launch`` (or torchrun) starts: DDP's arithmetic, by hand.
+"""Data-parallel training over the processes ``accelerate launch --multi_gpu`` (or torchrun) starts: DDP's
+arithmetic, by hand.
 
 Every process builds the same global batch (a pure function of seed and step, masks keyed by row), keeps its
 share of the rows and scales its loss by 1 / (global rows); after backward the gradients are summed across
@@ -73,21 +74,21 @@ class Processes:
             torch.distributed.barrier()
 
     def device(self, configured: torch.device) -> torch.device:
-        """The device of this process: on GPUs its own (``accelerate`` assigns one per process)."""
-        if not self.distributed or configured.type == "cpu":
+        """The device of this process: on GPUs the one of its local rank (one GPU per process)."""
+        if not self.distributed or configured.type != "cuda":
             return configured
-        from accelerate import PartialState
-
-        return PartialState().device
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
 @functools.cache
 def processes() -> Processes:
-    """The process group from the environment ``accelerate launch`` / torchrun set; one process otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    """The process group from the environment the launcher sets (``accelerate launch --multi_gpu``, torchrun:
+    RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT); NCCL on GPUs, gloo on CPUs; one process otherwise."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return Processes()
-    from accelerate import PartialState
-
-    state = PartialState(timeout=STAGE_TIMEOUT)
-    return Processes(state.process_index, state.num_processes)
+    if not torch.distributed.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend, timeout=STAGE_TIMEOUT)
+    return Processes(torch.distributed.get_rank(), torch.distributed.get_world_size())
