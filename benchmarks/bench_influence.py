@@ -9,7 +9,8 @@ nothing else. Each method runs in a child process so its peak RSS is its own (wa
 docs/s and queries/s, the error of random projections against exact scores, and pretraining throughput on a
 slice of the pool with and without packing (real, non-padding tokens per second). The ratios the targets are
 stated in (iss/forward <= 1.3, loop/iss >= 20) are written under ``ratios``.
-Prints a Markdown table and writes benchmarks/results/influence_<task>.json.
+Prints a Markdown table and writes benchmarks/results/influence_<task>[_<setting>].json (setting: the config's
+folder under configs/, e.g. further).
 """
 
 from __future__ import annotations
@@ -473,7 +474,8 @@ def main() -> None:
     }
     report["table"] = lines
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"influence_{config.task.name}.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    setting = "" if args.config.parent.name == "configs" else f"_{args.config.parent.name}"  # configs/further/...
+    (RESULTS / f"influence_{config.task.name}{setting}.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
 
 
 if __name__ == "__main__":
