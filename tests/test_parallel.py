@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from iss.model import TaskMLMModel, labelled_batch, mask_tokens, per_sample_mlm_
 from iss.parallel import Processes
 
 from .conftest import CHEMPROT, CORPUS, iss_command, require_shared
+from .test_faults import _kill_when
 
 
 def _gradients(model: TaskMLMModel, tokenizer, texts: list[str], group: Processes, total_rows: np.ndarray) -> dict:
@@ -56,8 +58,8 @@ def _weights(folder) -> dict[str, torch.Tensor]:
     return {f"{f.name}:{k}": v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
-@pytest.mark.slow
-def test_two_processes_pretrain_and_fine_tune_as_one_does(tmp_path, tokenizer):
+def _tiny_run_config(tmp_path, tokenizer, pretrain: dict) -> Path:
+    """A config file for a tiny run (dropout off: each process draws its own dropout masks)."""
     require_shared()
     tokenizer.save_pretrained(str(tmp_path / "tok"))
     config = {
@@ -66,35 +68,68 @@ def test_two_processes_pretrain_and_fine_tune_as_one_does(tmp_path, tokenizer):
         "corpus": {"paths": [str(CORPUS)], "max_docs": 2000},
         "tokenizer": {"path": str(tmp_path / "tok")},
         "retrieval": {"top_k": 5},
-        "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64, "max_length": 48},
+        "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64, "max_length": 48,
+                  "dropout": 0.0},
         "warmup": {"epochs": 1, "batch_size": 8},
         "influence": {"top_k": 40},
         "selection": {"budget": "40 docs"},
-        "pretrain": {"steps": 6, "batch_size": 8, "rho1": 3, "save_every": 2, "packing": True},
+        "pretrain": {"batch_size": 8, "rho1": 3, "packing": True, **pretrain},
         "finetune": {"epochs": 2, "batch_size": 8, "seeds": [0]},
-    }
-    config["model"]["dropout"] = 0.0  # each process draws its own dropout masks
+    }  # fmt: skip
     config_file = tmp_path / "config.yaml"
     config_file.write_text(yaml.safe_dump(config), encoding="utf-8")
-    single = iss_command("finetune", str(config_file), "--quiet")
-    assert single.returncode == 0, single.stderr
-    # The same selected subset for both: the two-process run starts from a copy of the selection stages.
-    two = tmp_path / "two"
-    shutil.copytree(tmp_path / "one", two, ignore=shutil.ignore_patterns("pretrain-*", "finetune-*", "manifest.json"))
+    return config_file
+
+
+def _launch_two(*args: str) -> subprocess.CompletedProcess:
+    """``iss ARGS`` in two processes through accelerate's launcher (gloo on this CPU machine)."""
     launch = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()),
-        "-m", "iss", "finetune", str(config_file), "--run-dir", str(two), "--quiet",
+        "--main_process_port", str(_free_port()), "-m", "iss", *args,
     ]  # fmt: skip
-    parallel = subprocess.run(launch, capture_output=True, text=True, timeout=900)
-    assert parallel.returncode == 0, parallel.stderr[-3000:]
-    one_weights = _weights(tmp_path / "one/pretrain-iss-seed0/model")
-    two_weights = _weights(two / "pretrain-iss-seed0/model")
-    assert one_weights.keys() == two_weights.keys()
-    for name, value in one_weights.items():
-        torch.testing.assert_close(two_weights[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    result = subprocess.run(launch, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _copy_selection(source: Path, target: Path) -> None:
+    """The same selected subset for both runs: a copy of the run folder without its training stages."""
+    training = shutil.ignore_patterns("pretrain-*", "finetune-*", ".pretrain-*", "manifest.json")
+    shutil.copytree(source, target, ignore=training)
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    first, second = _weights(a), _weights(b)
+    assert first.keys() == second.keys()
+    for name, value in first.items():
+        torch.testing.assert_close(second[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_two_processes_pretrain_and_fine_tune_as_one_does(tmp_path, tokenizer):
+    config_file = _tiny_run_config(tmp_path, tokenizer, {"steps": 6, "save_every": 2})
+    single = iss_command("finetune", str(config_file), "--quiet")
+    assert single.returncode == 0, single.stderr
+    two = tmp_path / "two"
+    _copy_selection(tmp_path / "one", two)
+    _launch_two("finetune", str(config_file), "--run-dir", str(two), "--quiet")
+    _assert_same_weights(tmp_path / "one/pretrain-iss-seed0/model", two / "pretrain-iss-seed0/model")
     scores = [yaml.safe_load((run / "finetune-iss-seed0/scores.json").read_text()) for run in (tmp_path / "one", two)]
     assert scores[0]["dev"] == pytest.approx(scores[1]["dev"], abs=1e-6)
     assert scores[0]["task_loss"] == pytest.approx(scores[1]["task_loss"], rel=1e-3)
     assert not list(two.glob(".*.tmp"))  # the second process wrote nothing into the run folder
+
+
+@pytest.mark.slow
+def test_a_one_process_checkpoint_resumes_under_two_processes(tmp_path, tokenizer):
+    config_file = _tiny_run_config(tmp_path, tokenizer, {"steps": 40, "save_every": 2})
+    assert iss_command("pretrain", str(config_file), "--quiet").returncode == 0
+    resumed = tmp_path / "resumed"
+    _copy_selection(tmp_path / "one", resumed)
+    _kill_when(resumed / ".pretrain-iss-seed0.work" / "checkpoint" / "state.pt",
+               ["pretrain", str(config_file), "--run-dir", str(resumed), "--quiet"])  # fmt: skip
+    assert not (resumed / "pretrain-iss-seed0").exists()
+    log = _launch_two("pretrain", str(config_file), "--run-dir", str(resumed)).stderr
+    assert "resuming at step" in log
+    _assert_same_weights(tmp_path / "one/pretrain-iss-seed0/model", resumed / "pretrain-iss-seed0/model")
