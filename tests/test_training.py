@@ -228,3 +228,10 @@ def test_fine_tuning_keeps_and_tests_the_weights_of_the_best_dev_epoch(tokenizer
         torch.testing.assert_close(final[name].detach(), value, msg=name)
         torch.testing.assert_close(test_calls[0][name], value, msg=name)
     assert any(not torch.equal(snapshots[2][n], snapshots[1][n]) for n in final)  # epoch 3 did move the weights
+
+
+def test_stream_tokens_count_the_rows_epoch_rows_hands_out():
+    lengths = np.random.default_rng(1).integers(3, 90, size=37)
+    for batches in (0, 1, 4, 5, 12, 23):  # 5 batches per epoch: within the first epoch, whole epochs, beyond
+        expected = sum(int(lengths[training.epoch_rows(37, 8, 4, index)].sum()) for index in range(batches))
+        assert training.stream_tokens(lengths, 8, 4, batches) == expected

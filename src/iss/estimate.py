@@ -65,9 +65,8 @@ def padded_tokens(lengths: np.ndarray, batches: list[np.ndarray]) -> int:
     return int(sum(len(rows) * lengths[rows].max() for rows in batches if len(rows)))
 
 
-def epoch_tokens(tokenizer, texts: list[str], batch_size: int, seed: int, buckets: bool, max_length: int) -> int:
-    batches = TrainingBatches(tokenizer, texts, batch_size, seed, buckets)
-    lengths = encoded_lengths(tokenizer, texts, max_length)
+def epoch_tokens(batches: TrainingBatches, lengths: np.ndarray) -> int:
+    """Padded tokens of one epoch of these training batches over texts of these encoded lengths."""
     return padded_tokens(lengths, [batches(step) for step in range(batches.steps_per_epoch)])
 
 
@@ -110,8 +109,11 @@ def estimate_run(pipeline: Pipeline) -> RunEstimate:
         for objective in ("joint", "task")
     }
 
-    def tokens(split: str) -> int:
-        return int(encoded_lengths(tokenizer, task.texts(split), max_length).sum()) if split in task.splits else 0
+    tokens = {
+        split: int(encoded_lengths(tokenizer, task.texts(split), max_length).sum()) if split in task.splits else 0
+        for split in ("dev", "test")
+    }
+    train_lengths = encoded_lengths(tokenizer, train, max_length)
 
     pool = pq.read_table(pipeline.retrieval().path / "pool.parquet", columns=["text"]).column("text").to_pylist()
     pool_lengths = encoded_lengths(tokenizer, pool, max_length)
@@ -125,7 +127,9 @@ def estimate_run(pipeline: Pipeline) -> RunEstimate:
     finetune_runs = (len(pretrained) * budgets + len(names) - len(pretrained)) * seeds
 
     warmup = config.warmup
-    warmup_epoch = epoch_tokens(tokenizer, train, warmup.batch_size, seed, warmup.length_buckets, max_length)
+    warmup_epoch = epoch_tokens(
+        TrainingBatches(tokenizer, train, warmup.batch_size, seed, warmup.length_buckets), train_lengths
+    )
     task_batch = warmup_epoch / max(1, -(-len(train) // warmup.batch_size))
 
     pretrain = config.pretrain
@@ -138,16 +142,18 @@ def estimate_run(pipeline: Pipeline) -> RunEstimate:
     pretrain_tokens = schedule.sum() * task_batch + (~schedule).sum() * subset_batch
 
     finetune = config.finetune
-    finetune_epoch = epoch_tokens(tokenizer, train, finetune.batch_size, seed, finetune.length_buckets, max_length)
-    evaluation = (finetune.epochs * tokens("dev") + tokens("test")) * FORWARD_SHARE
+    finetune_epoch = epoch_tokens(
+        TrainingBatches(tokenizer, train, finetune.batch_size, seed, finetune.length_buckets), train_lengths
+    )
+    evaluation = (finetune.epochs * tokens["dev"] + tokens["test"]) * FORWARD_SHARE
     mechanism = 0.0
     if config.evaluation.mechanism_steps:
         steps = config.evaluation.mechanism_steps * len(pretrained)
-        mechanism = steps * subset_batch + (len(pretrained) + 1) * (tokens("dev") + tokens("test")) * FORWARD_SHARE
+        mechanism = steps * subset_batch + (len(pretrained) + 1) * (tokens["dev"] + tokens["test"]) * FORWARD_SHARE
 
     seconds = {
         "warm-up": warmup.epochs * warmup_epoch,
-        "influence": len(influence_runs) * (int(pool_lengths.sum()) * INFLUENCE_SHARE + tokens("dev")),
+        "influence": len(influence_runs) * (int(pool_lengths.sum()) * INFLUENCE_SHARE + tokens["dev"]),
         "pretraining": pretrain_runs * pretrain_tokens,
         "fine-tuning": finetune_runs * (finetune.epochs * finetune_epoch + evaluation),
         "mechanism check": mechanism,

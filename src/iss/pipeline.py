@@ -57,7 +57,7 @@ class Pipeline:
         self.device = processes().device(pick_device(config.device))
         self.results: dict[str, StageResult] = {}
         self.base_config = config  # what the manifest records: the run's own config, not a variant's
-        if not show_progress:
+        if not self.show_progress:
             transformers.utils.logging.disable_progress_bar()
 
     # ------------------------------------------------------------------------------------------ helpers

@@ -168,6 +168,16 @@ def epoch_rows(n: int, batch_size: int, seed: int, index: int) -> np.ndarray:
     return order[position * batch_size : (position + 1) * batch_size]
 
 
+def stream_tokens(lengths: np.ndarray, batch_size: int, seed: int, batches: int) -> int:
+    """Tokens in the first ``batches`` batches of :func:`epoch_rows`'s stream over rows of these ``lengths``:
+    each whole epoch holds every row once, so only the last, partial epoch needs its permutation."""
+    if batches == 0:
+        return 0
+    epochs, rest = divmod(batches, math.ceil(len(lengths) / batch_size))
+    partial = np.random.default_rng([seed, epochs]).permutation(len(lengths))[: rest * batch_size]
+    return int(epochs * lengths.sum() + lengths[partial].sum())
+
+
 def bucketed_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int, pool: int = 50) -> list[np.ndarray]:
     """One epoch's batches of similar-length rows: a seeded permutation cut into pools of ``pool`` batches, each
     pool sorted by length and cut into batches, then the batch order shuffled. Every row once per epoch."""
@@ -279,17 +289,14 @@ def pretrain(
     subset_rows = len(packed) if packed is not None else len(subset_texts)
     model.to(device)
 
-    def micro_batch_rows(index: int) -> np.ndarray:
-        """Rows of the task split (task batches) or of the subset / its packs (subset batches)."""
-        if is_task[index]:
-            return epoch_rows(len(texts), config.batch_size, seed, int(position[index]))
-        return epoch_rows(subset_rows, config.batch_size, seed + 1, int(position[index]))
-
     group = processes()
 
     def step_loss(step: int, micro: int) -> tuple[torch.Tensor, dict[str, float]]:
         index = step * config.accumulation + micro
-        everyone = micro_batch_rows(index)
+        if is_task[index]:  # rows of the task split, or of the subset / its packs
+            everyone = epoch_rows(len(texts), config.batch_size, seed, int(position[index]))
+        else:
+            everyone = epoch_rows(subset_rows, config.batch_size, seed + 1, int(position[index]))
         rows = group.share(everyone)
         if is_task[index]:
             batch = labelled_batch(tokenizer, [texts[i] for i in rows], labels[rows], max_length)
@@ -317,13 +324,11 @@ def pretrain(
     summary["task_micro_batches"] = int(is_task.sum())
     summary["subset_micro_batches"] = int((~is_task).sum())
     summary["tokens"] = micro_batches * config.batch_size * max_length  # as the paper counts them, for FLOPs
-    lengths = {
-        True: encoded_lengths(tokenizer, texts, max_length),
-        False: packed.lengths if packed is not None else encoded_lengths(tokenizer, subset_texts, max_length),
-    }
-    summary["real_tokens"] = sum(
-        int(lengths[bool(is_task[index])][micro_batch_rows(index)].sum()) for index in range(micro_batches)
-    )  # non-padding tokens trained on: what equal-compute comparisons count
+    subset_lengths = packed.lengths if packed is not None else encoded_lengths(tokenizer, subset_texts, max_length)
+    summary["real_tokens"] = stream_tokens(
+        encoded_lengths(tokenizer, texts, max_length), config.batch_size, seed, int(is_task.sum())
+    ) + stream_tokens(subset_lengths, config.batch_size, seed + 1, int((~is_task).sum()))
+    # non-padding tokens trained on: what equal-compute comparisons count
     if packed is not None:
         summary["packed_rows"] = len(packed)
     summary["curve"] = curve
