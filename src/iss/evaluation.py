@@ -53,7 +53,7 @@ def finetune(
         everyone = batches(step)
         rows = group.share(everyone)
         batch = labelled_batch(tokenizer, [texts[i] for i in rows], labels[rows], max_length).to(device)
-        loss = group.mean(per_sample_task_loss(model, batch), len(everyone))
+        loss = group.mean(per_sample_task_loss(model, batch), everyone)
         return loss, {"task": loss.item()}
 
     def evaluate(step: int) -> None:

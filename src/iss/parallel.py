@@ -21,8 +21,6 @@ from datetime import timedelta
 import numpy as np
 import torch
 
-from iss.errors import ConfigError
-
 STAGE_TIMEOUT = timedelta(hours=48)  # others wait at a barrier while the main process runs a selection stage
 
 
@@ -42,14 +40,18 @@ class Processes:
         return self.world > 1
 
     def share(self, rows: np.ndarray) -> np.ndarray:
-        """This process's rows of a global batch (every ``world``-th, from ``rank``)."""
-        if len(rows) < self.world:
-            raise ConfigError(f"a batch of {len(rows)} rows cannot be shared by {self.world} processes")
-        return rows[self.rank :: self.world]
+        """This process's rows of a global batch (every ``world``-th, from ``rank``). A batch with fewer rows than
+        processes (an epoch's last) leaves some without rows: they get the first row as a stand-in, which
+        :meth:`mean` weighs 0, so every process still runs the same forward, backward and collectives."""
+        mine = rows[self.rank :: self.world]
+        return mine if len(mine) else rows[:1]
 
-    def mean(self, values: torch.Tensor, total: int) -> torch.Tensor:
-        """This process's part of the mean over the ``total`` rows of the global batch (one process: the mean)."""
-        return values.sum() / total if self.distributed else values.mean()
+    def mean(self, values: torch.Tensor, everyone: np.ndarray) -> torch.Tensor:
+        """This process's part of the mean over the global batch ``everyone`` (one process: the mean)."""
+        if not self.distributed:
+            return values.mean()
+        weight = 1.0 if self.rank < len(everyone) else 0.0  # 0: the stand-in row of an empty share
+        return values.sum() * (weight / len(everyone))
 
     def sum_gradients(self, parameters: Iterable[torch.nn.Parameter]) -> None:
         """Sum every gradient across processes, in one flat buffer (one collective per step)."""

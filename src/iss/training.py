@@ -241,8 +241,8 @@ def warmup_train(
         batch = labelled_batch(tokenizer, [texts[i] for i in rows], labels[rows], max_length)
         batch = mask_tokens(batch, tokenizer, config.mlm_probability, seed, (step * len(texts) + rows).tolist())
         batch = batch.to(device)
-        mlm_loss = group.mean(per_sample_mlm_loss(model, batch), len(everyone))
-        task_loss = group.mean(per_sample_task_loss(model, batch), len(everyone))
+        mlm_loss = group.mean(per_sample_mlm_loss(model, batch), everyone)
+        task_loss = group.mean(per_sample_task_loss(model, batch), everyone)
         return mlm_loss + config.task_loss_weight * task_loss, {"mlm": mlm_loss.item(), "task": task_loss.item()}
 
     settings = LoopSettings(config, total_steps, description="warm-up")
@@ -305,10 +305,10 @@ def pretrain(
             batch = packed.batch(rows) if packed else encode(tokenizer, [subset_texts[i] for i in rows], max_length)
             keys = 2 * (rows * micro_batches + index) + 1
         batch = mask_tokens(batch, tokenizer, config.mlm_probability, seed, keys.tolist()).to(device)
-        mlm_loss = group.mean(per_sample_mlm_loss(model, batch), len(everyone))
+        mlm_loss = group.mean(per_sample_mlm_loss(model, batch), everyone)
         if not is_task[index]:
             return mlm_loss, {"mlm": mlm_loss.item()}
-        task_loss = group.mean(per_sample_task_loss(model, batch), len(everyone))
+        task_loss = group.mean(per_sample_task_loss(model, batch), everyone)
         loss = (config.rho2 * mlm_loss + task_loss) / (config.rho2 + 1)
         return loss, {"task_mlm": mlm_loss.item(), "task": task_loss.item()}
 
