@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -58,15 +60,18 @@ def test_packing_prices_full_rows_and_buckets_price_less_padding(tmp_path, token
     assert bucketed.seconds["warm-up"] < unpacked.seconds["warm-up"]
 
 
-def test_iss_run_says_the_estimate_before_it_starts(monkeypatch, capsys):
+@pytest.mark.parametrize("show_progress", [True, False])
+def test_iss_run_says_the_estimate_before_it_starts_and_keeps_it(monkeypatch, capsys, tmp_path, show_progress):
     events = []
 
     class Recorder:
-        show_progress = True
+        run = SimpleNamespace(root=tmp_path)
 
         def run_all(self):
             events.append("run_all")
             return "results"
+
+    Recorder.show_progress = show_progress
 
     def estimated(pipeline):
         events.append("estimate")
@@ -75,4 +80,26 @@ def test_iss_run_says_the_estimate_before_it_starts(monkeypatch, capsys):
     monkeypatch.setattr(cli, "estimate_run", estimated)
     assert cli._run_all_estimated(Recorder()) == "results"
     assert events == ["estimate", "run_all"]
-    assert "1.5 min on this machine (warm-up 1.5" in capsys.readouterr().err.replace("\n", " ")
+    said = capsys.readouterr().err.replace("\n", " ")
+    assert ("1.5 min on this machine (warm-up 1.5" in said) == show_progress  # --quiet says nothing
+    assert estimate.RunEstimate.load(tmp_path / estimate.ESTIMATE_FILE).seconds == {"warm-up": 90.0}
+
+
+def test_estimate_is_held_against_the_manifests_stage_timings():
+    predicted = estimate.RunEstimate(
+        {"warm-up": 10.0, "pretraining": 40.0, "fine-tuning": 50.0}, {"pretraining": 2}, {"joint": 1e-6}
+    )
+    manifest = {
+        "stages": {
+            "retrieval": {"summary": {"seconds": 99.0}},  # not priced: left out
+            "warmup": {"summary": {"seconds": 12.0}},
+            "pretrain-iss-seed0": {"summary": {"seconds": 15.0}},
+            "pretrain-tlm-seed0": {"summary": {"seconds": 30.0}},
+            "finetune-none-seed0": {"summary": {"seconds": 20.0}},
+            "select-iss": {"summary": {"seconds": 1.0}},
+        }
+    }
+    rows = predicted.against(manifest)
+    assert rows["pretraining"] == {"estimated": 40.0, "measured": 45.0}
+    assert rows["fine-tuning"] == {"estimated": 50.0, "measured": 20.0}
+    assert rows["total"] == {"estimated": 100.0, "measured": 77.0}

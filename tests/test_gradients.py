@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from transformers import AutoModelForMaskedLM, RobertaConfig
 
 from iss.config import InfluenceConfig
 from iss.errors import ConfigError
@@ -12,6 +13,7 @@ from iss.gradients import GroupGradients, autograd_gradient
 from iss.influence import InfluenceScorer
 from iss.model import (
     Batch,
+    TaskMLMModel,
     labelled_batch,
     masked_batch,
     parameter_group,
@@ -111,7 +113,7 @@ def test_gradients_on_random_inputs_equal_autograd(tiny_model, tokenizer, layer,
 
 def test_cost_rule_factors_the_last_blocks_position_wise_layers(tiny_model, tokenizer, chemprot_texts, corpus_texts):
     """[CLS]-only task gradients make query/output/feed-forward weights rank-1 per task sample; keys and values
-    see every token, so they stay dense."""
+    are rank-1 per head on the task side but see every token of a candidate, so here they stay dense."""
     grads = _grads(tiny_model, "last", tokenizer, chemprot_texts, corpus_texts, "auto")
     names = {
         name.split(".")[-1] if "attention" in name else name
@@ -120,6 +122,52 @@ def test_cost_rule_factors_the_last_blocks_position_wise_layers(tiny_model, toke
     }
     assert {"query", "intermediate.dense", "output.dense"} <= names
     assert not names & {"key", "value"}
+
+
+def _roberta_model(tokenizer) -> TaskMLMModel:
+    torch.manual_seed(0)
+    config = RobertaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=MAX_LENGTH + tokenizer.pad_token_id + 1,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    return TaskMLMModel(AutoModelForMaskedLM.from_config(config, attn_implementation="eager"), 5).eval()
+
+
+@pytest.mark.parametrize("architecture", ["bert", "roberta"])
+def test_attention_key_value_gradients_are_one_row_per_head_and_exact(
+    tiny_model, tokenizer, chemprot_texts, corpus_texts, architecture
+):
+    """The task loss reads [CLS] only, so in the last block each head's key/value gradient is rank one: a task
+    sample keeps one factor row per head (not one per token) and the gradient still equals autograd. A candidate
+    with several masked tokens is not rank one per head and keeps its token rows, exactly."""
+    model = tiny_model if architecture == "bert" else _roberta_model(tokenizer)
+    pool_texts, pool_keys, task_texts, task_labels = _pool_and_task(chemprot_texts, corpus_texts)
+    _, group = parameter_group(model, "last")
+    grads = GroupGradients(model, group)
+    grads.low_rank = set(grads.linears)
+    attention = group.attention.self
+    assert grads.heads == {attention.key: attention.num_attention_heads, attention.value: attention.num_attention_heads}
+    task_batch = labelled_batch(tokenizer, task_texts, task_labels, MAX_LENGTH)
+    pool_batch = masked_batch(tokenizer, pool_texts, pool_keys, 0.5, SEED, MAX_LENGTH)
+    position = {m: i for i, m in enumerate(m for m in grads.modules if m in grads.low_rank)}
+    for loss_fn, batch in ((per_sample_task_loss, task_batch), (per_sample_mlm_loss, pool_batch)):
+        features = grads.compute(loss_fn, batch)
+        rows = features.low_rank[position[attention.key]].owner.bincount(minlength=len(batch.input_ids))
+        tokens = batch.attention_mask.sum(1)
+        if loss_fn is per_sample_task_loss:
+            assert rows.tolist() == [attention.num_attention_heads] * len(task_texts)
+        else:
+            assert (rows > attention.num_attention_heads).any() and (rows <= tokens).all()
+        fast = grads.flatten(features)
+        for row in range(len(batch.input_ids)):
+            reference = autograd_gradient(model, group, loss_fn, _rows(batch, [row]))
+            torch.testing.assert_close(fast[row], reference, rtol=1e-4, atol=1e-4 * reference.abs().max().item())
 
 
 def _scorer(model, tokenizer, **settings) -> InfluenceScorer:

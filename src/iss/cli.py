@@ -21,7 +21,7 @@ from rich.table import Table
 from iss.analysis import analyze_layers, analyze_tsne, analyze_words
 from iss.config import IssConfig, load_config
 from iss.errors import IssError
-from iss.estimate import estimate_run
+from iss.estimate import ESTIMATE_FILE, estimate_run
 from iss.parallel import processes
 from iss.pipeline import Pipeline
 from iss.report import write_report
@@ -163,10 +163,14 @@ _stage_command("evaluate", "Fine-tune once per seed (finetune.seeds); mean and s
 
 
 def _run_all_estimated(pipeline: Pipeline) -> StageResult:
-    """``run_all``, after saying how long a fresh run folder would take on this machine (see iss.estimate; one
-    process only: the estimate runs stages outside the lockstep of several processes)."""
-    if pipeline.show_progress and not processes().distributed:
-        console.print(estimate_run(pipeline).describe())
+    """``run_all``, after saying how long a fresh run folder would take on this machine and keeping that in the
+    run folder's ``estimate.json`` (see iss.estimate; one process only: the estimate runs stages outside the
+    lockstep of several processes)."""
+    if not processes().distributed:
+        estimate = estimate_run(pipeline)
+        estimate.save(pipeline.run.root / ESTIMATE_FILE)
+        if pipeline.show_progress:
+            console.print(estimate.describe())
     return pipeline.run_all()
 
 

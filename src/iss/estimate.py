@@ -11,8 +11,10 @@ are reused and cost nothing.
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -29,6 +31,7 @@ from iss.model import (
     per_sample_task_loss,
     set_trainable,
 )
+from iss.runs import write_json
 from iss.training import TrainingBatches, encoded_lengths, task_batch_schedule
 
 if TYPE_CHECKING:
@@ -37,6 +40,7 @@ if TYPE_CHECKING:
 FORWARD_SHARE = 1 / 3  # a forward pass costs about a third of a training step (forward + backward)
 INFLUENCE_SHARE = 2.2 * FORWARD_SHARE  # influence at Table A.1's B_p/B_t vs forward only (bench_influence: 2.21)
 PROBE_STEPS = 3
+ESTIMATE_FILE = "estimate.json"
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,27 @@ class RunEstimate:
     def total(self) -> float:
         return sum(self.seconds.values())
 
+    def save(self, path: Path) -> None:
+        """``estimate.json`` in the run folder: what was predicted, to hold against the manifest's timings."""
+        write_json(path, {**asdict(self), "total": self.total})
+
+    @classmethod
+    def load(cls, path: Path) -> RunEstimate:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        return cls(saved["seconds"], saved["runs"], saved["seconds_per_token"])
+
+    def against(self, manifest: dict) -> dict[str, dict[str, float]]:
+        """Estimated vs measured seconds per kind of stage, the measured ones summed from a run's manifest
+        (each stage's own timing, kept when a later run reuses it)."""
+        measured = dict.fromkeys(self.seconds, 0.0)
+        for name, record in manifest.get("stages", {}).items():
+            kind = stage_kind(name)
+            if kind in measured:
+                measured[kind] += float(record.get("summary", {}).get("seconds", 0.0))
+        rows = {kind: {"estimated": self.seconds[kind], "measured": measured[kind]} for kind in self.seconds}
+        rows["total"] = {"estimated": self.total, "measured": sum(measured.values())}
+        return rows
+
     def describe(self) -> str:
         parts = ", ".join(
             f"{kind} {seconds / 60:.1f}" + (f" ({self.runs[kind]} runs)" if self.runs.get(kind, 1) > 1 else "")
@@ -58,6 +83,20 @@ class RunEstimate:
             if seconds > 0
         )
         return f"estimated time for a fresh run folder: {self.total / 60:.1f} min on this machine ({parts}; minutes)"
+
+
+STAGE_KINDS = {  # manifest stage-name prefix -> the kind of work it is priced as
+    "warmup": "warm-up",
+    "influence": "influence",
+    "pretrain-": "pretraining",
+    "finetune-": "fine-tuning",
+    "mechanism-": "mechanism check",
+}
+
+
+def stage_kind(name: str) -> str | None:
+    """The kind a manifest stage is priced as (None for the seconds-long stages the estimate leaves out)."""
+    return next((kind for prefix, kind in STAGE_KINDS.items() if name.startswith(prefix)), None)
 
 
 def padded_tokens(lengths: np.ndarray, batches: list[np.ndarray]) -> int:

@@ -36,6 +36,7 @@ from iss.model import (
 log = logging.getLogger("iss")
 LossFn = Callable[[TaskMLMModel, Batch], torch.Tensor]
 SUPPORTED = (nn.Linear, nn.LayerNorm, nn.Embedding)
+RANK_ONE_TOLERANCE = 1e-5  # relative residual under which a head's gradient block counts as rank one
 
 
 @dataclass
@@ -61,6 +62,40 @@ class LowRank:
         keep = grad.ne(0).any(-1)
         owner = torch.arange(batch, device=grad.device).unsqueeze(1).expand_as(keep)[keep]
         return cls(grad[keep], inputs[keep], owner, batch)
+
+    @classmethod
+    def from_head_blocks(cls, inputs: torch.Tensor, grad: torch.Tensor, heads: int) -> LowRank:
+        """Factors of an attention key or value projection: one row per head where that is exact, else per token.
+
+        When a loss reads one position of a block's output ([CLS] for the task loss), the key and value gradients
+        of head h come through that one query row: dK_h = outer(u_h, v_h) over the sequence (softmax gradient
+        times the query for keys, attention probability times the context gradient for values). The weight
+        gradient of head h's output rows is then outer(v_h, X^T u_h): one row per head instead of one per token.
+        Each (sample, head) block is factored from its largest row and checked; a sample whose blocks are not
+        rank one to float32 rounding (a candidate with several masked tokens, a lower block) keeps its token
+        rows, so the result is exact either way.
+        """
+        batch, out = grad.shape[0], grad.shape[-1]
+        grad = grad.reshape(batch, -1, out).float()
+        inputs = inputs.reshape(batch, -1, inputs.shape[-1]).float()
+        head_size = out // heads
+        blocks = grad.reshape(batch, -1, heads, head_size).transpose(1, 2)  # [batch, heads, tokens, head_size]
+        pivot = blocks.norm(dim=-1).argmax(-1)
+        direction = blocks.gather(2, pivot[..., None, None].expand(-1, -1, 1, head_size)).squeeze(2)
+        direction_norm = direction.pow(2).sum(-1, keepdim=True)
+        weights = (blocks @ direction.unsqueeze(-1)).squeeze(-1) / direction_norm.clamp(min=torch.finfo().tiny)
+        residual = (blocks - weights.unsqueeze(-1) * direction.unsqueeze(-2)).pow(2).sum((-2, -1))
+        energy = blocks.pow(2).sum((-2, -1))
+        rank_one = (residual <= RANK_ONE_TOLERANCE**2 * energy).all(1)
+        head_out = grad.new_zeros(batch, heads, heads, head_size)
+        head_out[:, torch.arange(heads), torch.arange(heads)] = direction  # head h's rows of the output only
+        keep_heads = rank_one.unsqueeze(1) & energy.gt(0)
+        keep_tokens = ~rank_one.unsqueeze(1) & grad.ne(0).any(-1)
+        keep = torch.cat([keep_heads, keep_tokens], 1)  # per sample: heads first, then tokens (owner order holds)
+        rows_out = torch.cat([head_out.reshape(batch, heads, out), grad], 1)[keep]
+        rows_in = torch.cat([weights @ inputs, inputs], 1)[keep]
+        owner = torch.arange(batch, device=grad.device).unsqueeze(1).expand_as(keep)[keep]
+        return cls(rows_out, rows_in, owner, batch)
 
     @classmethod
     def stack(cls, parts: list[LowRank]) -> LowRank:
@@ -242,6 +277,7 @@ class GroupGradients:
             if isinstance(module, nn.LayerNorm) and module.weight is None:
                 raise ConfigError("LayerNorm without affine parameters has nothing to differentiate")
         self.low_rank: set[nn.Module] = set()
+        self.heads = _attention_heads(group)
         self.projections: dict[nn.Module, Projection] = {}
         self._records = {module: _Record() for module in self.modules}
         self._batch_size = 0
@@ -280,11 +316,16 @@ class GroupGradients:
         }
 
     def _rows_per_sample(self, loss_fn: LossFn, batch: Batch) -> dict[nn.Module, float]:
-        rows = {}
-        for module, _, grad in self._backward(loss_fn, batch):
-            if isinstance(module, nn.Linear):
-                rows[module] = grad.reshape(grad.shape[0], -1, grad.shape[-1]).ne(0).any(-1).sum(1).float().mean()
-        return {m: float(r) for m, r in rows.items()}
+        return {
+            module: self._factors(module, inputs, grad).owner.numel() / grad.shape[0]
+            for module, inputs, grad in self._backward(loss_fn, batch)
+            if isinstance(module, nn.Linear)
+        }
+
+    def _factors(self, module: nn.Module, inputs: torch.Tensor, grad: torch.Tensor) -> LowRank:
+        if module in self.heads:
+            return LowRank.from_head_blocks(inputs, grad, self.heads[module])
+        return LowRank.from_tokens(inputs, grad)
 
     @contextmanager
     def _hooks(self) -> Iterator[None]:
@@ -345,7 +386,7 @@ class GroupGradients:
                 sparse.append(_embedding_grads(module, inputs, grad))
                 continue
             if module in self.low_rank:
-                low_rank.append(LowRank.from_tokens(inputs, grad))
+                low_rank.append(self._factors(module, inputs, grad))
             elif module in self.projections:
                 dense.append(self.projections[module].apply(inputs, grad))
             explicit_weight = module not in self.low_rank and module not in self.projections
@@ -369,6 +410,19 @@ class GroupGradients:
                     pieces[parameter] = features.dense[:, offset : offset + parameter.numel()]
                     offset += parameter.numel()
         return torch.cat([pieces[p] for p in self.group.parameters()], dim=1)
+
+
+def _attention_heads(group: nn.Module) -> dict[nn.Module, int]:
+    """The key and value projections of the group's self-attention modules (BERT, RoBERTa and their kin name
+    them ``key`` and ``value`` beside ``num_attention_heads``), each with its number of heads."""
+    heads = {}
+    for module in group.modules():
+        count = getattr(module, "num_attention_heads", None)
+        for name in ("key", "value"):
+            projection = getattr(module, name, None)
+            if isinstance(count, int) and isinstance(projection, nn.Linear) and projection.out_features % count == 0:
+                heads[projection] = count
+    return heads
 
 
 def _dense_grads(module: nn.Module, inputs: torch.Tensor, grad: torch.Tensor, weight: bool) -> list[torch.Tensor]:

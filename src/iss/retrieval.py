@@ -178,10 +178,15 @@ class BM25Index:
         """The best ``top_k`` documents of one shard for every query; a zero score (no shared term) is no hit."""
         doc_matrix = self.shard_matrix(shard).T.tocsr()
         hits = TopK.empty(query_matrix.shape[0], top_k)
+        buffer = np.empty((min(self.config.query_batch_size, query_matrix.shape[0]), doc_matrix.shape[1]), np.float32)
         for start in range(0, query_matrix.shape[0], self.config.query_batch_size):
             stop = start + self.config.query_batch_size
-            scores = (query_matrix[start:stop] @ doc_matrix).toarray()
-            block = TopK.of(np.where(scores > 0, scores, -np.inf), shard.ids, top_k)
+            product = query_matrix[start:stop] @ doc_matrix
+            # BM25 scores of shared terms are positive; a document sharing none is no hit (-inf, never kept)
+            scores = buffer[: product.shape[0]]
+            scores.fill(-np.inf)
+            scores[np.repeat(np.arange(product.shape[0]), np.diff(product.indptr)), product.indices] = product.data
+            block = TopK.of(scores, shard.ids, top_k)
             hits.ids[start:stop], hits.scores[start:stop] = block.ids, block.scores
         return hits
 
