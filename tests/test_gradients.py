@@ -178,6 +178,7 @@ def _scorer(model, tokenizer, **settings) -> InfluenceScorer:
     ("layer", "pool_batch", "task_batch", "layout"),
     [
         ("last", 1, 1, "auto"),
+        ("last", 1, 1, "low_rank"),
         ("last", 3, 2, "auto"),
         ("last", 2, 3, "dense"),
         ("embeddings", 2, 3, "auto"),

@@ -17,7 +17,7 @@ import itertools
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import scipy.sparse as sp
@@ -53,6 +53,8 @@ class LowRank:
     inputs: torch.Tensor
     owner: torch.Tensor
     n: int
+    head: torch.Tensor | None = None  # per row: the attention head whose block of grad_out holds it, -1 = all
+    head_size: int = 0
 
     @classmethod
     def from_tokens(cls, inputs: torch.Tensor, grad: torch.Tensor) -> LowRank:
@@ -95,27 +97,50 @@ class LowRank:
         rows_out = torch.cat([head_out.reshape(batch, heads, out), grad], 1)[keep]
         rows_in = torch.cat([weights @ inputs, inputs], 1)[keep]
         owner = torch.arange(batch, device=grad.device).unsqueeze(1).expand_as(keep)[keep]
-        return cls(rows_out, rows_in, owner, batch)
+        row_head = torch.cat([torch.arange(heads), torch.full((keep.shape[1] - heads,), -1)]).to(grad.device)
+        return cls(rows_out, rows_in, owner, batch, row_head.expand_as(keep)[keep], head_size)
 
     @classmethod
     def stack(cls, parts: list[LowRank]) -> LowRank:
         offsets = np.cumsum([0] + [p.n for p in parts])
+        headed = any(p.head is not None for p in parts)
         return cls(
             torch.cat([p.grad_out for p in parts]),
             torch.cat([p.inputs for p in parts]),
             torch.cat([p.owner + int(o) for p, o in zip(parts, offsets, strict=False)]),
             int(offsets[-1]),
+            torch.cat([p.row_heads() for p in parts]) if headed else None,
+            max(p.head_size for p in parts),
         )
 
+    def row_heads(self) -> torch.Tensor:
+        return torch.full_like(self.owner, -1) if self.head is None else self.head
+
     def dot(self, other: LowRank, chunk_rows: int = 8192) -> torch.Tensor:
-        """[self.n, other.n] dot products: sum over row pairs of (a . a') * (x . x')."""
+        """[self.n, other.n] dot products: sum over row pairs of (a . a') * (x . x'). A row of one head's block
+        is multiplied on that block only (head_size of the output columns, not all of them)."""
+        if self.head is not None and other.head is None:
+            return other.dot(self, chunk_rows).T
         scores = self.grad_out.new_zeros(self.n, other.n)
-        for start in range(0, other.owner.numel(), chunk_rows):
-            part = slice(start, start + chunk_rows)
-            products = (self.grad_out @ other.grad_out[part].T) * (self.inputs @ other.inputs[part].T)
+        for rows, columns in other._row_parts(chunk_rows):
+            products = (self.grad_out[:, columns] @ other.grad_out[rows, columns].T) * (
+                self.inputs @ other.inputs[rows].T
+            )
             per_sample = products.new_zeros(self.n, products.shape[1]).index_add_(0, self.owner, products)
-            scores.index_add_(1, other.owner[part], per_sample)
+            scores.index_add_(1, other.owner[rows], per_sample)
         return scores
+
+    def _row_parts(self, chunk_rows: int) -> Iterator[tuple[slice | torch.Tensor, slice]]:
+        """Chunks of at most ``chunk_rows`` rows, each with the output columns its rows can be non-zero in."""
+        if self.head is None:
+            for start in range(0, self.owner.numel(), chunk_rows):
+                yield slice(start, start + chunk_rows), slice(None)
+            return
+        for head in self.head.unique().tolist():
+            rows = (self.head == head).nonzero().squeeze(1)
+            columns = slice(None) if head < 0 else slice(head * self.head_size, (head + 1) * self.head_size)
+            for start in range(0, rows.numel(), chunk_rows):
+                yield rows[start : start + chunk_rows], columns
 
     def group_mean(self, groups: list[np.ndarray]) -> LowRank:
         """Factors of the groups' mean gradients: member rows re-owned by their group, scaled by 1/size."""
@@ -124,8 +149,8 @@ class LowRank:
             group_of[members], weight[members] = index, 1.0 / len(members)
         owner = self.owner.cpu().numpy()
         scale = torch.from_numpy(weight[owner]).to(self.grad_out).unsqueeze(1)
-        return LowRank(
-            self.grad_out * scale, self.inputs, torch.from_numpy(group_of[owner]).to(self.owner), len(groups)
+        return replace(
+            self, grad_out=self.grad_out * scale, owner=torch.from_numpy(group_of[owner]).to(self.owner), n=len(groups)
         )
 
     def squared_norms(self) -> torch.Tensor:
@@ -141,9 +166,7 @@ class LowRank:
 
     def scale_rows(self, factors: torch.Tensor) -> LowRank:
         """Each sample's gradient times its factor."""
-        return LowRank(
-            self.grad_out * factors.to(self.grad_out)[self.owner].unsqueeze(1), self.inputs, self.owner, self.n
-        )
+        return replace(self, grad_out=self.grad_out * factors.to(self.grad_out)[self.owner].unsqueeze(1))
 
     def to_dense(self) -> torch.Tensor:
         """[n, out * in] explicit gradients (tests and reference checks only)."""
