@@ -160,12 +160,15 @@ def _smooth(previous: float, value: float, weight: float = 0.9) -> float:
     return value if math.isnan(previous) else weight * previous + (1 - weight) * value
 
 
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The seeded permutation of 0..n-1 that epoch ``epoch`` of :func:`epoch_rows`'s stream visits rows in."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
 def epoch_rows(n: int, batch_size: int, seed: int, index: int) -> np.ndarray:
     """Rows of the ``index``-th batch of an endless stream of seeded per-epoch permutations of 0..n-1."""
-    per_epoch = math.ceil(n / batch_size)
-    epoch, position = divmod(index, per_epoch)
-    order = np.random.default_rng([seed, epoch]).permutation(n)
-    return order[position * batch_size : (position + 1) * batch_size]
+    epoch, position = divmod(index, math.ceil(n / batch_size))
+    return epoch_order(n, seed, epoch)[position * batch_size : (position + 1) * batch_size]
 
 
 def stream_tokens(lengths: np.ndarray, batch_size: int, seed: int, batches: int) -> int:
@@ -174,7 +177,7 @@ def stream_tokens(lengths: np.ndarray, batch_size: int, seed: int, batches: int)
     if batches == 0:
         return 0
     epochs, rest = divmod(batches, math.ceil(len(lengths) / batch_size))
-    partial = np.random.default_rng([seed, epochs]).permutation(len(lengths))[: rest * batch_size]
+    partial = epoch_order(len(lengths), seed, epochs)[: rest * batch_size]
     return int(epochs * lengths.sum() + lengths[partial].sum())
 
 
