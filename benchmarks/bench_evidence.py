@@ -37,25 +37,60 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SETTINGS = {"further": CONFIGS / "further", "scratch": CONFIGS / "scratch"}
 
 
-def run_one(setting: str, task: str, runs_root: Path) -> dict:
-    """`iss run` of one (setting, task) in a child process; its results.json plus wall time and peak RSS."""
-    run_dir = runs_root / setting / task
+def run_one(
+    setting: str, task: str, runs_root: Path, variant: str | None = None, overrides: dict | None = None
+) -> dict:
+    """`iss run` of one (setting, task) in a child process; its results.json plus wall time and peak RSS.
+
+    A variant (a label and config overrides) runs in a folder of its own that links the base run's finished
+    stages in (``iss run --reuse-from``), so only the stages its overrides reach are computed;
+    ``new_stage_seconds`` is their cost (stages whose files are not the base run's).
+    """
+    base_dir = run_dir = runs_root / setting / task
     config = SETTINGS[setting] / f"{task}.yaml"
-    command = [sys.executable, "-m", "iss", "run", str(config), "--run-dir", str(run_dir), "--quiet"]
+    command = [sys.executable, "-m", "iss", "run", str(config), "--quiet"]
+    if variant:
+        run_dir = variant_dir(base_dir, variant)
+        command += ["--reuse-from", str(base_dir)]
+    command += ["--run-dir", str(run_dir)]
+    for key, value in (overrides or {}).items():
+        command += ["--set", f"{key}={json.dumps(value)}"]
     measured = run_measured(command, f"iss run {config}")
     results = json.loads((run_dir / "results" / "results.json").read_text(encoding="utf-8"))
     manifest = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
-    stage_seconds = {name: stage.get("summary", {}).get("seconds") for name, stage in manifest["stages"].items()}
-    return {
+    seconds = {name: stage.get("summary", {}).get("seconds") or 0 for name, stage in manifest["stages"].items()}
+    entry = {
         "setting": setting,
         "task": task,
         "config": str(config.relative_to(CONFIGS.parent)),
         "wall_seconds": measured.wall_seconds,
         "peak_rss_gib": measured.peak_rss_gib,
-        "stage_seconds_total": round(sum(s for s in stage_seconds.values() if s), 1),
+        "stage_seconds_total": round(sum(seconds.values()), 1),
+    }
+    if variant:
+        own = [
+            name for name in seconds if not _same_file(run_dir / name / "stage.json", base_dir / name / "stage.json")
+        ]
+        entry |= {
+            "variant": variant,
+            "overrides": overrides,
+            "new_stage_seconds": round(sum(seconds[n] for n in own), 1),
+        }
+    return {
+        **entry,
         "pretraining": pretraining_rows(run_dir, manifest),
         **results,
     }
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    return a.is_file() and b.is_file() and a.samefile(b)
+
+
+def variant_dir(run_dir: Path, label: str) -> Path:
+    """The run folder of a variant: the base folder's name, ``@`` and the label made path-safe."""
+    slug = "".join(c if c.isalnum() else "-" for c in label).strip("-")
+    return run_dir.with_name(f"{run_dir.name}@{slug}")
 
 
 def pretraining_rows(run_dir: Path, manifest: dict) -> list[dict]:
@@ -116,8 +151,7 @@ def token_budget_mechanism(setting: str, task: str, runs_root: Path, docs_entry:
 
 def mechanism_variant(setting: str, task: str, runs_root: Path, label: str, overrides: dict) -> dict:
     """The mechanism check under changed settings (e.g. a stronger warm-up), in a run folder of its own."""
-    slug = "".join(c if c.isalnum() else "-" for c in label).strip("-")
-    run_dir = runs_root / setting / f"{task}@{slug}"
+    run_dir = variant_dir(runs_root / setting / task, label)
     config = load_config(SETTINGS[setting] / f"{task}.yaml").with_overrides({**overrides, "run_dir": str(run_dir)})
     start = time.perf_counter()
     rows = mechanism_pass(config)
@@ -136,9 +170,20 @@ def render(entries: list[dict]) -> str:
     parts = ["# Evidence: ISS vs BM25 vs random, with controls\n"]
     for entry in entries:
         title = {"further": "further pretraining of all-MiniLM-L6-v2", "scratch": "from scratch (TLM objective)"}
-        parts.append(f"\n## {entry['task']} — {title.get(entry['setting'], entry['setting'])}\n")
+        heading = f"{entry['task']} — {title.get(entry['setting'], entry['setting'])}"
+        command = f"iss run {entry['config']}"
+        if entry.get("variant"):
+            heading += f", {entry['variant']}"
+            command += "".join(f" --set {k}={v}" for k, v in entry["overrides"].items())
+        cost = f"{entry['wall_seconds']} s wall, {entry['stage_seconds_total']} s summed over its stages"
+        rss = f"peak RSS {entry['peak_rss_gib']} GiB"
+        if entry.get("variant"):
+            cost = f"{entry['new_stage_seconds']} s in the stages it recomputed (the others are the base run's)"
+        if entry.get("variant") or entry["wall_seconds"] < entry["stage_seconds_total"] / 2:
+            rss += " in this invocation (stages made by an earlier run were reused)"
+        parts.append(f"\n## {heading}\n")
         parts.append(
-            f"\n`iss run {entry['config']}`: {entry['wall_seconds']} s wall, peak RSS {entry['peak_rss_gib']} GiB "
+            f"\n`{command}`: {cost}, {rss} "
             f"(2 CPU cores). Test F1 x 100 at the best dev epoch, mean ± std over seeds.\n\n"
         )
         parts.append(markdown(results_table(entry["runs"])))
@@ -166,6 +211,11 @@ def render(entries: list[dict]) -> str:
     return "".join(parts)
 
 
+def entry_key(entry: dict) -> tuple[str, str, str | None]:
+    """An entry is one (setting, task), or one variant of it."""
+    return entry["setting"], entry["task"], entry.get("variant")
+
+
 def save(path: Path, entries: dict) -> None:
     """evidence.json and evidence.md, rewritten after every finished (setting, task) or variant."""
     RESULTS.mkdir(exist_ok=True)
@@ -185,40 +235,43 @@ def main() -> None:
         metavar="LABEL",
         help="Only add a mechanism-check variant (with --set overrides) to (setting, task) entries already run.",
     )
+    parser.add_argument(
+        "--variant",
+        metavar="LABEL",
+        help="Run every method and seed again with --set overrides, as an entry of its own next to the base run.",
+    )
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
+    overrides = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.overrides)}
     path = RESULTS / "evidence.json"
     done = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"entries": []}
-    entries = {(e["setting"], e["task"]): e for e in done["entries"]}
+    entries = {entry_key(e): e for e in done["entries"]}
     for setting in args.settings:
         for task in args.tasks:
+            key = (setting, task, args.variant)
             if args.mechanism_variant:
-                if (setting, task) in entries:
-                    overrides = dict(item.split("=", 1) for item in args.overrides)
-                    overrides = {key: yaml.safe_load(value) for key, value in overrides.items()}
+                if key in entries:
                     variant = mechanism_variant(setting, task, args.runs_root, args.mechanism_variant, overrides)
-                    variants = [
-                        v for v in entries[(setting, task)].get("variants", []) if v["label"] != variant["label"]
-                    ]
-                    entries[(setting, task)]["variants"] = [*variants, variant]
+                    variants = [v for v in entries[key].get("variants", []) if v["label"] != variant["label"]]
+                    entries[key]["variants"] = [*variants, variant]
                     save(path, entries)
                 continue
-            if (setting, task) in entries and not args.force:
+            if key in entries and not args.force:
                 print(f"{setting}/{task}: in {path.name} already (--force reruns it)", file=sys.stderr)
                 continue
             if not (SETTINGS[setting] / f"{task}.yaml").is_file():
                 print(f"{setting}/{task}: no config, skipped", file=sys.stderr)
                 continue
-            print(f"iss run {setting}/{task} ...", file=sys.stderr, flush=True)
-            entry = run_one(setting, task, args.runs_root)
-            if entry.get("mechanism"):
+            print(f"iss run {setting}/{task} {args.variant or ''}...", file=sys.stderr, flush=True)
+            entry = run_one(setting, task, args.runs_root, args.variant, overrides)
+            if entry.get("mechanism") and not args.variant:  # a variant reuses the base's mechanism folders
                 entry["equal_tokens"] = token_budget_mechanism(setting, task, args.runs_root, entry)
-            earlier = entries.get((setting, task), {})
+            earlier = entries.get(key, {})
             entry["variants"] = earlier.get("variants", [])
             if earlier.get("stage_seconds_total") == entry["stage_seconds_total"]:  # every stage reused: keep the
                 entry["wall_seconds"] = earlier["wall_seconds"]  # cost of the run that computed them
                 entry["peak_rss_gib"] = earlier["peak_rss_gib"]
-            entries[(setting, task)] = entry
+            entries[key] = entry
             save(path, entries)
     print((RESULTS / "evidence.md").read_text(encoding="utf-8") if entries else "nothing run")
 

@@ -70,6 +70,19 @@ def test_select_iss_tlm_random_end_to_end(config_file):
     assert stages["influence-layerembeddings"]["layer"] == "embeddings"
     assert (run_dir / "influence" / "topk.parquet").is_file()
 
+    # An ablation in a new run folder links the finished stages in and recomputes only what its change reaches.
+    ablation_dir = config_file.parent / "ablation"
+    half = _iss(
+        "select", str(config_file), "--run-dir", str(ablation_dir), "--reuse-from", str(run_dir),
+        "--set", f"selection.budget={BUDGET // 2} docs", "--quiet", "--json",
+    )  # fmt: skip
+    assert half.returncode == 0, half.stderr[-3000:]
+    stages = json.loads(half.stdout)
+    assert all(stages[name]["reused"] for name in ("data", "tokenizer", "retrieval", "warmup", "influence"))
+    assert not stages["select-iss"]["reused"]
+    assert pq.read_table(ablation_dir / "select-iss" / "subset.parquet").num_rows == BUDGET // 2
+    assert pq.read_table(run_dir / "select-iss" / "subset.parquet").num_rows == BUDGET
+
 
 def test_cli_reports_bad_config_in_one_line(tmp_path):
     path = tmp_path / "bad.yaml"

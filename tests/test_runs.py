@@ -9,6 +9,7 @@ import os
 import pytest
 
 from iss import runs
+from iss.errors import ConfigError
 from iss.runs import RunFolder, fingerprint
 
 
@@ -37,6 +38,31 @@ def test_killed_stage_leaves_nothing_that_looks_finished(tmp_path):
         (path / "partial.txt").write_text("half", encoding="utf-8")
         raise KeyboardInterrupt
     assert folder.finished("influence", "aaa") is None and not (tmp_path / "influence").exists()
+
+
+def test_an_ablation_reuses_linked_stages_and_never_writes_into_the_base_run(tmp_path):
+    base, calls = RunFolder(tmp_path / "base"), []
+    _run_stage(base, "warmup", "w1", calls)
+    _run_stage(base, "finetune", "f1", calls)
+    base.update_manifest([base.finished("warmup", "w1"), base.finished("finetune", "f1")], {})
+    killed = tmp_path / "base" / ".pretrain.tmp"  # a stage killed just before its rename is not brought along
+    killed.mkdir()
+    (killed / runs.STAGE_FILE).write_text(json.dumps({"fingerprint": "p1"}), encoding="utf-8")
+
+    ablation = RunFolder(tmp_path / "ablation")
+    assert ablation.link_stages_from(tmp_path / "base") == ["finetune", "warmup"]
+    assert ablation.finished("warmup", "w1").reused  # same fingerprint: reused, not recomputed
+    assert (tmp_path / "ablation" / "warmup" / "out.txt").samefile(tmp_path / "base" / "warmup" / "out.txt")
+    assert not (tmp_path / "ablation" / ".pretrain.tmp").exists()
+
+    assert ablation.finished("finetune", "f2") is None  # the ablation's change reaches fine-tuning only
+    with ablation.stage("finetune", "f2", {}) as (path, _):
+        (path / "out.txt").write_text("ablated", encoding="utf-8")
+    assert (tmp_path / "base" / "finetune" / "out.txt").read_text(encoding="utf-8") == "done"
+    assert base.finished("finetune", "f1") is not None and ablation.finished("finetune", "f2") is not None
+    assert ablation.link_stages_from(tmp_path / "base") == []  # what the ablation has is kept
+    with pytest.raises(ConfigError, match="not a run folder"):
+        ablation.link_stages_from(tmp_path / "nowhere")
 
 
 def test_fingerprints_change_with_the_cache_version(monkeypatch):

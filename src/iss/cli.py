@@ -25,7 +25,7 @@ from iss.estimate import ESTIMATE_FILE, estimate_run
 from iss.parallel import processes
 from iss.pipeline import Pipeline
 from iss.report import write_report
-from iss.runs import StageResult
+from iss.runs import RunFolder, StageResult
 
 app = typer.Typer(
     help="Influential Subset Selection: pick the corpus subset that helps one end task most.",
@@ -37,6 +37,14 @@ console = Console(stderr=True)
 ConfigArg = Annotated[Path | None, typer.Argument(help="YAML config (defaults: ChemProt + the shared corpus).")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config key: --set influence.layer=1")]
 RunDirOpt = Annotated[str | None, typer.Option("--run-dir", help="Run folder (overrides run_dir).")]
+ReuseOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--reuse-from",
+        help="Link another run folder's finished stages in first: an ablation (--set ...) in a new --run-dir "
+        "computes only the stages its changes reach.",
+    ),
+]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or logs.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the stage summaries as JSON on stdout.")]
 BackendOpt = Annotated[
@@ -61,6 +69,7 @@ def _run(
     overrides: list[str] | None,
     quiet: bool,
     as_json: bool,
+    reuse_from: Path | None = None,
     **extra: Any,
 ) -> None:
     """Build the config, run ``stage`` (a Pipeline method name or a function of the pipeline), print results."""
@@ -68,6 +77,9 @@ def _run(
     action = stage if callable(stage) else lambda pipeline: getattr(pipeline, stage)()
     with _one_line_errors():
         settings = _build_config(config, overrides, extra)
+        if reuse_from is not None:
+            linked = RunFolder(settings.run_dir).link_stages_from(reuse_from)
+            logging.getLogger("iss").info("linked %d finished stages from %s", len(linked), reuse_from)
         pipeline = Pipeline(settings, show_progress=not quiet)
         result = action(pipeline)
     _report(pipeline, result, quiet, as_json)
@@ -119,6 +131,7 @@ def select(
     method: Annotated[str | None, typer.Option(help="iss, tlm (BM25 only) or random.")] = None,
     budget: Annotated[str | None, typer.Option(help="'2000 docs', '1e6 tokens' or '20%' of the pool.")] = None,
     run_dir: RunDirOpt = None,
+    reuse_from: ReuseOpt = None,
     backend: BackendOpt = None,
     overrides: SetOpt = None,
     quiet: QuietOpt = False,
@@ -131,6 +144,7 @@ def select(
         overrides,
         quiet,
         as_json,
+        reuse_from,
         **{"selection.method": method, "selection.budget": budget, "run_dir": run_dir, "backend": backend},
     )
 
@@ -141,12 +155,13 @@ def _stage_command(
     def command(
         config: ConfigArg = None,
         run_dir: RunDirOpt = None,
+        reuse_from: ReuseOpt = None,
         backend: BackendOpt = None,
         overrides: SetOpt = None,
         quiet: QuietOpt = False,
         as_json: JsonOpt = False,
     ) -> None:
-        _run(stage, config, overrides, quiet, as_json, run_dir=run_dir, backend=backend)
+        _run(stage, config, overrides, quiet, as_json, reuse_from, run_dir=run_dir, backend=backend)
 
     command.__doc__ = doc
     group.command(name=name or stage.replace("_", "-"))(command)

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from iss._version import CACHE_VERSION, __version__
+from iss.errors import ConfigError
 
 log = logging.getLogger("iss")
 STAGE_FILE = "stage.json"
@@ -77,6 +78,13 @@ def content_digest(file: Path, cache: Path | None = None) -> str:
 
 def _expand(path: Path) -> list[Path]:
     return [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # another file system, or links not allowed
+        shutil.copy2(source, target)
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -137,6 +145,24 @@ class RunFolder:
         if made_by != __version__:
             log.warning("stage %s: reusing an artifact made by iss %s (this is %s)", name, made_by, __version__)
         return StageResult(name, folder, stage_fingerprint, record.get("summary", {}), reused=True)
+
+    def link_stages_from(self, other: str | Path) -> list[str]:
+        """Bring another run folder's finished stages in as hard links (copies across file systems), so an ablation
+        of a finished run computes only the stages its changed settings reach; the rest are reused by fingerprint.
+
+        Safe for the other run: a stage that is recomputed here is written to a temporary folder and swapped in,
+        which replaces the links instead of writing through them. Stages this folder already has are kept.
+        """
+        source = Path(other)
+        if not (source / MANIFEST_FILE).is_file():
+            raise ConfigError(f"{source} is not a run folder (no {MANIFEST_FILE})")
+        linked = []
+        for folder in sorted(source.iterdir()):
+            if folder.name.startswith(".") or not (folder / STAGE_FILE).is_file() or (self.root / folder.name).exists():
+                continue
+            shutil.copytree(folder, self.root / folder.name, copy_function=_link_or_copy)
+            linked.append(folder.name)
+        return linked
 
     def work_dir(self, name: str) -> Path:
         """Scratch folder kept across kills, for stages that resume partial work (shards, checkpoints)."""
