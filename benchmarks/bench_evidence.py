@@ -20,6 +20,7 @@ import os
 import platform
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -79,8 +80,27 @@ def run_one(
     return {
         **entry,
         "pretraining": pretraining_rows(run_dir, manifest),
+        "sources": source_rows(run_dir, results.get("subsets", [])),
         **results,
     }
+
+
+def source_rows(run_dir: Path, subsets: list[dict], shown: int = 4) -> list[dict]:
+    """Where the BM25 pool and each subset come from (shares of the corpus's sources, the largest ``shown`` and
+    the rest): the positive control can only pass if the pool is more in-domain than a random sample."""
+    folders = {"pool (BM25)": run_dir / "retrieval" / "pool.parquet"}
+    folders |= {row["method"]: run_dir / f"select-{row['method']}" / "subset.parquet" for row in subsets}
+    rows = []
+    for name, parquet in folders.items():
+        if not parquet.exists():
+            continue
+        counts = Counter(pq.read_table(parquet, columns=["source"]).column("source").to_pylist())
+        total = sum(counts.values())
+        top = counts.most_common(shown)
+        mix = [f"{source} {count / total:.0%}" for source, count in top]
+        mix.append(f"other {1 - sum(count for _, count in top) / total:.0%}")
+        rows.append({"subset": name, "docs": total, "sources": ", ".join(mix)})
+    return rows
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -190,6 +210,7 @@ def render(entries: list[dict]) -> str:
         for key, title in (
             ("differences", "Paired differences (x100) with 95% bootstrap CIs"),
             ("subsets", "Subsets (mean length in WordPiece tokens)"),
+            ("sources", "Where the documents come from (corpus sources)"),
             ("mechanism", "Mechanism check (no fine-tuning; test split)"),
             ("pretraining", "Pretraining: MLM loss (smoothed) at the last step vs the subset's unigram level"),
         ):
@@ -216,12 +237,22 @@ def entry_key(entry: dict) -> tuple[str, str, str | None]:
     return entry["setting"], entry["task"], entry.get("variant")
 
 
-def save(path: Path, entries: dict) -> None:
-    """evidence.json and evidence.md, rewritten after every finished (setting, task) or variant."""
+def load(path: Path) -> dict:
+    """The entries in evidence.json by (setting, task, variant)."""
+    done = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"entries": []}
+    return {entry_key(e): e for e in done["entries"]}
+
+
+def save(path: Path, entry: dict) -> dict:
+    """Put one entry into evidence.json (read again now, so runs of other tasks in other processes keep theirs)
+    and rewrite evidence.md; returns every entry."""
     RESULTS.mkdir(exist_ok=True)
+    entries = load(path)
+    entries[entry_key(entry)] = entry
     machine = {"platform": platform.platform(), "cpus": os.cpu_count()}
     path.write_text(json.dumps({"machine": machine, "entries": list(entries.values())}, indent=2))
     (RESULTS / "evidence.md").write_text(render(list(entries.values())), encoding="utf-8")
+    return entries
 
 
 def main() -> None:
@@ -244,17 +275,16 @@ def main() -> None:
     args = parser.parse_args()
     overrides = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.overrides)}
     path = RESULTS / "evidence.json"
-    done = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"entries": []}
-    entries = {entry_key(e): e for e in done["entries"]}
+    entries = load(path)
     for setting in args.settings:
         for task in args.tasks:
             key = (setting, task, args.variant)
             if args.mechanism_variant:
                 if key in entries:
                     variant = mechanism_variant(setting, task, args.runs_root, args.mechanism_variant, overrides)
-                    variants = [v for v in entries[key].get("variants", []) if v["label"] != variant["label"]]
-                    entries[key]["variants"] = [*variants, variant]
-                    save(path, entries)
+                    entry = load(path)[key]
+                    variants = [v for v in entry.get("variants", []) if v["label"] != variant["label"]]
+                    entries = save(path, {**entry, "variants": [*variants, variant]})
                 continue
             if key in entries and not args.force:
                 print(f"{setting}/{task}: in {path.name} already (--force reruns it)", file=sys.stderr)
@@ -266,13 +296,12 @@ def main() -> None:
             entry = run_one(setting, task, args.runs_root, args.variant, overrides)
             if entry.get("mechanism") and not args.variant:  # a variant reuses the base's mechanism folders
                 entry["equal_tokens"] = token_budget_mechanism(setting, task, args.runs_root, entry)
-            earlier = entries.get(key, {})
+            earlier = load(path).get(key, {})
             entry["variants"] = earlier.get("variants", [])
             if earlier.get("stage_seconds_total") == entry["stage_seconds_total"]:  # every stage reused: keep the
                 entry["wall_seconds"] = earlier["wall_seconds"]  # cost of the run that computed them
                 entry["peak_rss_gib"] = earlier["peak_rss_gib"]
-            entries[key] = entry
-            save(path, entries)
+            entries = save(path, entry)
     print((RESULTS / "evidence.md").read_text(encoding="utf-8") if entries else "nothing run")
 
 
