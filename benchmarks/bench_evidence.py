@@ -81,8 +81,19 @@ def run_one(
         **entry,
         "pretraining": pretraining_rows(run_dir, manifest),
         "sources": source_rows(run_dir, results.get("subsets", [])),
+        "best_epochs": best_epochs(manifest),
         **results,
     }
+
+
+def best_epochs(manifest: dict) -> dict:
+    """How many fine-tuning runs peaked at each epoch: runs that peak at the last epoch were still learning, so the
+    table measures how fast a model starts to learn more than what pretraining gave it."""
+    epochs = manifest["config"]["finetune"]["epochs"]
+    counts = Counter(
+        stage["summary"]["best_epoch"] for name, stage in manifest["stages"].items() if name.startswith("finetune-")
+    )
+    return {"epochs": epochs, "runs": sum(counts.values()), "at_last_epoch": counts[epochs], "counts": counts}
 
 
 def source_rows(run_dir: Path, subsets: list[dict], shown: int = 4) -> list[dict]:
@@ -207,6 +218,16 @@ def render(entries: list[dict]) -> str:
             f"(2 CPU cores). Test F1 x 100 at the best dev epoch, mean ± std over seeds.\n\n"
         )
         parts.append(markdown(results_table(entry["runs"])))
+        if "best_epochs" in entry:
+            best = entry["best_epochs"]
+            parts.append(
+                f"\nBest dev epoch: {best['at_last_epoch']} of {best['runs']} fine-tuning runs at the last of "
+                f"{best['epochs']} epochs (still learning there); by epoch: "
+                + ", ".join(
+                    f"{epoch}: {count}" for epoch, count in sorted(best["counts"].items(), key=lambda i: int(i[0]))
+                )
+                + ".\n"
+            )
         for key, title in (
             ("differences", "Paired differences (x100) with 95% bootstrap CIs"),
             ("subsets", "Subsets (mean length in WordPiece tokens)"),
