@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -33,6 +35,29 @@ def _small_config(run_dir, **sections) -> IssConfig:
     for name, values in sections.items():
         base[name] = {**base.get(name, {}), **values}
     return IssConfig.model_validate(base)
+
+
+def test_two_runs_on_one_folder_run_a_stage_once(tmp_path):
+    """Two runs of one folder at once (say, two lists of methods) reach the same stage: the second waits for the
+    first and reuses its artifact instead of writing the same temporary folder under it."""
+    config = _small_config(tmp_path / "run")
+    first, second = Pipeline(config, show_progress=False), Pipeline(config, show_progress=False)
+    calls, started = [], threading.Event()
+
+    def body(folder, summary):
+        calls.append(folder)
+        started.set()
+        time.sleep(0.5)  # the second run arrives while this one is writing
+        (folder / "out.txt").write_text("done", encoding="utf-8")
+
+    results = {}
+    worker = threading.Thread(target=lambda: results.update(first=first.stage("probe", {"k": 1}, body)))
+    worker.start()
+    started.wait(5)
+    results["second"] = second.stage("probe", {"k": 1}, body)
+    worker.join()
+    assert len(calls) == 1 and not results["first"].reused and results["second"].reused
+    assert (results["second"].path / "out.txt").read_text(encoding="utf-8") == "done"
 
 
 def test_same_seed_gives_the_same_subset_in_fresh_run_folders(tmp_path, tokenizer):

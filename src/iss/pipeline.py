@@ -10,6 +10,7 @@ import json
 import logging
 import tempfile
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -76,26 +77,27 @@ class Pipeline:
         if known is not None and known.fingerprint == stage_fingerprint:
             return known
         group = processes()
-        group.barrier()  # every process looks at the run folder as it is now
-        result = self.run.finished(name, stage_fingerprint)
-        if result is None:
-            log.info("stage %s: running", name)
-            numerics = precision(self.config.precision)
-            if group.is_main:
-                with self.run.stage(name, stage_fingerprint, parts) as (folder, summary), numerics:
-                    if data_parallel:
-                        group.barrier()  # the work folder is claimed: the others may read its checkpoint
-                    body(folder, summary)
-            elif data_parallel:
-                with tempfile.TemporaryDirectory() as scratch, numerics:
-                    group.barrier()
-                    body(Path(scratch), {})
-            group.barrier()  # the main process has written the artifact
+        with self.run.lock(name) if group.is_main else nullcontext():  # other runs on this folder wait
+            group.barrier()  # every process looks at the run folder as it is now
             result = self.run.finished(name, stage_fingerprint)
-            assert result is not None
-            result.reused = False
-        else:
-            log.info("stage %s: reusing finished artifact", name)
+            if result is None:
+                log.info("stage %s: running", name)
+                numerics = precision(self.config.precision)
+                if group.is_main:
+                    with self.run.stage(name, stage_fingerprint, parts) as (folder, summary), numerics:
+                        if data_parallel:
+                            group.barrier()  # the work folder is claimed: the others may read its checkpoint
+                        body(folder, summary)
+                elif data_parallel:
+                    with tempfile.TemporaryDirectory() as scratch, numerics:
+                        group.barrier()
+                        body(Path(scratch), {})
+                group.barrier()  # the main process has written the artifact
+                result = self.run.finished(name, stage_fingerprint)
+                assert result is not None
+                result.reused = False
+            else:
+                log.info("stage %s: reusing finished artifact", name)
         self.results[name] = result
         if group.is_main:
             self.run.update_manifest([result], {"config": self.base_config.model_dump(mode="json")})

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from filelock import FileLock
 
 from iss._version import CACHE_VERSION, __version__
 from iss.errors import ConfigError
@@ -163,6 +164,11 @@ class RunFolder:
             shutil.copytree(folder, self.root / folder.name, copy_function=_link_or_copy)
             linked.append(folder.name)
         return linked
+
+    def lock(self, name: str) -> FileLock:
+        """Held while one process checks for and runs stage ``name``, so two runs on one folder (an ablation and
+        its base, two seeds' lists) never write the same stage at once: the second waits, then reuses it."""
+        return FileLock(self.root / f".{name}.lock")
 
     def work_dir(self, name: str) -> Path:
         """Scratch folder kept across kills, for stages that resume partial work (shards, checkpoints)."""
