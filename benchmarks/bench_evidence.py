@@ -294,6 +294,8 @@ def main() -> None:
     )
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
+    if args.mechanism_variant and args.variant:  # a mechanism variant runs on the base config, not a variant's
+        parser.error("--mechanism-variant adds to a base entry; it cannot be combined with --variant")
     overrides = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.overrides)}
     path = RESULTS / "evidence.json"
     entries = load(path)
