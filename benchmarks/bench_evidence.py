@@ -81,19 +81,32 @@ def run_one(
         **entry,
         "pretraining": pretraining_rows(run_dir, manifest),
         "sources": source_rows(run_dir, results.get("subsets", [])),
-        "best_epochs": best_epochs(manifest),
+        "best_epochs": best_epochs(manifest, [n for n in manifest["stages"] if n.startswith("finetune-")]),
         **results,
     }
 
 
-def best_epochs(manifest: dict) -> dict:
-    """How many fine-tuning runs peaked at each epoch: runs that peak at the last epoch were still learning, so the
-    table measures how fast a model starts to learn more than what pretraining gave it."""
+def best_epochs(manifest: dict, finetunes: list[str]) -> dict:
+    """How many of the fine-tuning runs (stage names) peaked at each epoch: runs that peak at the last epoch were
+    still learning, so the table measures how fast a model starts to learn more than what pretraining gave it."""
     epochs = manifest["config"]["finetune"]["epochs"]
-    counts = Counter(
-        stage["summary"]["best_epoch"] for name, stage in manifest["stages"].items() if name.startswith("finetune-")
-    )
+    counts = Counter(manifest["stages"][name]["summary"]["best_epoch"] for name in finetunes)
     return {"epochs": epochs, "runs": sum(counts.values()), "at_last_epoch": counts[epochs], "counts": counts}
+
+
+def refresh(entry: dict, run_dir: Path) -> dict:
+    """The entry with the tables read from its run folder (best epochs, sources) made again, without running
+    anything: an entry recorded before a table existed gains it. Refused unless every run of the entry is a
+    fine-tuning stage of that folder with the same test F1 (a folder partly recomputed since is still fine as long
+    as its fine-tunes are the entry's)."""
+    manifest = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
+    finetunes = []
+    for run in entry["runs"]:
+        name = f"finetune-{run['method']}-seed{run['seed']}"
+        if manifest["stages"].get(name, {}).get("summary", {}).get("test") != run["test"]:
+            raise SystemExit(f"{run_dir}: stage {name} is not the entry's run (test F1 differs or missing)")
+        finetunes.append(name)
+    return {**entry, "sources": source_rows(run_dir, entry["subsets"]), "best_epochs": best_epochs(manifest, finetunes)}
 
 
 def source_rows(run_dir: Path, subsets: list[dict], shown: int = 4) -> list[dict]:
@@ -292,6 +305,11 @@ def main() -> None:
         metavar="LABEL",
         help="Run every method and seed again with --set overrides, as an entry of its own next to the base run.",
     )
+    parser.add_argument(
+        "--refresh",
+        action="store_true",
+        help="Only remake the tables read from run folders (best epochs, sources) of entries already in the JSON.",
+    )
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     if args.mechanism_variant and args.variant:  # a mechanism variant runs on the base config, not a variant's
@@ -302,6 +320,13 @@ def main() -> None:
     for setting in args.settings:
         for task in args.tasks:
             key = (setting, task, args.variant)
+            if args.refresh:
+                if key in entries:
+                    run_dir = args.runs_root / setting / task
+                    entries = save(
+                        path, refresh(entries[key], variant_dir(run_dir, args.variant) if args.variant else run_dir)
+                    )
+                continue
             if args.mechanism_variant:
                 if key in entries:
                     variant = mechanism_variant(setting, task, args.runs_root, args.mechanism_variant, overrides)
