@@ -10,6 +10,7 @@ import pytest
 from iss import cli, estimate
 from iss.estimate import estimate_run, padded_tokens
 from iss.pipeline import Pipeline
+from iss.training import encoded_lengths
 
 from .test_pipeline import _small_config
 
@@ -58,6 +59,41 @@ def test_packing_prices_full_rows_and_buckets_price_less_padding(tmp_path, token
     assert 0 < unpacked.seconds["pretraining"] <= packed.seconds["pretraining"]
     bucketed = estimate_run(Pipeline(config.with_overrides({"warmup.length_buckets": True}), False))
     assert bucketed.seconds["warm-up"] < unpacked.seconds["warm-up"]
+
+
+def test_cached_frozen_blocks_price_one_whole_model_pass_on_top_of_the_steps(tmp_path, tokenizer, fixed_price):
+    tokenizer.save_pretrained(str(tmp_path / "tok"))
+    config = _small_config(
+        tmp_path / "run",
+        tokenizer={"path": str(tmp_path / "tok")},
+        finetune={"seeds": [0, 1], "trainable_blocks": 1},
+        evaluation={"methods": ["tlm"]},
+    )
+    plain = estimate_run(Pipeline(config, False))
+    cached = estimate_run(Pipeline(config.with_overrides({"finetune.cache_frozen_blocks": True}), False))
+    task = Pipeline(config, False).task()
+    lengths = [encoded_lengths(tokenizer, task.texts(split), 48) for split in ("train", "dev", "test")]
+    tokens = sum(int(split.sum()) for split in lengths)
+    extra = cached.seconds["fine-tuning"] - plain.seconds["fine-tuning"]
+    assert extra == pytest.approx(2 * tokens * estimate.FORWARD_SHARE * 1e-6)  # two fine-tuning runs
+
+
+def test_the_fine_tuning_probe_times_the_cached_path_when_caching(tmp_path, tokenizer, monkeypatch):
+    tokenizer.save_pretrained(str(tmp_path / "tok"))
+    config = _small_config(
+        tmp_path / "run",
+        tokenizer={"path": str(tmp_path / "tok")},
+        finetune={"trainable_blocks": 1, "cache_frozen_blocks": True},
+    )
+    pipeline = Pipeline(config, False)
+    calls = []
+    original = estimate.FrozenBlockFeatures.logits
+    monkeypatch.setattr(estimate.FrozenBlockFeatures, "logits", lambda *a: calls.append(1) or original(*a))
+    task = pipeline.task()
+    seconds = estimate.probe_seconds_per_token(
+        pipeline, tokenizer, task.texts("train"), task.label_ids("train"), "task"
+    )
+    assert seconds > 0 and len(calls) == estimate.PROBE_STEPS + 1
 
 
 @pytest.mark.parametrize("show_progress", [True, False])

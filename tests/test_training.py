@@ -12,7 +12,7 @@ from iss import evaluation, training
 from iss.config import FinetuneConfig, ModelConfig, PretrainConfig, fingerprint_dump
 from iss.data import TaskData
 from iss.evaluation import f1
-from iss.model import PackedDocuments, TaskMLMModel
+from iss.model import FrozenBlockFeatures, PackedDocuments, TaskMLMModel, encode, set_trainable
 from iss.training import TrainingBatches, pretrain, task_batch_schedule
 
 
@@ -228,6 +228,60 @@ def test_fine_tuning_keeps_and_tests_the_weights_of_the_best_dev_epoch(tokenizer
         torch.testing.assert_close(final[name].detach(), value, msg=name)
         torch.testing.assert_close(test_calls[0][name], value, msg=name)
     assert any(not torch.equal(snapshots[2][n], snapshots[1][n]) for n in final)  # epoch 3 did move the weights
+
+
+def test_top_blocks_on_cached_frozen_states_give_the_full_models_logits_and_gradients(tokenizer, chemprot_texts):
+    """Texts of different lengths (so padding and the attention mask matter), dropout off: the cached path's
+    logits and the top block's gradients equal those of the whole model with the lower blocks frozen."""
+    torch.manual_seed(0)
+    config = ModelConfig(hidden_size=32, num_layers=3, num_heads=2, intermediate_size=64, max_length=48)
+    model = TaskMLMModel.from_scratch(config, tokenizer, 4).eval()
+    set_trainable(model, trainable_blocks=1)
+    texts = [" ".join(text.split()[: 3 + 5 * i]) for i, (text, _) in enumerate(chemprot_texts[:6])]
+    targets = torch.tensor([0, 1, 2, 3, 0, 1])
+    assert len(set(encode(tokenizer, texts, 48).attention_mask.sum(1).tolist())) > 3
+    cache = FrozenBlockFeatures(model, trainable_blocks=1)
+    states = cache.encode(tokenizer, texts, 48, torch.device("cpu"), batch_size=4)
+    expected = training.task_logits(model, tokenizer, texts, 48, torch.device("cpu"))
+    torch.testing.assert_close(cache.predict(states, torch.device("cpu"), batch_size=4), expected)
+
+    top = [*cache.top.parameters(), *model.classifier.parameters()]  # the MLM head and pooler are not on the path
+    batch = encode(tokenizer, texts, 48)
+    full = torch.nn.functional.cross_entropy(model.task_logits(batch.input_ids, batch.attention_mask), targets)
+    full_grads = torch.autograd.grad(full, top)
+    cached = torch.nn.functional.cross_entropy(cache.logits(states, torch.device("cpu")), targets)
+    for mine, theirs in zip(torch.autograd.grad(cached, top), full_grads, strict=True):
+        torch.testing.assert_close(mine, theirs)
+
+
+def test_fine_tuning_on_cached_frozen_blocks_equals_the_plain_run_without_dropout(tokenizer, chemprot_texts):
+    """With dropout 0 caching changes nothing but the cost: the same dev curve, test F1 and final weights."""
+    task = _task(chemprot_texts)
+    task.splits["test"] = task.splits["dev"]
+    config = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_length=48, dropout=0.0)
+    results, weights = [], []
+    for cache in (False, True):
+        torch.manual_seed(0)
+        model = TaskMLMModel.from_scratch(config, tokenizer, len(task.labels))
+        initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+        set_trainable(model, trainable_blocks=1)
+        settings = FinetuneConfig(epochs=2, batch_size=8, learning_rate=1e-3, trainable_blocks=1, seeds=[0])
+        settings = settings.model_copy(update={"cache_frozen_blocks": cache})
+        results.append(evaluation.finetune(model, tokenizer, task, settings, "micro_f1", 48, 0, torch.device("cpu")))
+        weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    plain, cached = results
+    assert [e["dev"] for e in cached["epochs"]] == pytest.approx([e["dev"] for e in plain["epochs"]])
+    assert cached["test"] == pytest.approx(plain["test"]) and cached["task_loss"] == pytest.approx(plain["task_loss"])
+    for name, value in weights[0].items():
+        torch.testing.assert_close(weights[1][name], value, msg=name)
+    assert any(not torch.equal(weights[1][name], value) for name, value in initial.items())  # it did train
+
+
+def test_caching_frozen_blocks_needs_frozen_blocks_and_leaves_old_fingerprints_alone():
+    with pytest.raises(ValueError, match="trainable_blocks"):
+        FinetuneConfig(cache_frozen_blocks=True)
+    assert "cache_frozen_blocks" not in fingerprint_dump(FinetuneConfig(trainable_blocks=2))
+    assert fingerprint_dump(FinetuneConfig(trainable_blocks=2, cache_frozen_blocks=True))["cache_frozen_blocks"]
 
 
 def test_stream_tokens_count_the_rows_epoch_rows_hands_out():

@@ -214,6 +214,18 @@ class FinetuneConfig(OptimizerConfig):
         description="Batch texts of similar length (sorted within seeded pools of 50 batches, batch order "
         "shuffled): far less padding, so far fewer FLOPs per epoch on short texts.",
     )
+    cache_frozen_blocks: bool = Field(
+        False,
+        description="With trainable_blocks: compute the frozen lower blocks' output once per text (eval mode, so "
+        "no dropout there) and train and score the top blocks on it; an epoch then costs the top blocks only.",
+        json_schema_extra=CACHE_NEUTRAL_DEFAULT,
+    )
+
+    @model_validator(mode="after")
+    def _cache_needs_frozen_blocks(self) -> FinetuneConfig:
+        if self.cache_frozen_blocks and self.trainable_blocks is None:
+            raise ValueError("cache_frozen_blocks needs trainable_blocks (which blocks are frozen)")
+        return self
 
 
 class InfluenceConfig(_Section):

@@ -23,6 +23,7 @@ import torch
 
 from iss.methods import EVALUATED, SELECTION
 from iss.model import (
+    FrozenBlockFeatures,
     forward_autocast,
     labelled_batch,
     load_tokenizer,
@@ -123,12 +124,20 @@ def probe_seconds_per_token(
     rows = np.arange(min(len(texts), config.warmup.batch_size))
     batch = labelled_batch(tokenizer, [texts[i] for i in rows], labels[rows], config.model.max_length)
     batch = mask_tokens(batch, tokenizer, 0.15, config.seed, rows.tolist()).to(pipeline.device)
+    cache = FrozenBlockFeatures(model, blocks) if objective == "task" and config.finetune.cache_frozen_blocks else None
+    if cache:  # fine-tuning's steps then run the top blocks on cached states
+        batch_texts = [texts[i] for i in rows]
+        states = cache.encode(tokenizer, batch_texts, config.model.max_length, pipeline.device, len(rows))
+        model.train()
     timings = []
     for _ in range(PROBE_STEPS + 1):  # the first step warms up allocators and kernels and is not counted
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         with forward_autocast(pipeline.device):
-            loss = per_sample_task_loss(model, batch).mean()
+            if cache:
+                loss = torch.nn.functional.cross_entropy(cache.logits(states, pipeline.device), batch.labels)
+            else:
+                loss = per_sample_task_loss(model, batch).mean()
             if objective == "joint":
                 loss = loss + per_sample_mlm_loss(model, batch).mean()
         loss.backward()
@@ -185,6 +194,8 @@ def estimate_run(pipeline: Pipeline) -> RunEstimate:
         TrainingBatches(tokenizer, train, finetune.batch_size, seed, finetune.length_buckets), train_lengths
     )
     evaluation = (finetune.epochs * tokens["dev"] + tokens["test"]) * FORWARD_SHARE
+    # with cached frozen blocks, one forward pass of the whole model over every split first (priced as MLM + task)
+    cache_pass = (int(train_lengths.sum()) + tokens["dev"] + tokens["test"]) * FORWARD_SHARE
     mechanism = 0.0
     if config.evaluation.mechanism_steps:
         steps = config.evaluation.mechanism_steps * len(pretrained)
@@ -199,4 +210,6 @@ def estimate_run(pipeline: Pipeline) -> RunEstimate:
     }
     runs = {"influence": len(influence_runs), "pretraining": pretrain_runs, "fine-tuning": finetune_runs}
     priced = {kind: float(t) * per_token["task" if kind == "fine-tuning" else "joint"] for kind, t in seconds.items()}
+    if finetune.cache_frozen_blocks:
+        priced["fine-tuning"] += finetune_runs * cache_pass * per_token["joint"]
     return RunEstimate(priced, runs, per_token)

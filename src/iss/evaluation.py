@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerFast
 
 from iss.config import FinetuneConfig
 from iss.data import TaskData
-from iss.model import TaskMLMModel, labelled_batch, per_sample_task_loss
+from iss.model import FrozenBlockFeatures, TaskMLMModel, labelled_batch, per_sample_task_loss
 from iss.parallel import processes
 from iss.training import LoopSettings, TrainingBatches, task_logits, train_loop
 
@@ -46,19 +46,35 @@ def finetune(
     model.to(device)
     epochs: list[dict] = []
     best: dict = {}
-
     group = processes()
+    frozen = FrozenBlockFeatures(model, config.trainable_blocks) if config.cache_frozen_blocks else None
+    states = {
+        split: frozen.encode(tokenizer, task.texts(split), max_length, device, config.eval_batch_size)
+        for split in (("train", "dev", "test") if frozen else ())
+    }
 
     def step_loss(step: int, micro: int) -> tuple[torch.Tensor, dict[str, float]]:
         everyone = batches(step)
         rows = group.share(everyone)
-        batch = labelled_batch(tokenizer, [texts[i] for i in rows], labels[rows], max_length).to(device)
-        loss = group.mean(per_sample_task_loss(model, batch), everyone)
+        if frozen:
+            logits = frozen.logits([states["train"][i] for i in rows], device)
+            targets = torch.as_tensor(np.asarray(labels)[rows]).to(device)
+            per_sample = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+        else:
+            batch = labelled_batch(tokenizer, [texts[i] for i in rows], labels[rows], max_length).to(device)
+            per_sample = per_sample_task_loss(model, batch)
+        loss = group.mean(per_sample, everyone)
         return loss, {"task": loss.item()}
+
+    def split_f1(split: str) -> float:
+        if frozen:
+            logits = frozen.predict(states[split], device, config.eval_batch_size)
+            return logit_scores(logits, task.label_ids(split), metric)["f1"]
+        return head_scores(model, tokenizer, task, split, metric, max_length, device, config.eval_batch_size)["f1"]
 
     def evaluate(step: int) -> None:
         if step % batches.steps_per_epoch == 0:
-            dev = head_scores(model, tokenizer, task, "dev", metric, max_length, device, config.eval_batch_size)["f1"]
+            dev = split_f1("dev")
             epochs.append({"epoch": step // batches.steps_per_epoch, "dev": dev})
             if not best or dev > best["dev"]:
                 trained = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
@@ -70,13 +86,12 @@ def finetune(
         parameters = dict(model.named_parameters())
         for name, value in best["weights"].items():
             parameters[name].copy_(value)
-    test = head_scores(model, tokenizer, task, "test", metric, max_length, device, config.eval_batch_size)["f1"]
     return {
         "seed": seed,
         "metric": metric,
         "best_epoch": best["epoch"],
         "dev": best["dev"],
-        "test": test,
+        "test": split_f1("test"),
         "epochs": epochs,
         "task_loss": summary.get("task"),
     }
@@ -94,6 +109,11 @@ def head_scores(
 ) -> dict[str, float]:
     """Task loss (mean cross-entropy) and F1 of the model's task head on one split, as it stands (no training)."""
     logits = task_logits(model, tokenizer, task.texts(split), max_length, device, batch_size)
-    labels = torch.as_tensor(np.array(task.label_ids(split)))
+    return logit_scores(logits, task.label_ids(split), metric)
+
+
+def logit_scores(logits: torch.Tensor, label_ids: np.ndarray, metric: Metric) -> dict[str, float]:
+    """Task loss (mean cross-entropy) and F1 of [rows, labels] logits against the label ids."""
+    labels = torch.as_tensor(np.array(label_ids))
     loss = torch.nn.functional.cross_entropy(logits, labels).item()
     return {"task_loss": loss, "f1": f1(labels.numpy(), logits.argmax(-1).numpy(), metric)}

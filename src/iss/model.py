@@ -236,6 +236,80 @@ def set_trainable(model: TaskMLMModel, freeze_embeddings: bool = False, trainabl
         model.mlm.get_input_embeddings().weight.requires_grad_(False)
 
 
+class FrozenBlockFeatures:
+    """The hidden states after the frozen lower blocks, computed once per text, and the top blocks run on them.
+
+    Fine-tuning with ``trainable_blocks`` never changes the embeddings and lower blocks, yet a plain step (and
+    every dev scoring) runs them again. Computed once, in eval mode (so without dropout in the frozen part: it is
+    a fixed feature extractor), they leave each step the top blocks and the head only.
+    """
+
+    def __init__(self, model: TaskMLMModel, trainable_blocks: int) -> None:
+        self.model = model
+        blocks = transformer_blocks(model)
+        frozen = max(0, len(blocks) - trainable_blocks)
+        self.lower, self.top = blocks[:frozen], blocks[frozen:]
+
+    @torch.no_grad()
+    def encode(
+        self,
+        tokenizer: PreTrainedTokenizerFast,
+        texts: list[str],
+        max_length: int,
+        device: torch.device,
+        batch_size: int,
+    ) -> list[torch.Tensor]:
+        """Each text's states after the frozen blocks, [its tokens, hidden] (padding dropped), on the CPU."""
+        training = self.model.training
+        self.model.eval()
+        states: list[torch.Tensor] = [torch.empty(0)] * len(texts)
+        for rows in length_sorted(tokenizer, texts, batch_size):
+            batch = encode(tokenizer, [texts[i] for i in rows], max_length).to(device)
+            lengths = batch.attention_mask.sum(1)
+            with forward_autocast(device):
+                hidden = _run_blocks(self.lower, self.model.encoder.embeddings(input_ids=batch.input_ids), lengths)
+            for row, state, length in zip(rows, hidden.float().cpu(), lengths.tolist(), strict=True):
+                states[row] = state[:length].clone()
+        self.model.train(training)
+        return states
+
+    def logits(self, states: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+        """Task logits of cached states (padded to the longest) through the top blocks, [CLS] and the head."""
+        hidden = nn.utils.rnn.pad_sequence(states, batch_first=True).to(device)
+        lengths = torch.tensor([len(state) for state in states], device=device)
+        return self.model.classifier(self.model.dropout(_run_blocks(self.top, hidden, lengths)[:, 0]))
+
+    @torch.no_grad()
+    def predict(self, states: list[torch.Tensor], device: torch.device, batch_size: int) -> torch.Tensor:
+        """[len(states), labels] logits in eval mode, on the CPU; batches of similar length pad little."""
+        self.model.eval()
+        logits = torch.zeros(len(states), self.model.num_labels)
+        order = np.argsort([len(state) for state in states], kind="stable")
+        for start in range(0, len(states), batch_size):
+            rows = order[start : start + batch_size]
+            with forward_autocast(device):
+                logits[torch.from_numpy(rows)] = self.logits([states[i] for i in rows], device).float().cpu()
+        return logits
+
+
+def _run_blocks(blocks: Iterable[nn.Module], hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Transformer blocks over padded rows of these real lengths, with the additive mask eager attention takes."""
+    padding = torch.arange(hidden.shape[1], device=hidden.device)[None, :] >= lengths[:, None]
+    additive = padding[:, None, None, :].to(hidden.dtype) * torch.finfo(hidden.dtype).min
+    for block in blocks:
+        output = block(hidden, attention_mask=additive)
+        hidden = output[0] if isinstance(output, tuple) else output  # a tuple before transformers 5
+    return hidden
+
+
+def length_sorted(tokenizer: PreTrainedTokenizerFast, texts: list[str], batch_size: int) -> Iterator[np.ndarray]:
+    """Row indices in batches of similar token length (little padding)."""
+    lengths = tokenizer(texts, add_special_tokens=False, return_length=True)["length"] if texts else []
+    order = np.argsort(lengths, kind="stable")
+    for start in range(0, len(texts), batch_size):
+        yield order[start : start + batch_size]
+
+
 def _tied(model: TaskMLMModel) -> bool:
     output = model.mlm.get_output_embeddings()
     return output.weight.data_ptr() == model.encoder.embeddings.word_embeddings.weight.data_ptr()

@@ -30,6 +30,7 @@ from iss.model import (
     encode,
     forward_autocast,
     labelled_batch,
+    length_sorted,
     mask_tokens,
     per_sample_mlm_loss,
     per_sample_task_loss,
@@ -363,11 +364,8 @@ def cls_features(
 ) -> torch.Tensor:
     """[CLS] hidden states of ``texts`` in eval mode, [len(texts), hidden], on the CPU."""
     model.eval()
-    lengths = tokenizer(texts, add_special_tokens=False, return_length=True)["length"] if texts else []
-    order = np.argsort(lengths, kind="stable")  # batches of similar length pad little
     features = torch.zeros(len(texts), model.mlm.config.hidden_size)
-    for start in range(0, len(texts), batch_size):
-        rows = order[start : start + batch_size]
+    for rows in length_sorted(tokenizer, texts, batch_size):
         batch = encode(tokenizer, [texts[i] for i in rows], max_length).to(device)
         with forward_autocast(device):
             hidden = model.cls_hidden(batch.input_ids, batch.attention_mask)
