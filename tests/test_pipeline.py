@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -14,6 +15,7 @@ from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM
 from iss.config import IssConfig, TaskConfig
 from iss.data import DataError, load_task
 from iss.errors import ConfigError
+from iss.model import TaskMLMModel
 from iss.pipeline import Pipeline
 
 from .conftest import CHEMPROT, CORPUS, require_shared
@@ -114,6 +116,42 @@ def test_further_pretraining_setting_uses_local_tokenizer_and_checkpoint(tmp_pat
     assert (moved - before).norm() < 0.5 * (fresh - before).norm()
     scores = pipeline.finetune()
     assert 0 <= scores.summary["test"] <= 1 and scores.summary["metric"] == "micro_f1"
+
+
+def test_a_fitted_mlm_head_leaves_the_encoder_alone_and_every_model_starts_from_it(tmp_path, tokenizer, monkeypatch):
+    """model.mlm_head_steps: the head is fitted once on a corpus sample with the encoder frozen (bit-identical to
+    the checkpoint), and warm-up, pretraining and fine-tuning without pretraining all load that model."""
+    tokenizer.save_pretrained(str(tmp_path / "tok"))
+    original = _checkpoint(tmp_path / "ckpt", len(tokenizer))
+    config = _small_config(
+        tmp_path / "run",
+        tokenizer={"path": str(tmp_path / "tok")},
+        model={"path": str(tmp_path / "ckpt"), "mlm_head_steps": 12},
+        pretrain={"steps": 2, "batch_size": 8, "objective": "mlm", "save_every": 0},
+        finetune={"epochs": 1, "seeds": [0]},
+        evaluation={"methods": ["tlm", "none"], "mechanism_steps": 0},
+    )
+    pipeline = Pipeline(config, show_progress=False)
+    head = pipeline.mlm_head()
+    curve = head.summary["curve"]
+    assert head.summary["sample_docs"] == 12 * 8 and curve[-1]["mlm"] < curve[0]["mlm"]
+    fitted = AutoModelForMaskedLM.from_pretrained(str(head.path / "model"))
+    for (name, before), (_, after) in zip(
+        original.bert.named_parameters(), fitted.bert.named_parameters(), strict=True
+    ):
+        assert torch.equal(before, after), name
+    moved = original.cls.predictions.transform.dense.weight, fitted.cls.predictions.transform.dense.weight
+    assert not torch.equal(*moved)
+
+    loaded = []
+    load = TaskMLMModel.load.__func__
+    monkeypatch.setattr(
+        TaskMLMModel, "load", classmethod(lambda cls, path, *a: loaded.append(Path(path)) or load(cls, path, *a))
+    )
+    pipeline.warmup(), pipeline.pretrain(), pipeline.finetune(0, pretrained=False)
+    assert loaded.count(head.path / "model") == 3 and Path(config.model.path) not in loaded
+    plain = Pipeline(config.with_overrides({"model.mlm_head_steps": 0}), show_progress=False)
+    assert plain.mlm_head() is None and plain.warmup().fingerprint != pipeline.warmup().fingerprint
 
 
 def test_mismatched_tokenizer_and_model_fail_clearly(tmp_path, tokenizer):

@@ -136,11 +136,25 @@ class ModelConfig(_Section):
         description="Keep the word embeddings fixed in every training loop (half of a small pretrained encoder's "
         "parameters; with a tied MLM decoder, the decoder too): faster steps, same comparison for every method.",
     )
+    mlm_head_steps: int = Field(
+        0,
+        ge=0,
+        description="For a checkpoint saved without its MLM head (all-MiniLM-L6-v2): first fit a fresh head for "
+        "this many MLM steps on a random sample of the corpus, the encoder frozen, and start warm-up, every "
+        "method's pretraining and fine-tuning from there, so further pretraining trains the encoder through a "
+        "fitted head instead of a random one (0: use the checkpoint as it is).",
+        json_schema_extra=CACHE_NEUTRAL_DEFAULT,
+    )
+    mlm_head_learning_rate: float = Field(
+        1e-3, gt=0, description="Learning rate of the head fit.", json_schema_extra=CACHE_NEUTRAL_DEFAULT
+    )
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self) -> ModelConfig:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.mlm_head_steps and not self.path:
+            raise ValueError("mlm_head_steps fits the MLM head of a checkpoint: set model.path")
         return self
 
 

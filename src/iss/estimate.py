@@ -87,6 +87,7 @@ class RunEstimate:
 
 
 STAGE_KINDS = {  # manifest stage-name prefix -> the kind of work it is priced as
+    "mlm-head": "MLM head fit",
     "warmup": "warm-up",
     "influence": "influence",
     "pretrain-": "pretraining",
@@ -201,7 +202,9 @@ def estimate_run(pipeline: Pipeline) -> RunEstimate:
         steps = config.evaluation.mechanism_steps * len(pretrained)
         mechanism = steps * subset_batch + (len(pretrained) + 1) * (tokens["dev"] + tokens["test"]) * FORWARD_SHARE
 
+    head_fit = config.model.mlm_head_steps * subset_batch * FORWARD_SHARE  # the encoder runs forward only
     seconds = {
+        **({"MLM head fit": head_fit} if head_fit else {}),
         "warm-up": warmup.epochs * warmup_epoch,
         "influence": len(influence_runs) * (int(pool_lengths.sum()) * INFLUENCE_SHARE + tokens["dev"]),
         "pretraining": pretrain_runs * pretrain_tokens,

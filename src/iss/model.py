@@ -236,6 +236,16 @@ def set_trainable(model: TaskMLMModel, freeze_embeddings: bool = False, trainabl
         model.mlm.get_input_embeddings().weight.requires_grad_(False)
 
 
+def set_head_trainable(model: TaskMLMModel) -> None:
+    """Only the MLM head may change (fitting a fresh head to a fixed encoder); a decoder tied to the input
+    embeddings stays fixed with them, so the encoder is exactly the checkpoint's afterwards."""
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    embeddings = model.mlm.get_input_embeddings().weight
+    for parameter in model.mlm_head.parameters():
+        parameter.requires_grad_(parameter is not embeddings)
+
+
 class FrozenBlockFeatures:
     """The hidden states after the frozen lower blocks, computed once per text, and the top blocks run on them.
 

@@ -34,6 +34,7 @@ from iss.model import (
     load_tokenizer,
     pick_device,
     precision,
+    set_head_trainable,
     set_trainable,
 )
 from iss.parallel import processes
@@ -139,12 +140,15 @@ class Pipeline:
         return {"corpus": fingerprint_dump(corpus), "files": file_signature(files)}
 
     def initial_model(self, task: TaskData, tokenizer, seed: int) -> TaskMLMModel:
-        """A fresh model sized by the config (from scratch) or the local checkpoint (further pretraining)."""
+        """A fresh model sized by the config (from scratch) or the local checkpoint (further pretraining), with
+        its fitted MLM head when ``model.mlm_head_steps`` asks for one; a fresh task head either way."""
         config = self.config
         torch.manual_seed(seed)
         if not config.model.path:
             return TaskMLMModel.from_scratch(config.model, tokenizer, len(task.labels))
-        model = TaskMLMModel.load(config.model.path, len(task.labels), config.model.trust_remote_code)
+        head = self.mlm_head()
+        path = head.path / "model" if head else config.model.path
+        model = TaskMLMModel.load(path, len(task.labels), config.model.trust_remote_code)
         if model.mlm.config.vocab_size < len(tokenizer):
             raise ConfigError(
                 f"tokenizer has {len(tokenizer)} tokens but model {config.model.path} only "
@@ -232,6 +236,53 @@ class Pipeline:
         }
         return self.stage("retrieval", parts, body)
 
+    def mlm_head(self) -> StageResult | None:
+        """The checkpoint with a fitted MLM head (``model.mlm_head_steps`` > 0), or None.
+
+        all-MiniLM-L6-v2 is saved without its MLM head; a freshly initialised one sends random gradients into the
+        encoder for the first steps of every method's further pretraining. Fitting it once, with the encoder
+        frozen, on a random sample of the corpus (no method's subset) gives every method the same fitted start.
+        """
+        config = self.config
+        if not config.model.mlm_head_steps:
+            return None
+        tokenizer_stage = self.tokenizer()
+        steps, settings = config.model.mlm_head_steps, config.pretrain
+
+        def body(folder: Path, summary: dict) -> None:
+            task = self.task()
+            tokenizer = load_tokenizer(tokenizer_stage.path)
+            torch.manual_seed(config.seed)
+            model = TaskMLMModel.load(config.model.path, len(task.labels), config.model.trust_remote_code)
+            set_head_trainable(model)
+            sample = self._corpus_sample("docs", steps * settings.batch_size, 0.0).column("text").to_pylist()
+            update = {"steps": steps, "objective": "mlm", "learning_rate": config.model.mlm_head_learning_rate}
+            summary.update(
+                pretrain_model(
+                    model, tokenizer, sample, task, settings.model_copy(update={**update, "save_every": 0}),
+                    config.model.max_length, config.seed, self.device, show_progress=self.show_progress,
+                )
+            )  # fmt: skip
+            summary["sample_docs"] = len(sample)
+            model.mlm.save_pretrained(str(folder / "model"), safe_serialization=True)  # no task head: each run's own
+
+        parts = {
+            "model": fingerprint_dump(config.model),
+            "pretrain": fingerprint_dump(
+                settings, include={"batch_size", "mlm_probability", "packing", "weight_decay"}
+            ),
+            "precision": config.precision,
+            "seed": config.seed,
+            "corpus": self.corpus_signature(),
+            "tokenizer": tokenizer_stage.fingerprint,
+        }
+        return self.stage("mlm-head", parts, body)
+
+    def _start(self) -> dict:
+        """Fingerprint parts of a stage whose model starts from ``initial_model``: the fitted head, if any."""
+        head = self.mlm_head()
+        return {"mlm_head": head.fingerprint} if head else {}
+
     def warmup(self) -> StageResult:
         config = self.config
         data, tokenizer_stage = self.data(), self.tokenizer()
@@ -263,6 +314,7 @@ class Pipeline:
             "seed": config.seed,
             "data": data.fingerprint,
             "tokenizer": tokenizer_stage.fingerprint,
+            **self._start(),
         }
         return self.stage("warmup", parts, body, data_parallel=True)
 
@@ -444,6 +496,7 @@ class Pipeline:
             "selection": selected.fingerprint,
             "tokenizer": tokenizer_stage.fingerprint,
             "data": data.fingerprint,
+            **self._start(),
         }
         return self.stage(name, parts, body, data_parallel=True)
 
@@ -490,7 +543,7 @@ class Pipeline:
             "precision": config.precision,
             "metric": config.task.metric,
             "seed": seed,
-            "upstream": upstream.fingerprint if upstream else fingerprint_dump(config.model),
+            "upstream": upstream.fingerprint if upstream else fingerprint_dump(config.model) | self._start(),
             "tokenizer": tokenizer_stage.fingerprint,
             "data": data.fingerprint,
         }
