@@ -221,9 +221,9 @@ def render(entries: list[dict]) -> str:
             command += "".join(f" --set {k}={v}" for k, v in entry["overrides"].items())
         cost = f"{entry['wall_seconds']} s wall, {entry['stage_seconds_total']} s summed over its stages"
         rss = f"peak RSS {entry['peak_rss_gib']} GiB"
-        if entry.get("variant"):
+        if "new_stage_seconds" in entry:  # a variant run with --reuse-from (an earlier protocol has its own)
             cost = f"{entry['new_stage_seconds']} s in the stages it recomputed (the others are the base run's)"
-        if entry.get("variant") or entry["wall_seconds"] < entry["stage_seconds_total"] / 2:
+        if "new_stage_seconds" in entry or entry["wall_seconds"] < entry["stage_seconds_total"] / 2:
             rss += " in this invocation (stages made by an earlier run were reused)"
         parts.append(f"\n## {heading}\n")
         parts.append(
