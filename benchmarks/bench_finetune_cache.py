@@ -67,7 +67,7 @@ def main() -> None:
     ]
     result = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
-        "config": str(args.config),
+        "config": str(args.config.resolve().relative_to(CONFIGS.parent)),
         "task": config.task.name,
         "trainable_blocks": config.finetune.trainable_blocks,
         "epochs": args.epochs,
