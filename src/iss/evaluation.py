@@ -58,7 +58,7 @@ def finetune(
         rows = group.share(everyone)
         if frozen:
             logits = frozen.logits([states["train"][i] for i in rows], device)
-            targets = torch.as_tensor(np.asarray(labels)[rows]).to(device)
+            targets = torch.as_tensor(labels[rows]).to(device)
             per_sample = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
         else:
             batch = labelled_batch(tokenizer, [texts[i] for i in rows], labels[rows], max_length).to(device)

@@ -242,6 +242,8 @@ class Pipeline:
         all-MiniLM-L6-v2 is saved without its MLM head; a freshly initialised one sends random gradients into the
         encoder for the first steps of every method's further pretraining. Fitting it once, with the encoder
         frozen, on a random sample of the corpus (no method's subset) gives every method the same fitted start.
+        The sample is the first documents of the corpus's seeded random order, which the random-corpus control
+        takes its subset from too: the head has seen those documents once, the encoder has not.
         """
         config = self.config
         if not config.model.mlm_head_steps:
