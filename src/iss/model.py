@@ -13,7 +13,7 @@ import itertools
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -273,7 +273,7 @@ class FrozenBlockFeatures:
         training = self.model.training
         self.model.eval()
         states: list[torch.Tensor] = [torch.empty(0)] * len(texts)
-        for rows in length_sorted(tokenizer, texts, batch_size):
+        for rows in length_sorted(token_counts(tokenizer, texts), batch_size):
             batch = encode(tokenizer, [texts[i] for i in rows], max_length).to(device)
             lengths = batch.attention_mask.sum(1)
             with forward_autocast(device):
@@ -294,9 +294,7 @@ class FrozenBlockFeatures:
         """[len(states), labels] logits in eval mode, on the CPU; batches of similar length pad little."""
         self.model.eval()
         logits = torch.zeros(len(states), self.model.num_labels)
-        order = np.argsort([len(state) for state in states], kind="stable")
-        for start in range(0, len(states), batch_size):
-            rows = order[start : start + batch_size]
+        for rows in length_sorted([len(state) for state in states], batch_size):
             with forward_autocast(device):
                 logits[torch.from_numpy(rows)] = self.logits([states[i] for i in rows], device).float().cpu()
         return logits
@@ -312,11 +310,15 @@ def _run_blocks(blocks: Iterable[nn.Module], hidden: torch.Tensor, lengths: torc
     return hidden
 
 
-def length_sorted(tokenizer: PreTrainedTokenizerFast, texts: list[str], batch_size: int) -> Iterator[np.ndarray]:
-    """Row indices in batches of similar token length (little padding)."""
-    lengths = tokenizer(texts, add_special_tokens=False, return_length=True)["length"] if texts else []
+def token_counts(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> np.ndarray:
+    """Tokens per text, special tokens and truncation left out."""
+    return np.asarray(tokenizer(texts, add_special_tokens=False, return_length=True)["length"] if texts else [])
+
+
+def length_sorted(lengths: Sequence[int] | np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+    """Row indices in batches of similar length (little padding)."""
     order = np.argsort(lengths, kind="stable")
-    for start in range(0, len(texts), batch_size):
+    for start in range(0, len(order), batch_size):
         yield order[start : start + batch_size]
 
 

@@ -36,6 +36,7 @@ from iss.model import (
     precision,
     set_head_trainable,
     set_trainable,
+    token_counts,
 )
 from iss.parallel import processes
 from iss.report import write_results
@@ -380,11 +381,11 @@ class Pipeline:
         def body(folder: Path, summary: dict) -> None:
             pool = pq.read_table(retrieval.path / "pool.parquet")
             tokenizer = load_tokenizer(tokenizer_stage.path)
-            pool_lengths = np.asarray(self._token_counts(tokenizer, pool.column("text").to_pylist()))
+            pool_lengths = token_counts(tokenizer, pool.column("text").to_pylist())
             kind, limit = resolve_budget(config.selection.budget, pool_lengths)
             if method.samples_corpus:
                 pool = self._corpus_sample(kind, limit, float(pool_lengths.mean()))
-                lengths = np.asarray(self._token_counts(tokenizer, pool.column("text").to_pylist()))
+                lengths = token_counts(tokenizer, pool.column("text").to_pylist())
             else:
                 lengths = pool_lengths
             corpus_ids = pool.column("corpus_id").to_numpy()
@@ -424,10 +425,6 @@ class Pipeline:
 
         parts = {"selection": fingerprint_dump(config.selection), "seed": config.seed, **upstream}
         return self.stage(f"select-{method.name}{self.tag}", parts, body)
-
-    @staticmethod
-    def _token_counts(tokenizer, texts: list[str]) -> list[int]:
-        return tokenizer(texts, add_special_tokens=False, return_length=True)["length"] if texts else []
 
     def _corpus_sample(self, kind: str, limit: int, mean_pool_tokens: float) -> pa.Table:
         """A uniform random sample of the whole corpus, in a seeded random order, large enough for the budget.

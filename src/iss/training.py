@@ -34,6 +34,7 @@ from iss.model import (
     mask_tokens,
     per_sample_mlm_loss,
     per_sample_task_loss,
+    token_counts,
 )
 from iss.parallel import processes
 
@@ -205,11 +206,7 @@ class TrainingBatches:
     ) -> None:
         self.batch_size, self.seed, self.n = batch_size, seed, len(texts)
         self.steps_per_epoch = math.ceil(len(texts) / batch_size)
-        self.lengths = (
-            np.asarray(tokenizer(texts, add_special_tokens=False, return_length=True)["length"])
-            if length_buckets
-            else None
-        )
+        self.lengths = token_counts(tokenizer, texts) if length_buckets else None
         self._epoch: tuple[int, list[np.ndarray]] | None = None
 
     def __call__(self, step: int) -> np.ndarray:
@@ -365,7 +362,7 @@ def cls_features(
     """[CLS] hidden states of ``texts`` in eval mode, [len(texts), hidden], on the CPU."""
     model.eval()
     features = torch.zeros(len(texts), model.mlm.config.hidden_size)
-    for rows in length_sorted(tokenizer, texts, batch_size):
+    for rows in length_sorted(token_counts(tokenizer, texts), batch_size):
         batch = encode(tokenizer, [texts[i] for i in rows], max_length).to(device)
         with forward_autocast(device):
             hidden = model.cls_hidden(batch.input_ids, batch.attention_mask)
