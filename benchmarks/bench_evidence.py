@@ -82,8 +82,18 @@ def run_one(
         "pretraining": pretraining_rows(run_dir, manifest),
         "sources": source_rows(run_dir, results.get("subsets", [])),
         "best_epochs": best_epochs(manifest, [n for n in manifest["stages"] if n.startswith("finetune-")]),
+        **mlm_head(manifest),
         **results,
     }
+
+
+def mlm_head(manifest: dict) -> dict:
+    """The fitted MLM head's record (``model.mlm_head_steps``), if the run fitted one."""
+    stage = manifest["stages"].get("mlm-head")
+    if stage is None:
+        return {}
+    summary = stage["summary"]
+    return {"mlm_head": {k: summary.get(k) for k in ("steps", "mlm", "sample_docs", "seconds", "curve")}}
 
 
 def best_epochs(manifest: dict, finetunes: list[str]) -> dict:
@@ -106,7 +116,8 @@ def refresh(entry: dict, run_dir: Path) -> dict:
         if manifest["stages"].get(name, {}).get("summary", {}).get("test") != run["test"]:
             raise SystemExit(f"{run_dir}: stage {name} is not the entry's run (test F1 differs or missing)")
         finetunes.append(name)
-    return {**entry, "sources": source_rows(run_dir, entry["subsets"]), "best_epochs": best_epochs(manifest, finetunes)}
+    tables = {"sources": source_rows(run_dir, entry["subsets"]), "best_epochs": best_epochs(manifest, finetunes)}
+    return {**entry, **tables, **mlm_head(manifest)}
 
 
 def source_rows(run_dir: Path, subsets: list[dict], shown: int = 4) -> list[dict]:
@@ -231,6 +242,12 @@ def render(entries: list[dict]) -> str:
             f"(2 CPU cores). Test F1 x 100 at the best dev epoch, mean ± std over seeds.\n\n"
         )
         parts.append(markdown(results_table(entry["runs"])))
+        if "mlm_head" in entry:
+            head = entry["mlm_head"]
+            parts.append(
+                f"\nMLM head fitted first (encoder frozen): {head['steps']} steps on {head['sample_docs']} corpus "
+                f"documents, MLM loss {head['mlm']} at the end ({head['seconds']} s).\n"
+            )
         if "best_epochs" in entry:
             best = entry["best_epochs"]
             parts.append(
