@@ -30,7 +30,7 @@ from measure import run_measured
 from iss.config import IssConfig, load_config
 from iss.model import load_tokenizer
 from iss.pipeline import Pipeline
-from iss.report import markdown, markdown_rows, precise_losses, results_table
+from iss.report import markdown, markdown_rows, mechanism_sections, precise_losses, results_table
 from iss.training import unigram_entropy
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -173,35 +173,51 @@ def pretraining_rows(run_dir: Path, manifest: dict) -> list[dict]:
 
 
 def mechanism_pass(config: IssConfig, budget: str | None = None, tag: str = "") -> list[dict]:
-    """Selection and the mechanism check only (no pretraining or fine-tuning) for every configured method."""
+    """Selection and the mechanism check only (no pretraining or fine-tuning) for every configured method, one
+    row per check (with ``evaluation.mechanism_repeats`` > 1, one per repeat)."""
     pipeline = Pipeline(config, show_progress=False)
+    repeated = config.evaluation.mechanism_repeats > 1
     rows = []
     for name in config.evaluation.methods:
         variant = pipeline.method_variant(name, budget, tag)
         selected = variant.select().summary if name != "none" else {}
-        check = variant.mechanism(pretrained=name != "none").summary
-        rows.append(
-            {
-                "method": name,
-                "docs": selected.get("docs", 0),
-                "mean_tokens": selected.get("mean_tokens"),
-                **{k: v for k, v in check.items() if k.startswith("test_") or k.startswith("dev_")},
-            }
-        )
+        for repeat, check in enumerate(variant.mechanism_checks(pretrained=name != "none")):
+            rows.append(
+                {
+                    "method": name,
+                    **({"repeat": repeat} if repeated else {}),
+                    "docs": selected.get("docs", 0),
+                    "mean_tokens": selected.get("mean_tokens"),
+                    **{k: v for k, v in check.summary.items() if k.startswith("test_") or k.startswith("dev_")},
+                }
+            )
     return rows
 
 
-def token_budget_mechanism(setting: str, task: str, runs_root: Path, docs_entry: dict) -> dict:
+def base_config(setting: str, task: str, runs_root: Path) -> IssConfig:
+    """The (setting, task) config as it is now, on its base run folder."""
+    return load_config(SETTINGS[setting] / f"{task}.yaml").with_overrides({"run_dir": str(runs_root / setting / task)})
+
+
+def token_budget_mechanism(config: IssConfig, docs_entry: dict) -> dict:
     """The mechanism check again at an equal-token budget (the equal-document subsets differ in length).
 
     The budget is the mean token count of the equal-document subsets, so both comparisons buy the same amount of
     text on average; retrieval, warm-up and influence are reused from the run folder.
     """
-    config = load_config(SETTINGS[setting] / f"{task}.yaml").with_overrides(
-        {"run_dir": str(runs_root / setting / task)}
-    )
     tokens = int(sum(row["tokens"] for row in docs_entry["subsets"]) / len(docs_entry["subsets"]))
     return {"budget_tokens": tokens, "mechanism": mechanism_pass(config, f"{tokens} tokens", "@tokens")}
+
+
+def mechanism_again(setting: str, task: str, runs_root: Path, entry: dict) -> dict:
+    """The entry with its mechanism check (equal documents and equal tokens) made again from the config as it is
+    now, in its run folder: raising ``evaluation.mechanism_repeats`` computes the new repeats only."""
+    config = base_config(setting, task, runs_root)
+    start = time.perf_counter()
+    docs = mechanism_pass(config)
+    tokens = token_budget_mechanism(config, entry)
+    repeats = {"repeats": config.evaluation.mechanism_repeats, "seconds": round(time.perf_counter() - start, 1)}
+    return {**entry, "mechanism": docs, "equal_tokens": tokens, "mechanism_repeats": repeats}
 
 
 def mechanism_variant(setting: str, task: str, runs_root: Path, label: str, overrides: dict) -> dict:
@@ -269,18 +285,22 @@ def render(entries: list[dict]) -> str:
                 {k: v for k, v in row.items() if (k not in ("task", "budget") or v) and k != "curve"}
                 for row in entry.get(key, [])
             ]
-            if rows:
-                parts.append(f"\n### {title}\n\n{markdown_rows(precise_losses(rows))}")
+            parts += markdown_sections(mechanism_sections(rows, title=title) if key == "mechanism" else [(title, rows)])
         tokens = entry.get("equal_tokens")
         if tokens:
             title = f"Mechanism check at an equal-token budget ({tokens['budget_tokens']} tokens per subset)"
-            parts.append(f"\n### {title}\n\n{markdown_rows(precise_losses(tokens['mechanism']))}")
+            parts += markdown_sections(mechanism_sections(tokens["mechanism"], title=title))
         for variant in entry.get("variants", []):
             changed = ", ".join(f"{k}={v}" for k, v in variant["overrides"].items())
             accuracy = variant["warmup"].get("dev_accuracy")
             title = f"Mechanism check, {variant['label']} ({changed}; warm-up dev accuracy {accuracy})"
-            parts.append(f"\n### {title}\n\n{markdown_rows(precise_losses(variant['mechanism']))}")
+            parts += markdown_sections(mechanism_sections(variant["mechanism"], title=title))
     return "".join(parts)
+
+
+def markdown_sections(sections: list[tuple[str, list[dict]]]) -> list[str]:
+    """Titled Markdown tables (losses to 4 decimals), empty tables left out."""
+    return [f"\n### {title}\n\n{markdown_rows(precise_losses(rows))}" for title, rows in sections if rows]
 
 
 def entry_key(entry: dict) -> tuple[str, str, str | None]:
@@ -327,6 +347,12 @@ def main() -> None:
         action="store_true",
         help="Only remake the tables read from run folders (best epochs, sources) of entries already in the JSON.",
     )
+    parser.add_argument(
+        "--mechanism",
+        action="store_true",
+        help="Only make the mechanism check of entries already in the JSON again from their config as it is now "
+        "(e.g. after raising evaluation.mechanism_repeats); finished checks are reused.",
+    )
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     if args.mechanism_variant and args.variant:  # a mechanism variant runs on the base config, not a variant's
@@ -344,6 +370,10 @@ def main() -> None:
                         path, refresh(entries[key], variant_dir(run_dir, args.variant) if args.variant else run_dir)
                     )
                 continue
+            if args.mechanism:
+                if key in entries and not args.variant:
+                    entries = save(path, mechanism_again(setting, task, args.runs_root, load(path)[key]))
+                continue
             if args.mechanism_variant:
                 if key in entries:
                     variant = mechanism_variant(setting, task, args.runs_root, args.mechanism_variant, overrides)
@@ -360,7 +390,7 @@ def main() -> None:
             print(f"iss run {setting}/{task} {args.variant or ''}...", file=sys.stderr, flush=True)
             entry = run_one(setting, task, args.runs_root, args.variant, overrides)
             if entry.get("mechanism") and not args.variant:  # a variant reuses the base's mechanism folders
-                entry["equal_tokens"] = token_budget_mechanism(setting, task, args.runs_root, entry)
+                entry["equal_tokens"] = token_budget_mechanism(base_config(setting, task, args.runs_root), entry)
             earlier = load(path).get(key, {})
             entry["variants"] = earlier.get("variants", [])
             if earlier.get("stage_seconds_total") == entry["stage_seconds_total"]:  # every stage reused: keep the

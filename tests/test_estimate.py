@@ -41,6 +41,15 @@ def test_estimate_counts_the_runs_the_config_asks_for(tmp_path, tokenizer, fixed
     assert once.seconds["pretraining"] == pytest.approx(repeated.seconds["pretraining"] / 3)
     assert once.seconds["fine-tuning"] == pytest.approx(repeated.seconds["fine-tuning"])
     assert "min on this machine" in repeated.describe() and repeated.total == sum(repeated.seconds.values())
+    checked = config.with_overrides({"evaluation.mechanism_steps": 2})
+    mechanism = [
+        estimate_run(Pipeline(checked.with_overrides({"evaluation.mechanism_repeats": r}), False)).seconds[
+            "mechanism check"
+        ]
+        for r in (1, 2, 3)
+    ]
+    assert mechanism[1] > mechanism[0]
+    assert mechanism[2] - mechanism[0] == pytest.approx(2 * (mechanism[1] - mechanism[0]))
 
 
 def test_packing_prices_full_rows_and_buckets_price_less_padding(tmp_path, tokenizer, fixed_price):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -227,7 +228,13 @@ def test_run_all_compares_every_method_with_controls_and_paired_differences(tmp_
         tokenizer={"path": str(tmp_path / "tok")},
         pretrain={"steps": 3, "batch_size": 4, "objective": "mlm", "save_every": 0},
         finetune={"epochs": 1, "batch_size": 8, "seeds": [0, 1, 2], "trainable_blocks": 1},
-        evaluation={"methods": methods, "mechanism_steps": 2, "repeat_pretraining": False, "bootstrap": 200},
+        evaluation={
+            "methods": methods,
+            "mechanism_steps": 2,
+            "mechanism_repeats": 2,
+            "repeat_pretraining": False,
+            "bootstrap": 200,
+        },
     )
     pipeline = Pipeline(config, show_progress=False)
     results = json.loads((pipeline.run_all().path / "results.json").read_text())
@@ -244,12 +251,38 @@ def test_run_all_compares_every_method_with_controls_and_paired_differences(tmp_
         assert line["ci95_low"] <= line["mean"] <= line["ci95_high"] and line["seeds"] == 3
     assert {row["method"] for row in results["subsets"]} == set(methods) - {"none"}
     assert all(row["mean_tokens"] == pytest.approx(row["tokens"] / row["docs"], abs=0.01) for row in results["subsets"])
-    mechanism = {row["method"]: row for row in results["mechanism"]}
-    assert set(mechanism) == set(methods)
+    checks = Counter(row["method"] for row in results["mechanism"])
+    assert checks == {method: 1 if method == "none" else 2 for method in methods}  # the warmed-up model: once
+    mechanism = {(row["method"], row["repeat"]): row for row in results["mechanism"]}
     assert all(0 < row["test_task_loss"] < 10 and 0 <= row["test_f1"] <= 1 for row in mechanism.values())
-    assert mechanism["none"].get("steps") is None and mechanism["iss"]["steps"] == 2
+    assert mechanism["none", 0].get("steps") is None and mechanism["iss", 1]["steps"] == 2
+    paired = {line["comparison"]: line for line in results["mechanism_differences"]}
+    assert paired["iss - tlm"]["repeats"] == 2
+    expected = sum(mechanism["tlm", r]["test_task_loss"] - mechanism["iss", r]["test_task_loss"] for r in (0, 1)) / 2
+    assert paired["iss - tlm"]["mean"] == pytest.approx(expected, abs=1e-4)
     markdown = (pipeline.results["results"].path / "results.md").read_text()
-    assert "Paired differences" in markdown and "Mechanism check" in markdown and "random (whole corpus)" in markdown
+    assert "Paired differences" in markdown and "random (whole corpus)" in markdown
+    assert "paired over repeats" in markdown
+
+
+def test_mechanism_repeats_draw_their_own_batches_and_keep_the_single_checks_stage(tmp_path, tokenizer):
+    """evaluation.mechanism_repeats: repeat r trains on the subset with seed + r (another loss), repeat 0 is the
+    single check's stage (a folder checked once is reused), and the warmed-up model alone is scored once."""
+    tokenizer.save_pretrained(str(tmp_path / "tok"))
+    config = _small_config(
+        tmp_path / "run",
+        tokenizer={"path": str(tmp_path / "tok")},
+        pretrain={"batch_size": 4},
+        evaluation={"methods": ["tlm", "none"], "mechanism_steps": 3},
+    )
+    single = Pipeline(config, show_progress=False).method_variant("tlm").mechanism()
+    repeated = Pipeline(config.with_overrides({"evaluation.mechanism_repeats": 3}), show_progress=False)
+    checks = repeated.method_variant("tlm").mechanism_checks()
+    assert [check.name for check in checks] == ["mechanism-tlm", "mechanism-tlm-repeat1", "mechanism-tlm-repeat2"]
+    assert checks[0].reused and checks[0].fingerprint == single.fingerprint
+    assert not checks[1].reused and not checks[2].reused
+    assert len({check.summary["mlm"] for check in checks}) == 3  # each repeat saw other batches and masks
+    assert [check.name for check in repeated.mechanism_checks(pretrained=False)] == ["mechanism-none"]
 
 
 def test_bf16_precision_runs_every_model_stage_and_keeps_its_own_fingerprints(tmp_path, tokenizer):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from iss.report import differences_rows
+from iss.report import differences_rows, mechanism_differences, mechanism_summary, write_results
 from iss.stats import paired_bootstrap
 
 
@@ -50,3 +50,26 @@ def test_mechanism_losses_keep_four_decimals():
     rows = precise_losses([{"method": "iss", "test_task_loss": 1.35101, "test_f1": 0.1127, "steps": 30}])
     assert rows == [{"method": "iss", "test_task_loss": "1.3510", "test_f1": 0.1127, "steps": 30}]
     assert "| iss | 1.3510 | 0.113 | 30 |" in markdown_rows(rows)
+
+
+def test_repeated_mechanism_checks_pair_over_repeats_and_read_as_loss_taken_off(tmp_path):
+    losses = {"iss": [1.20, 1.25, 1.22], "tlm": [1.30, 1.32, 1.35], "random-corpus": [1.28, 1.40, 1.31]}
+    rows = [
+        {"method": method, "task": "t", "repeat": r, "test_task_loss": loss, "test_f1": 0.5}
+        for method, values in losses.items()
+        for r, loss in enumerate(values)
+    ]
+    rows.append({"method": "none", "task": "t", "repeat": 0, "test_task_loss": 1.1, "test_f1": 0.6})
+    lines = {line["comparison"]: line for line in mechanism_differences(rows, resamples=500)}
+    assert set(lines) == {"iss - tlm", "tlm - random-corpus"}
+    assert lines["iss - tlm"]["mean"] == pytest.approx(0.1) and lines["iss - tlm"]["verdict"] == "better"
+    assert lines["iss - tlm"]["repeats"] == 3
+    assert lines["tlm - random-corpus"]["verdict"] == "tie"  # -0.02, +0.08, -0.04
+    summary = {line["method"]: line for line in mechanism_summary(rows)}
+    assert summary["tlm"]["repeats"] == 3 and summary["tlm"]["test_task_loss"].startswith("1.3233 ± ")
+    assert summary["none"]["repeats"] == 1
+    single = [{k: v for k, v in row.items() if k != "repeat"} for row in rows if row["repeat"] == 0]
+    assert mechanism_differences(single) == []  # one check per subset: nothing to pair
+    runs = [{"method": "iss", "task": "t", "seed": 0, "test": 0.5, "dev": 0.5, "subset_docs": 1, "flops": 1}]
+    write_results(runs, tmp_path, mechanism=rows, bootstrap=500)
+    assert "paired over repeats" in (tmp_path / "results.md").read_text()

@@ -343,6 +343,13 @@ class EvaluationConfig(_Section):
         description="If > 0: continue the warmed-up model on each subset with MLM only for this many steps and "
         "score its task head on the test split (no fine-tuning): does the subset lower the task loss?",
     )
+    mechanism_repeats: int = Field(
+        1,
+        ge=1,
+        description="Mechanism checks per subset, repeat r drawing its batches and masks with seed + r: with > 1 "
+        "the table gives mean ± std and paired differences of the test task loss with bootstrap CIs (one check's "
+        "differences between subsets can be its own batch-order noise).",
+    )
     bootstrap: int = Field(10_000, ge=100, description="Bootstrap resamples for the paired-difference CIs.")
     repeat_pretraining: bool = Field(
         True,

@@ -199,8 +199,11 @@ def estimate_run(pipeline: Pipeline) -> RunEstimate:
     cache_pass = (int(train_lengths.sum()) + tokens["dev"] + tokens["test"]) * FORWARD_SHARE
     mechanism = 0.0
     if config.evaluation.mechanism_steps:
-        steps = config.evaluation.mechanism_steps * len(pretrained)
-        mechanism = steps * subset_batch + (len(pretrained) + 1) * (tokens["dev"] + tokens["test"]) * FORWARD_SHARE
+        checks = len(pretrained) * config.evaluation.mechanism_repeats  # + one of the warmed-up model alone
+        mechanism = (
+            checks * config.evaluation.mechanism_steps * subset_batch
+            + (checks + 1) * (tokens["dev"] + tokens["test"]) * FORWARD_SHARE
+        )
 
     head_fit = config.model.mlm_head_steps * subset_batch * FORWARD_SHARE  # the encoder runs forward only
     seconds = {

@@ -548,18 +548,20 @@ class Pipeline:
         }
         return self.stage(name, parts, body, data_parallel=True)
 
-    def mechanism(self, pretrained: bool = True) -> StageResult:
+    def mechanism(self, pretrained: bool = True, repeat: int = 0) -> StageResult:
         """The mechanism check: continue the warmed-up model on the subset with MLM only for
         ``evaluation.mechanism_steps`` steps, then score its task head on dev and test (no fine-tuning).
 
         Influence predicts which subset's MLM gradient lowers the task loss most; this measures it. With
-        ``pretrained=False`` the warmed-up model is scored as it is (the reference point).
+        ``pretrained=False`` the warmed-up model is scored as it is (the reference point). Repeat ``r`` draws the
+        steps' batches and masks with seed + r (``evaluation.mechanism_repeats``); repeat 0 is the single check.
         """
         config = self.config
         warmup, tokenizer_stage = self.warmup(), self.tokenizer()
         selected = self.select() if pretrained else None
         steps = config.evaluation.mechanism_steps
         name = f"mechanism-{config.selection.method}{self.tag}" if pretrained else "mechanism-none"
+        name += f"-repeat{repeat}" if repeat else ""
 
         def body(folder: Path, summary: dict) -> None:
             task = self.task()
@@ -570,8 +572,8 @@ class Pipeline:
                 set_trainable(model, config.model.freeze_embeddings)
                 settings = config.pretrain.model_copy(update={"steps": steps, "objective": "mlm", "save_every": 0})
                 trained = pretrain_model(
-                    model, tokenizer, subset, task, settings, config.model.max_length, config.seed, self.device,
-                    show_progress=self.show_progress,
+                    model, tokenizer, subset, task, settings, config.model.max_length, config.seed + repeat,
+                    self.device, show_progress=self.show_progress,
                 )  # fmt: skip
                 summary.update({"steps": steps, "mlm": trained.get("mlm")})
             for split in ("dev", "test"):
@@ -587,8 +589,14 @@ class Pipeline:
             "warmup": warmup.fingerprint,
             "selection": selected.fingerprint if selected else None,
             "metric": config.task.metric,
+            **({"repeat": repeat} if repeat else {}),  # repeat 0 keeps the single check's fingerprint
         }
         return self.stage(name, parts, body, data_parallel=True)
+
+    def mechanism_checks(self, pretrained: bool = True) -> list[StageResult]:
+        """Every repeat of the mechanism check (one for the warmed-up model alone: it has nothing to draw)."""
+        repeats = self.config.evaluation.mechanism_repeats if pretrained else 1
+        return [self.mechanism(pretrained, repeat) for repeat in range(repeats)]
 
     def evaluate(self) -> StageResult:
         """Fine-tune the configured method's pretrained model once per seed; mean and std of dev/test F1."""
@@ -644,8 +652,10 @@ class Pipeline:
                     selected = pipeline.select().summary
                     subsets.append({**label, **{k: selected[k] for k in ("docs", "tokens", "mean_tokens")}})
                 if config.evaluation.mechanism_steps:
-                    check = pipeline.mechanism(pretrained)
-                    mechanism.append({**label, **{k: v for k, v in check.summary.items() if k != "seconds"}})
+                    repeated = config.evaluation.mechanism_repeats > 1
+                    for repeat, check in enumerate(pipeline.mechanism_checks(pretrained)):
+                        found = {k: v for k, v in check.summary.items() if k != "seconds"}
+                        mechanism.append({**label, **({"repeat": repeat} if repeated else {}), **found})
 
         def body(folder: Path, summary: dict) -> None:
             table = write_results(

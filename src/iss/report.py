@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -83,13 +84,24 @@ def markdown(table: list[dict]) -> str:
     return markdown_rows(results_rows(table))
 
 
-def differences_rows(rows: list[dict], resamples: int = 10_000, seed: int = 0) -> list[dict]:
-    """Paired differences of test F1 (x100) per task and budget for :data:`COMPARISONS`, with 95% bootstrap CIs."""
+def differences_rows(
+    rows: list[dict],
+    resamples: int = 10_000,
+    seed: int = 0,
+    value: Callable[[dict], float] = lambda row: 100 * row["test"],
+    unit: str = "seed",
+    digits: int = 2,
+) -> list[dict]:
+    """Paired differences per task and budget for :data:`COMPARISONS`, with 95% bootstrap CIs over ``unit``.
+
+    By default of test F1 (x100) over fine-tuning seeds; :func:`mechanism_differences` pairs mechanism-check
+    repeats instead.
+    """
     scores: dict[tuple, dict[int, float]] = {}
     for row in rows:
-        scores.setdefault((row["task"], row.get("budget", ""), row["method"]), {})[row["seed"]] = 100 * row["test"]
+        scores.setdefault((row.get("task", ""), row.get("budget", ""), row["method"]), {})[row[unit]] = value(row)
     lines = []
-    for task, budget in dict.fromkeys((row["task"], row.get("budget", "")) for row in rows):
+    for task, budget in dict.fromkeys((row.get("task", ""), row.get("budget", "")) for row in rows):
         for first, second, meaning in COMPARISONS:
             a, b = scores.get((task, budget, first)), scores.get((task, budget, second))
             if not a or not b:
@@ -101,13 +113,43 @@ def differences_rows(rows: list[dict], resamples: int = 10_000, seed: int = 0) -
                     **({"budget": budget} if budget else {}),
                     "comparison": f"{first} - {second}",
                     "meaning": meaning,
-                    "mean": round(diff.mean, 2),
-                    "ci95_low": round(diff.low, 2),
-                    "ci95_high": round(diff.high, 2),
-                    "seeds": diff.n,
+                    "mean": round(diff.mean, digits),
+                    "ci95_low": round(diff.low, digits),
+                    "ci95_high": round(diff.high, digits),
+                    f"{unit}s": diff.n,
                     "verdict": diff.verdict,
                 }
             )
+    return lines
+
+
+def mechanism_differences(rows: list[dict], resamples: int = 10_000, seed: int = 0) -> list[dict]:
+    """Paired differences of the mechanism check over its repeats, as the test task loss the first subset takes
+    off relative to the second (loss of second - loss of first: > 0 when the first lowers it more, so every
+    comparison reads like the F1 ones). Empty unless the check was repeated."""
+    repeated = [row for row in rows if "repeat" in row and row["method"] != "none"]
+    if not repeated:
+        return []
+    return differences_rows(
+        repeated, resamples, seed, value=lambda row: -row["test_task_loss"], unit="repeat", digits=4
+    )
+
+
+def mechanism_summary(rows: list[dict]) -> list[dict]:
+    """The repeated mechanism check per method: mean ± std of the test task loss and test F1 over its repeats."""
+    lines = []
+    for method, task in dict.fromkeys((row["method"], row.get("task", "")) for row in rows):
+        mine = [row for row in rows if row["method"] == method and row.get("task", "") == task]
+        loss, f1 = (np.array([row[key] for row in mine], dtype=float) for key in ("test_task_loss", "test_f1"))
+        lines.append(
+            {
+                "method": method,
+                **({"task": task} if task else {}),
+                "repeats": len(mine),
+                "test_task_loss": f"{loss.mean():.4f} ± {loss.std():.4f}",
+                "test_f1": f"{f1.mean():.3f} ± {f1.std():.3f}",
+            }
+        )
     return lines
 
 
@@ -134,10 +176,7 @@ def write_results(
     for title, extra in (
         ("Paired differences of test F1 (x100), 95% bootstrap CI over seeds", differences),
         ("Subsets", subsets),
-        (
-            "Mechanism check: warmed-up model + MLM on the subset, task head scored without fine-tuning",
-            precise_losses(mechanism or []),
-        ),
+        *mechanism_sections(mechanism or [], bootstrap, seed),
     ):
         if extra:
             sections.append(f"\n### {title}\n\n{markdown_rows(extra)}")
@@ -149,10 +188,31 @@ def write_results(
         for row in rows:
             writer.writerow({key: row.get(key, "") for key in fields})
     extras = {"differences": differences, "subsets": subsets or [], "mechanism": mechanism or []}
+    extras["mechanism_differences"] = mechanism_differences(mechanism or [], bootstrap, seed)
     (folder / "results.json").write_text(
         json.dumps({"runs": rows, "table": table, **extras}, indent=2), encoding="utf-8"
     )
     return table
+
+
+def mechanism_sections(
+    rows: list[dict],
+    bootstrap: int = 10_000,
+    seed: int = 0,
+    title: str = "Mechanism check: warmed-up model + MLM on the subset, task head scored without fine-tuning",
+) -> list[tuple[str, list[dict]]]:
+    """The mechanism check's tables (title, rows): each check as it is, or, repeated, mean ± std per method and
+    the paired differences over repeats."""
+    if not any("repeat" in row for row in rows):
+        return [(title, precise_losses(rows))]
+    return [
+        (f"{title} (mean ± std over repeats)", mechanism_summary(rows)),
+        (
+            f"{title}: loss of the second - loss of the first (> 0: the first lowers the test task loss more), "
+            "paired over repeats, 95% bootstrap CI",
+            mechanism_differences(rows, bootstrap, seed),
+        ),
+    ]
 
 
 # ------------------------------------------------------------------------------------------ plots, rows
