@@ -109,7 +109,7 @@ def differences_rows(
             diff = paired_bootstrap(a, b, resamples, seed)
             lines.append(
                 {
-                    "task": task,
+                    **({"task": task} if task else {}),
                     **({"budget": budget} if budget else {}),
                     "comparison": f"{first} - {second}",
                     "meaning": meaning,
