@@ -176,19 +176,18 @@ def mechanism_pass(config: IssConfig, budget: str | None = None, tag: str = "") 
     """Selection and the mechanism check only (no pretraining or fine-tuning) for every configured method, one
     row per check (with ``evaluation.mechanism_repeats`` > 1, one per repeat)."""
     pipeline = Pipeline(config, show_progress=False)
-    repeated = config.evaluation.mechanism_repeats > 1
     rows = []
     for name in config.evaluation.methods:
         variant = pipeline.method_variant(name, budget, tag)
         selected = variant.select().summary if name != "none" else {}
-        for repeat, check in enumerate(variant.mechanism_checks(pretrained=name != "none")):
+        for check in variant.mechanism_rows(pretrained=name != "none"):
             rows.append(
                 {
                     "method": name,
-                    **({"repeat": repeat} if repeated else {}),
+                    **{k: v for k, v in check.items() if k == "repeat"},
                     "docs": selected.get("docs", 0),
                     "mean_tokens": selected.get("mean_tokens"),
-                    **{k: v for k, v in check.summary.items() if k.startswith("test_") or k.startswith("dev_")},
+                    **{k: v for k, v in check.items() if k.startswith(("test_", "dev_"))},
                 }
             )
     return rows

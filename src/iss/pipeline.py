@@ -598,6 +598,15 @@ class Pipeline:
         repeats = self.config.evaluation.mechanism_repeats if pretrained else 1
         return [self.mechanism(pretrained, repeat) for repeat in range(repeats)]
 
+    def mechanism_rows(self, pretrained: bool = True) -> list[dict]:
+        """One table row per mechanism check: its summary (less the timing), tagged with its repeat when the check
+        is repeated (the tables pair repeats by that tag; a single check's rows stay as they were)."""
+        repeated = self.config.evaluation.mechanism_repeats > 1
+        return [
+            {**({"repeat": repeat} if repeated else {}), **{k: v for k, v in check.summary.items() if k != "seconds"}}
+            for repeat, check in enumerate(self.mechanism_checks(pretrained))
+        ]
+
     def evaluate(self) -> StageResult:
         """Fine-tune the configured method's pretrained model once per seed; mean and std of dev/test F1."""
         config = self.config
@@ -652,10 +661,7 @@ class Pipeline:
                     selected = pipeline.select().summary
                     subsets.append({**label, **{k: selected[k] for k in ("docs", "tokens", "mean_tokens")}})
                 if config.evaluation.mechanism_steps:
-                    repeated = config.evaluation.mechanism_repeats > 1
-                    for repeat, check in enumerate(pipeline.mechanism_checks(pretrained)):
-                        found = {k: v for k, v in check.summary.items() if k != "seconds"}
-                        mechanism.append({**label, **({"repeat": repeat} if repeated else {}), **found})
+                    mechanism += [{**label, **row} for row in pipeline.mechanism_rows(pretrained)]
 
         def body(folder: Path, summary: dict) -> None:
             table = write_results(
