@@ -81,6 +81,7 @@ def run_one(
         **entry,
         "pretraining": pretraining_rows(run_dir, manifest),
         "sources": source_rows(run_dir, results.get("subsets", [])),
+        "overlap": overlap_rows(run_dir, results.get("subsets", [])),
         "best_epochs": best_epochs(manifest, [n for n in manifest["stages"] if n.startswith("finetune-")]),
         **mlm_head(manifest),
         **results,
@@ -105,7 +106,7 @@ def best_epochs(manifest: dict, finetunes: list[str]) -> dict:
 
 
 def refresh(entry: dict, run_dir: Path) -> dict:
-    """The entry with the tables read from its run folder (best epochs, sources) made again, without running
+    """The entry with the tables read from its run folder (best epochs, sources, overlap) made again, without running
     anything: an entry recorded before a table existed gains it. Refused unless every run of the entry is a
     fine-tuning stage of that folder with the same test F1 (a folder partly recomputed since is still fine as long
     as its fine-tunes are the entry's)."""
@@ -116,7 +117,11 @@ def refresh(entry: dict, run_dir: Path) -> dict:
         if manifest["stages"].get(name, {}).get("summary", {}).get("test") != run["test"]:
             raise SystemExit(f"{run_dir}: stage {name} is not the entry's run (test F1 differs or missing)")
         finetunes.append(name)
-    tables = {"sources": source_rows(run_dir, entry["subsets"]), "best_epochs": best_epochs(manifest, finetunes)}
+    tables = {
+        "sources": source_rows(run_dir, entry["subsets"]),
+        "overlap": overlap_rows(run_dir, entry["subsets"]),
+        "best_epochs": best_epochs(manifest, finetunes),
+    }
     return {**entry, **tables, **mlm_head(manifest)}
 
 
@@ -136,6 +141,34 @@ def source_rows(run_dir: Path, subsets: list[dict], shown: int = 4) -> list[dict
         mix.append(f"other {1 - sum(count for _, count in top) / total:.0%}")
         rows.append({"subset": name, "docs": total, "sources": ", ".join(mix)})
     return rows
+
+
+def overlap_rows(run_dir: Path, subsets: list[dict]) -> list[dict]:
+    """Documents shared by each pair of subsets drawn from the BM25 pool, next to what two uniform random draws of
+    those sizes would share (a * b / pool): a ranking whose top and bottom share more than chance ranks by how
+    large a document's influence is, not by its sign, and a control it is compared with is not a separate subset."""
+    pool = run_dir / "retrieval" / "pool.parquet"
+    if not pool.exists():
+        return []
+    pool_ids = set(pq.read_table(pool, columns=["corpus_id"]).column("corpus_id").to_pylist())
+    chosen = {}
+    for row in subsets:
+        parquet = run_dir / f"select-{row['method']}" / "subset.parquet"
+        if not parquet.exists():
+            continue
+        ids = set(pq.read_table(parquet, columns=["corpus_id"]).column("corpus_id").to_pylist())
+        if ids <= pool_ids:  # the random corpus sample is not drawn from the pool
+            chosen[row["method"]] = ids
+    names = list(chosen)
+    return [
+        {
+            "subsets": f"{a} & {b}",
+            "shared": len(chosen[a] & chosen[b]),
+            "by_chance": round(len(chosen[a]) * len(chosen[b]) / len(pool_ids)),
+        }
+        for i, a in enumerate(names)
+        for b in names[i + 1 :]
+    ]
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -277,6 +310,7 @@ def render(entries: list[dict]) -> str:
             ("differences", "Paired differences (x100) with 95% bootstrap CIs"),
             ("subsets", "Subsets (mean length in WordPiece tokens)"),
             ("sources", "Where the documents come from (corpus sources)"),
+            ("overlap", "Documents shared by two subsets of the pool (and by two random draws of their sizes)"),
             ("mechanism", "Mechanism check (no fine-tuning; test split)"),
             ("pretraining", "Pretraining: MLM loss (smoothed) at the last step vs the subset's unigram level"),
         ):
@@ -344,7 +378,7 @@ def main() -> None:
     parser.add_argument(
         "--refresh",
         action="store_true",
-        help="Only remake the tables read from run folders (best epochs, sources) of entries already in the JSON.",
+        help="Only remake the tables read from run folders (best epochs, sources, overlap) of entries in the JSON.",
     )
     parser.add_argument(
         "--mechanism",
