@@ -36,6 +36,7 @@ from iss.training import unigram_entropy
 RESULTS = Path(__file__).resolve().parent / "results"
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SETTINGS = {"further": CONFIGS / "further", "scratch": CONFIGS / "scratch"}
+POOL = "pool (BM25)"  # the BM25 candidate pool's name in the sources and overlap tables
 
 
 def run_one(
@@ -128,13 +129,9 @@ def refresh(entry: dict, run_dir: Path) -> dict:
 def source_rows(run_dir: Path, subsets: list[dict], shown: int = 4) -> list[dict]:
     """Where the BM25 pool and each subset come from (shares of the corpus's sources, the largest ``shown`` and
     the rest): the positive control can only pass if the pool is more in-domain than a random sample."""
-    folders = {"pool (BM25)": run_dir / "retrieval" / "pool.parquet"}
-    folders |= {row["method"]: run_dir / f"select-{row['method']}" / "subset.parquet" for row in subsets}
     rows = []
-    for name, parquet in folders.items():
-        if not parquet.exists():
-            continue
-        counts = Counter(pq.read_table(parquet, columns=["source"]).column("source").to_pylist())
+    for name, parquet in subset_files(run_dir, subsets).items():
+        counts = Counter(_column(parquet, "source"))
         total = sum(counts.values())
         top = counts.most_common(shown)
         mix = [f"{source} {count / total:.0%}" for source, count in top]
@@ -145,21 +142,15 @@ def source_rows(run_dir: Path, subsets: list[dict], shown: int = 4) -> list[dict
 
 def overlap_rows(run_dir: Path, subsets: list[dict]) -> list[dict]:
     """Documents shared by each pair of subsets drawn from the BM25 pool, next to what two uniform random draws of
-    those sizes would share (a * b / pool): a ranking whose top and bottom share more than chance ranks by how
-    large a document's influence is, not by its sign, and a control it is compared with is not a separate subset."""
-    pool = run_dir / "retrieval" / "pool.parquet"
-    if not pool.exists():
+    those sizes would share (a * b / pool): a top that shares more than chance with its own bottom does not
+    separate the documents the negative control compares, and two methods sharing many are not separate subsets."""
+    files = subset_files(run_dir, subsets)
+    pool = files.pop(POOL, None)
+    if pool is None:
         return []
-    pool_ids = set(pq.read_table(pool, columns=["corpus_id"]).column("corpus_id").to_pylist())
-    chosen = {}
-    for row in subsets:
-        parquet = run_dir / f"select-{row['method']}" / "subset.parquet"
-        if not parquet.exists():
-            continue
-        ids = set(pq.read_table(parquet, columns=["corpus_id"]).column("corpus_id").to_pylist())
-        if ids <= pool_ids:  # the random corpus sample is not drawn from the pool
-            chosen[row["method"]] = ids
-    names = list(chosen)
+    pool_ids = set(_column(pool, "corpus_id"))
+    chosen = {name: ids for name, path in files.items() if (ids := set(_column(path, "corpus_id"))) <= pool_ids}
+    names = list(chosen)  # the random corpus sample is left out above: it is not drawn from the pool
     return [
         {
             "subsets": f"{a} & {b}",
@@ -169,6 +160,17 @@ def overlap_rows(run_dir: Path, subsets: list[dict]) -> list[dict]:
         for i, a in enumerate(names)
         for b in names[i + 1 :]
     ]
+
+
+def subset_files(run_dir: Path, subsets: list[dict]) -> dict[str, Path]:
+    """The BM25 pool's file (named ``POOL``) and each method's selected subset file that the run folder holds."""
+    files = {POOL: run_dir / "retrieval" / "pool.parquet"}
+    files |= {row["method"]: run_dir / f"select-{row['method']}" / "subset.parquet" for row in subsets}
+    return {name: path for name, path in files.items() if path.exists()}
+
+
+def _column(parquet: Path, name: str) -> list:
+    return pq.read_table(parquet, columns=[name]).column(name).to_pylist()
 
 
 def _same_file(a: Path, b: Path) -> bool:
