@@ -7,11 +7,15 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
+
+from iss.runs import RunFolder, StageResult
 
 from .conftest import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import bench_evidence
+import carry
 
 
 def write_ids(path: Path, ids: range) -> None:
@@ -41,3 +45,39 @@ def test_overlap_counts_shared_pool_documents_against_chance(tmp_path: Path) -> 
 def test_overlap_is_empty_without_a_pool(tmp_path: Path) -> None:
     write_ids(tmp_path / "select-iss" / "subset.parquet", range(20))
     assert bench_evidence.overlap_rows(tmp_path, [{"method": "iss"}]) == []
+
+
+def finished_stage(run: RunFolder, name: str, summary: dict, files: dict[str, str] | None = None) -> StageResult:
+    with run.stage(name, f"fp-{name}", {}) as (folder, recorded):
+        recorded.update(summary)
+        for file, text in (files or {}).items():
+            (folder / file).write_text(text, encoding="utf-8")
+    result = run.finished(name, f"fp-{name}")
+    assert result is not None
+    run.update_manifest([result], {})
+    return result
+
+
+def test_carry_brings_results_to_a_fresh_folder_and_catches_a_changed_upstream(tmp_path: Path) -> None:
+    """Fine-tune and mechanism stages travel (models do not); a fresh folder reuses them by fingerprint, and a
+    recomputed upstream stage whose summary differs stops the check."""
+    first = RunFolder(tmp_path / "runs" / "evidence" / "further" / "chemprot")
+    finished_stage(first, "pretrain-iss-seed0", {"mlm": 2.5}, {"model.bin": "weights"})
+    finished_stage(first, "finetune-iss-seed0", {"test": 0.7}, {"scores.json": "{}"})
+    finished_stage(first, "mechanism-iss", {"test_f1": 0.1})
+    root = tmp_path / "carry"
+
+    assert sorted(carry.carry_out(first.root, root)) == ["finetune-iss-seed0", "mechanism-iss"]
+    assert carry.carry_dir(first.root, root) == root / "evidence" / "further" / "chemprot"
+
+    fresh = RunFolder(tmp_path / "elsewhere" / "runs" / "evidence" / "further" / "chemprot")
+    assert sorted(carry.carry_in(fresh.root, root)) == ["finetune-iss-seed0", "mechanism-iss"]
+    assert fresh.finished("finetune-iss-seed0", "fp-finetune-iss-seed0").summary["test"] == 0.7
+    assert fresh.finished("pretrain-iss-seed0", "fp-pretrain-iss-seed0") is None  # recomputed there
+
+    finished_stage(fresh, "pretrain-iss-seed0", {"mlm": 2.5, "seconds": 9.0})  # timing may differ
+    carry.check(fresh.root, root)
+    finished_stage(fresh, "pretrain-iss-seed0", {"mlm": 2.6})
+    assert carry.mismatches(fresh.root, root) == ["pretrain-iss-seed0"]
+    with pytest.raises(SystemExit, match="pretrain-iss-seed0"):
+        carry.carry_out(fresh.root, root)
