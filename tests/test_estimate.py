@@ -76,7 +76,7 @@ def test_cached_frozen_blocks_price_one_whole_model_pass_on_top_of_the_steps(tmp
         tmp_path / "run",
         tokenizer={"path": str(tmp_path / "tok")},
         finetune={"seeds": [0, 1], "trainable_blocks": 1},
-        evaluation={"methods": ["tlm"]},
+        evaluation={"methods": ["tlm"], "repeat_pretraining": False},
     )
     plain = estimate_run(Pipeline(config, False))
     cached = estimate_run(Pipeline(config.with_overrides({"finetune.cache_frozen_blocks": True}), False))
@@ -84,7 +84,15 @@ def test_cached_frozen_blocks_price_one_whole_model_pass_on_top_of_the_steps(tmp
     lengths = [encoded_lengths(tokenizer, task.texts(split), 48) for split in ("train", "dev", "test")]
     tokens = sum(int(split.sum()) for split in lengths)
     extra = cached.seconds["fine-tuning"] - plain.seconds["fine-tuning"]
-    assert extra == pytest.approx(2 * tokens * estimate.FORWARD_SHARE * 1e-6)  # two fine-tuning runs
+    assert extra == pytest.approx(tokens * estimate.FORWARD_SHARE * 1e-6)  # two seeds of one pretrained model
+    repeated = config.with_overrides({"finetune.cache_frozen_blocks": True, "evaluation.repeat_pretraining": True})
+    extra_repeated = estimate_run(Pipeline(repeated, False)).seconds["fine-tuning"] - plain.seconds["fine-tuning"]
+    assert extra_repeated == pytest.approx(2 * extra)  # a pretrained model per seed
+    with_none = config.with_overrides({"finetune.cache_frozen_blocks": True, "evaluation.methods": ["tlm", "none"]})
+    extra_none = estimate_run(Pipeline(with_none, False)).seconds["fine-tuning"] - cached.seconds["fine-tuning"]
+    plain_none = estimate_run(Pipeline(config.with_overrides({"evaluation.methods": ["tlm", "none"]}), False))
+    none_runs = plain_none.seconds["fine-tuning"] - plain.seconds["fine-tuning"]
+    assert extra_none - none_runs == pytest.approx(2 * tokens * estimate.FORWARD_SHARE * 1e-6)  # one per seed
 
 
 def test_the_fine_tuning_probe_times_the_cached_path_when_caching(tmp_path, tokenizer, monkeypatch):

@@ -277,6 +277,37 @@ def test_fine_tuning_on_cached_frozen_blocks_equals_the_plain_run_without_dropou
     assert any(not torch.equal(weights[1][name], value) for name, value in initial.items())  # it did train
 
 
+def test_seeds_of_one_pretrained_model_share_its_frozen_states(tokenizer, chemprot_texts, monkeypatch):
+    """A second seed given the first seed's states encodes nothing and fine-tunes exactly as if it had encoded."""
+    task = _task(chemprot_texts)
+    task.splits["test"] = task.splits["dev"]
+    config = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_length=48)
+    torch.manual_seed(0)
+    pretrained = TaskMLMModel.from_scratch(config, tokenizer, len(task.labels)).state_dict()
+    settings = FinetuneConfig(epochs=2, batch_size=8, learning_rate=1e-3, trainable_blocks=1, cache_frozen_blocks=True)
+    encoded = []
+    original = evaluation.FrozenBlockFeatures.encode
+    monkeypatch.setattr(evaluation.FrozenBlockFeatures, "encode", lambda *a: encoded.append(1) or original(*a))
+
+    def run(seed: int, states: dict | None) -> dict:
+        model = TaskMLMModel.from_scratch(config, tokenizer, len(task.labels))
+        model.load_state_dict(pretrained)
+        set_trainable(model, trainable_blocks=1)
+        return evaluation.finetune(
+            model, tokenizer, task, settings, "micro_f1", 48, seed, torch.device("cpu"), False, states
+        )
+
+    shared: dict = {}
+    run(0, shared)
+    assert len(encoded) == 3 and set(shared) == {"train", "dev", "test"}
+    reused = run(1, shared)
+    assert len(encoded) == 3
+    alone = run(1, None)
+    assert len(encoded) == 6
+    assert reused["epochs"] == alone["epochs"] and reused["test"] == alone["test"]
+    assert reused["task_loss"] == alone["task_loss"]
+
+
 def test_caching_frozen_blocks_needs_frozen_blocks_and_leaves_old_fingerprints_alone():
     with pytest.raises(ValueError, match="trainable_blocks"):
         FinetuneConfig(cache_frozen_blocks=True)

@@ -174,6 +174,8 @@ def estimate_run(pipeline: Pipeline) -> RunEstimate:
     seeds, budgets = len(config.finetune.seeds), max(1, len(config.evaluation.budgets))
     pretrain_runs = len(pretrained) * budgets * (seeds if config.evaluation.repeat_pretraining else 1)
     finetune_runs = (len(pretrained) * budgets + len(names) - len(pretrained)) * seeds
+    # cached frozen blocks are encoded once per pretrained model (its seeds share them), once per seed without one
+    encoded_models = pretrain_runs + (len(names) - len(pretrained)) * seeds
 
     warmup = config.warmup
     warmup_epoch = epoch_tokens(
@@ -217,5 +219,5 @@ def estimate_run(pipeline: Pipeline) -> RunEstimate:
     runs = {"influence": len(influence_runs), "pretraining": pretrain_runs, "fine-tuning": finetune_runs}
     priced = {kind: float(t) * per_token["task" if kind == "fine-tuning" else "joint"] for kind, t in seconds.items()}
     if finetune.cache_frozen_blocks:
-        priced["fine-tuning"] += finetune_runs * cache_pass * per_token["joint"]
+        priced["fine-tuning"] += encoded_models * cache_pass * per_token["joint"]
     return RunEstimate(priced, runs, per_token)

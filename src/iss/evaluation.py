@@ -38,9 +38,14 @@ def finetune(
     seed: int,
     device: torch.device,
     show_progress: bool = True,
+    frozen_states: dict[str, list[torch.Tensor]] | None = None,
 ) -> dict:
     """Fine-tune in place; dev is scored after every epoch, and test once, with the weights of the best dev epoch
-    (the first among equals), which the model keeps."""
+    (the first among equals), which the model keeps.
+
+    With ``cache_frozen_blocks``, ``frozen_states`` holds each split's states after the frozen blocks: splits it
+    lacks are encoded into it, so the seeds of one pretrained model encode the task once, not once per seed (the
+    caller keeps one dict per pretrained model)."""
     texts, labels = task.texts("train"), task.label_ids("train")
     batches = TrainingBatches(tokenizer, texts, config.batch_size, seed, config.length_buckets)
     model.to(device)
@@ -48,10 +53,10 @@ def finetune(
     best: dict = {}
     group = processes()
     frozen = FrozenBlockFeatures(model, config.trainable_blocks) if config.cache_frozen_blocks else None
-    states = {
-        split: frozen.encode(tokenizer, task.texts(split), max_length, device, config.eval_batch_size)
-        for split in (("train", "dev", "test") if frozen else ())
-    }
+    states = {} if frozen_states is None else frozen_states
+    for split in ("train", "dev", "test") if frozen else ():
+        if split not in states:
+            states[split] = frozen.encode(tokenizer, task.texts(split), max_length, device, config.eval_batch_size)
 
     def step_loss(step: int, micro: int) -> tuple[torch.Tensor, dict[str, float]]:
         everyone = batches(step)

@@ -59,6 +59,7 @@ class Pipeline:
         self.show_progress = show_progress and processes().is_main
         self.device = processes().device(pick_device(config.device))
         self.results: dict[str, StageResult] = {}
+        self.frozen_states: dict[str, dict] = {}  # one pretrained model's frozen-block states, shared by its seeds
         self.base_config = config  # what the manifest records: the run's own config, not a variant's
         if not self.show_progress:
             transformers.utils.logging.disable_progress_bar()
@@ -533,6 +534,7 @@ class Pipeline:
                 seed,
                 self.device,
                 self.show_progress,
+                self.states_of(upstream),
             )
             (folder / "scores.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
             summary.update({k: result[k] for k in ("seed", "metric", "best_epoch", "dev", "test")})
@@ -547,6 +549,15 @@ class Pipeline:
             "data": data.fingerprint,
         }
         return self.stage(name, parts, body, data_parallel=True)
+
+    def states_of(self, upstream: StageResult | None) -> dict | None:
+        """The frozen-block states cache of one pretrained model (kept for one model at a time: ~1 GB on
+        ChemProt); None for a fresh model, whose lower blocks differ by seed from scratch."""
+        if upstream is None:
+            return None
+        if upstream.fingerprint not in self.frozen_states:
+            self.frozen_states.clear()
+        return self.frozen_states.setdefault(upstream.fingerprint, {})
 
     def mechanism(self, pretrained: bool = True, repeat: int = 0) -> StageResult:
         """The mechanism check: continue the warmed-up model on the subset with MLM only for
