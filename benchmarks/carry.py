@@ -9,7 +9,7 @@ only small files (``stage.json``, ``scores.json``), and its fingerprint is made 
 upstream files, so a machine that recomputes the upstream stages (mlm-head, warm-up, influence, pretraining)
 reuses the carried results and runs only what is left. That is sound only if the recomputed upstream stages
 are the ones the carried results were made from: ``out`` also records every stage's summary, and ``check``
-fails if a recomputed stage's summary (losses, counts) differs from the recorded one.
+fails if a stage recomputed under the same fingerprint has a different summary (losses, counts).
 """
 
 from __future__ import annotations
@@ -40,12 +40,21 @@ def carried_stages(run_dir: Path) -> list[Path]:
 
 
 def stage_summaries(run_dir: Path) -> dict[str, dict]:
-    """Every stage's summary in the run's manifest, less its timing (which differs from machine to machine)."""
+    """Every stage's fingerprint and summary in the run's manifest, less its timing (which differs from machine to
+    machine)."""
     manifest = json.loads((run_dir / MANIFEST).read_text(encoding="utf-8"))
     return {
-        name: {key: value for key, value in stage.get("summary", {}).items() if key != "seconds"}
+        name: {
+            "fingerprint": stage["fingerprint"],
+            "summary": {key: value for key, value in stage.get("summary", {}).items() if key != "seconds"},
+        }
         for name, stage in manifest["stages"].items()
     }
+
+
+def _fingerprint(folder: Path) -> str | None:
+    record = folder / "stage.json"
+    return json.loads(record.read_text(encoding="utf-8"))["fingerprint"] if record.is_file() else None
 
 
 def carry_out(run_dir: Path, root: Path = CARRY) -> list[str]:
@@ -56,7 +65,8 @@ def carry_out(run_dir: Path, root: Path = CARRY) -> list[str]:
     target.mkdir(parents=True, exist_ok=True)
     copied = []
     for folder in carried_stages(run_dir):
-        if not (target / folder.name).exists():
+        if _fingerprint(target / folder.name) != _fingerprint(folder):  # new, or remade under a changed config
+            shutil.rmtree(target / folder.name, ignore_errors=True)
             shutil.copytree(folder, target / folder.name)
             copied.append(folder.name)
     recorded = recorded_summaries(target)
@@ -86,11 +96,16 @@ def recorded_summaries(target: Path) -> dict[str, dict]:
 
 
 def mismatches(run_dir: Path, root: Path = CARRY) -> list[str]:
-    """Stages whose summary in the run differs from the carried one: carried results built on them are not
-    results of this run's upstream stages."""
+    """Stages made with the same fingerprint as a carried one but with a different summary: the computation did not
+    repeat, so carried results built on them are not results of this run's upstream stages. (A stage remade under
+    a changed config has another fingerprint, and its carried results are not reused anyway.)"""
     recorded = recorded_summaries(carry_dir(run_dir, root))
     current = stage_summaries(run_dir)
-    return sorted(name for name in recorded.keys() & current.keys() if recorded[name] != current[name])
+    return sorted(
+        name
+        for name in recorded.keys() & current.keys()
+        if recorded[name]["fingerprint"] == current[name]["fingerprint"] and recorded[name] != current[name]
+    )
 
 
 def check(run_dir: Path, root: Path = CARRY) -> None:

@@ -47,12 +47,14 @@ def test_overlap_is_empty_without_a_pool(tmp_path: Path) -> None:
     assert bench_evidence.overlap_rows(tmp_path, [{"method": "iss"}]) == []
 
 
-def finished_stage(run: RunFolder, name: str, summary: dict, files: dict[str, str] | None = None) -> StageResult:
-    with run.stage(name, f"fp-{name}", {}) as (folder, recorded):
+def finished_stage(
+    run: RunFolder, name: str, summary: dict, files: dict[str, str] | None = None, config: str = ""
+) -> StageResult:
+    with run.stage(name, f"fp-{name}{config}", {}) as (folder, recorded):
         recorded.update(summary)
         for file, text in (files or {}).items():
             (folder / file).write_text(text, encoding="utf-8")
-    result = run.finished(name, f"fp-{name}")
+    result = run.finished(name, f"fp-{name}{config}")
     assert result is not None
     run.update_manifest([result], {})
     return result
@@ -81,3 +83,21 @@ def test_carry_brings_results_to_a_fresh_folder_and_catches_a_changed_upstream(t
     assert carry.mismatches(fresh.root, root) == ["pretrain-iss-seed0"]
     with pytest.raises(SystemExit, match="pretrain-iss-seed0"):
         carry.carry_out(fresh.root, root)
+
+
+def test_carry_replaces_a_result_remade_under_a_changed_config(tmp_path: Path) -> None:
+    """A changed config (here bf16) remakes stages under new fingerprints: their new results replace the carried
+    ones, and differing summaries under different fingerprints are not a mismatch."""
+    run = RunFolder(tmp_path / "runs" / "chemprot")
+    finished_stage(run, "warmup", {"task": 1.5})
+    finished_stage(run, "finetune-none-seed0", {"test": 0.74})
+    root = tmp_path / "carry"
+    carry.carry_out(run.root, root)
+
+    finished_stage(run, "warmup", {"task": 1.4}, config="-bf16")
+    finished_stage(run, "finetune-none-seed0", {"test": 0.75}, config="-bf16")
+    assert carry.mismatches(run.root, root) == []
+    assert carry.carry_out(run.root, root) == ["finetune-none-seed0"]
+    fresh = tmp_path / "fresh" / "runs" / "chemprot"
+    carry.carry_in(fresh, root)
+    assert RunFolder(fresh).finished("finetune-none-seed0", "fp-finetune-none-seed0-bf16").summary["test"] == 0.75
