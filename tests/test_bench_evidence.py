@@ -85,6 +85,34 @@ def test_carry_brings_results_to_a_fresh_folder_and_catches_a_changed_upstream(t
         carry.carry_out(fresh.root, root)
 
 
+def test_carry_check_takes_float_noise_but_not_another_count(tmp_path: Path) -> None:
+    """The same computation on another CPU repeats its counts exactly and its losses only to float noise: a loss
+    off in the fifth digit passes, a loss off in the third or one document more stops the check."""
+    carried = {"mlm": 7.4, "docs": 1000, "curve": [{"step": 5, "mlm": 10.5125}], "method": "iss", "met": True}
+    first = RunFolder(tmp_path / "runs" / "chemprot")
+    finished_stage(first, "warmup", carried)
+    root = tmp_path / "carry"
+    carry.carry_out(first.root, root)
+    fresh = RunFolder(tmp_path / "fresh" / "runs" / "chemprot")
+
+    finished_stage(fresh, "warmup", carried | {"mlm": 7.3999, "curve": [{"step": 5, "mlm": 10.5126}]})
+    assert carry.deviations(fresh.root, root)["warmup"] == pytest.approx(1e-4 / 7.4)  # the largest of the two
+    carry.check(fresh.root, root)
+    changed = [
+        {"mlm": 7.39},  # 0.14 %: beyond float noise
+        {"docs": 1001},
+        {"curve": [{"step": 6, "mlm": 10.5125}]},
+        {"curve": []},
+        {"method": "tlm"},
+        {"met": False},
+    ]
+    for change in changed:
+        finished_stage(fresh, "warmup", carried | change)
+        assert carry.mismatches(fresh.root, root) == ["warmup"], change
+    finished_stage(fresh, "warmup", {key: value for key, value in carried.items() if key != "met"})
+    assert carry.mismatches(fresh.root, root) == ["warmup"]
+
+
 def test_carry_replaces_a_result_remade_under_a_changed_config(tmp_path: Path) -> None:
     """A changed config (here bf16) remakes stages under new fingerprints: their new results replace the carried
     ones, and differing summaries under different fingerprints are not a mismatch."""
