@@ -3,15 +3,18 @@
 Usage: python benchmarks/carry.py out RUN_DIR   (copy finished results into benchmarks/results/carry/, commit it)
        python benchmarks/carry.py in RUN_DIR    (bring them back before the run resumes)
        python benchmarks/carry.py check RUN_DIR (recomputed stages must match the carried summaries)
+       python benchmarks/carry.py drop RUN_DIR  (forget the carried results a mismatch makes stale: the run
+                                                 computes them again)
 
 A run folder (``runs/``) is not committed: its models are too large. A fine-tune or mechanism-check stage leaves
 only small files (``stage.json``, ``scores.json``), and its fingerprint is made from the config, not from its
 upstream files, so a machine that recomputes the upstream stages (mlm-head, warm-up, influence, pretraining)
 reuses the carried results and runs only what is left. That is sound only if the recomputed upstream stages
 are the ones the carried results were made from: ``out`` also records every stage's summary, and ``check``
-fails if a stage recomputed under the same fingerprint has a different summary: counts (documents, tokens,
-steps), names and flags must repeat exactly, measured floats (losses, F1) to within ``FLOAT_TOLERANCE``, since
-the same computation on another CPU (other BLAS and bf16 kernels) agrees to about 1e-5, not bit for bit.
+fails if a carried result was built on a stage recomputed under the same fingerprint with a different summary:
+counts (documents, tokens, steps), names and flags must repeat exactly, measured floats (losses, F1) to within
+``FLOAT_TOLERANCE``, since the same computation on another CPU (other BLAS and bf16 kernels) agrees to about
+1e-5, not bit for bit. What a result was built on is read from the fingerprints its ``stage.json`` names.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -28,6 +32,7 @@ CARRIED = ("finetune-", "mechanism-")  # stages whose files are results (a few K
 SUMMARIES = "summaries.json"
 MANIFEST = "manifest.json"
 FLOAT_TOLERANCE = 1e-3  # relative, and absolute below 1 (F1, accuracy): float noise, not another computation
+FINGERPRINT = re.compile(r"[0-9a-f]{16}")  # how a stage's recorded config names the stages it was computed from
 
 
 def carry_dir(run_dir: Path, root: Path = CARRY) -> Path:
@@ -57,20 +62,20 @@ def stage_summaries(run_dir: Path) -> dict[str, dict]:
     }
 
 
-def _fingerprint(folder: Path) -> str | None:
-    record = folder / "stage.json"
-    return json.loads(record.read_text(encoding="utf-8"))["fingerprint"] if record.is_file() else None
+def _record(folder: Path) -> dict | None:
+    path = folder / "stage.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 def carry_out(run_dir: Path, root: Path = CARRY) -> list[str]:
     """Copy the run's result stages and every stage's summary into the carry folder; the names copied. Refuses
-    while a recomputed stage differs from its carried summary (see :func:`mismatches`)."""
+    while a carried result is stale (see :func:`stale_results`)."""
     check(run_dir, root)
     target = carry_dir(run_dir, root)
     target.mkdir(parents=True, exist_ok=True)
     copied = []
     for folder in carried_stages(run_dir):
-        if _fingerprint(target / folder.name) != _fingerprint(folder):  # new, or remade under a changed config
+        if _record(target / folder.name) != _record(folder):  # new, or made again here
             shutil.rmtree(target / folder.name, ignore_errors=True)
             shutil.copytree(folder, target / folder.name)
             copied.append(folder.name)
@@ -130,27 +135,86 @@ def deviations(run_dir: Path, root: Path = CARRY) -> dict[str, float]:
     }
 
 
+def _fingerprints_in(value: Any) -> set[str]:
+    if isinstance(value, dict):
+        return set().union(*map(_fingerprints_in, value.values()))
+    if isinstance(value, list):
+        return set().union(*map(_fingerprints_in, value))
+    return {value} if isinstance(value, str) and FINGERPRINT.fullmatch(value) else set()
+
+
+def built_on(run_dir: Path, name: str) -> set[str] | None:
+    """Every stage of the run folder that stage ``name`` was computed from, followed through the fingerprints each
+    ``stage.json`` names; None while one of them is not in the folder (not recomputed yet: it may be any)."""
+    records = {folder.name: record for folder in run_dir.iterdir() if (record := _record(folder)) is not None}
+    by_fingerprint = {record["fingerprint"]: stage for stage, record in records.items()}
+    found: set[str] = set()
+    todo = [name]
+    while todo:
+        for upstream_fingerprint in _fingerprints_in(records[todo.pop()].get("config", {})):
+            upstream = by_fingerprint.get(upstream_fingerprint)
+            if upstream is None:
+                return None
+            if upstream not in found:
+                found.add(upstream)
+                todo.append(upstream)
+    return found
+
+
+def stale_results(run_dir: Path, root: Path = CARRY) -> dict[str, list[str]]:
+    """Carried results in the run folder built on a recomputed stage beyond float noise of its carried summary,
+    each with those stages: the computation did not repeat, so they are not results of this run's upstream
+    stages. A result whose upstream is not all recomputed yet counts as built on every such stage."""
+    off = sorted(name for name, distance in deviations(run_dir, root).items() if distance > FLOAT_TOLERANCE)
+    if not off:
+        return {}
+    source = carry_dir(run_dir, root)
+    stale = {}
+    for folder in carried_stages(run_dir):
+        if _record(folder) != _record(source / folder.name):  # made here, not carried
+            continue
+        upstream = built_on(run_dir, folder.name)
+        if on := [name for name in off if upstream is None or name in upstream]:
+            stale[folder.name] = on
+    return stale
+
+
 def mismatches(run_dir: Path, root: Path = CARRY) -> list[str]:
-    """Recomputed stages whose summaries are beyond float noise of the carried ones: the computation did not
-    repeat, so carried results built on them are not results of this run's upstream stages."""
-    return [name for name, off in deviations(run_dir, root).items() if off > FLOAT_TOLERANCE]
+    """Recomputed stages that differ from their carried summaries and that a carried result was built on."""
+    return sorted({name for names in stale_results(run_dir, root).values() for name in names})
 
 
 def check(run_dir: Path, root: Path = CARRY) -> None:
-    """Stop if a recomputed stage differs from its carried summary."""
-    if differ := mismatches(run_dir, root):
-        raise SystemExit(f"recomputed stages differ from the carried summaries: {', '.join(differ)}")
+    """Stop if a carried result was built on a stage that did not repeat here."""
+    if stale := stale_results(run_dir, root):
+        raise SystemExit(
+            f"recomputed stages differ from the carried summaries: {', '.join(mismatches(run_dir, root))}; "
+            f"carried results built on them: {', '.join(stale)} "
+            f"(`python benchmarks/carry.py drop {run_dir}` forgets them, and the run computes them again)"
+        )
+
+
+def drop(run_dir: Path, root: Path = CARRY) -> list[str]:
+    """Remove the stale carried results (:func:`stale_results`) from the run folder and the carry folder, so the
+    run computes them again on this machine's upstream stages; the names removed."""
+    stale = list(stale_results(run_dir, root))
+    for name in stale:
+        shutil.rmtree(run_dir / name)
+        shutil.rmtree(carry_dir(run_dir, root) / name, ignore_errors=True)
+    return stale
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("action", choices=["out", "in", "check"])
+    parser.add_argument("action", choices=["out", "in", "check", "drop"])
     parser.add_argument("run_dir", type=Path)
     args = parser.parse_args()
     if args.action == "out":
         print(f"carried out: {len(carry_out(args.run_dir))} new stages -> {carry_dir(args.run_dir)}")
     elif args.action == "in":
         print(f"carried in: {len(carry_in(args.run_dir))} stages")
+    elif args.action == "drop":
+        print(f"dropped: {', '.join(drop(args.run_dir)) or 'nothing'}")
     else:
         check(args.run_dir)
         largest = max(deviations(args.run_dir).values(), default=0.0)
