@@ -9,12 +9,16 @@ Usage: python benchmarks/carry.py out RUN_DIR   (copy finished results into benc
 A run folder (``runs/``) is not committed: its models are too large. A fine-tune or mechanism-check stage leaves
 only small files (``stage.json``, ``scores.json``), and its fingerprint is made from the config, not from its
 upstream files, so a machine that recomputes the upstream stages (mlm-head, warm-up, influence, pretraining)
-reuses the carried results and runs only what is left. That is sound only if the recomputed upstream stages
-are the ones the carried results were made from: ``out`` also records every stage's summary, and ``check``
-fails if a carried result was built on a stage recomputed under the same fingerprint with a different summary:
-counts (documents, tokens, steps), names and flags must repeat exactly, measured floats (losses, F1) to within
-``FLOAT_TOLERANCE``, since the same computation on another CPU (other BLAS and bf16 kernels) agrees to about
-1e-5, not bit for bit. What a result was built on is read from the fingerprints its ``stage.json`` names.
+reuses the carried results and runs only what is left. Selections travel too (about 1 MB each: the subset's
+ids and text): ISS's top documents hang on the warm-up's last digits (a warm-up repeated on another CPU swapped
+a few of ChemProt's 1,000), so a carried selection pins the subset its carried fine-tunes were pretrained on.
+
+That is sound only if the recomputed upstream stages are the ones the carried results were made from: ``out``
+also records every stage's summary, and ``check`` fails if a carried result was built on a stage recomputed
+under the same fingerprint with a different summary: counts (documents, tokens, steps), names and flags must
+repeat exactly, measured floats (losses, F1) to within ``FLOAT_TOLERANCE``, since the same computation on
+another CPU (other BLAS and bf16 kernels) agrees to about 1e-5, not bit for bit. What a result was built on is
+read from the fingerprints its ``stage.json`` names.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 CARRY = Path(__file__).resolve().parent / "results" / "carry"
-CARRIED = ("finetune-", "mechanism-")  # stages whose files are results (a few KiB), not models
+CARRIED = ("select-", "finetune-", "mechanism-")  # stages whose files are results (KiB to 1 MB), not models
 SUMMARIES = "summaries.json"
 MANIFEST = "manifest.json"
 FLOAT_TOLERANCE = 1e-3  # relative, and absolute below 1 (F1, accuracy): float noise, not another computation

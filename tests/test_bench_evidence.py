@@ -78,16 +78,20 @@ def test_carry_brings_results_to_a_fresh_folder_and_drops_those_built_on_a_chang
     recomputed upstream stage whose summary differs stops the check for the results built on it, which ``drop``
     forgets (here and in the carry folder) so that the run makes them again, and the others stay."""
     first = RunFolder(tmp_path / "runs" / "evidence" / "further" / "chemprot")
+    finished_stage(first, "select-iss", {"docs": 2}, {"ids.npy": "3 7"})
     pretrain = finished_stage(first, "pretrain-iss-seed0", {"mlm": 2.5}, {"model.bin": "weights"})
     finished_stage(first, "finetune-iss-seed0", {"test": 0.7}, {"scores.json": "{}"}, built_on=(pretrain,))
     finished_stage(first, "mechanism-iss", {"test_f1": 0.1})
     root = tmp_path / "carry"
 
-    assert sorted(carry.carry_out(first.root, root)) == ["finetune-iss-seed0", "mechanism-iss"]
+    carried = ["finetune-iss-seed0", "mechanism-iss", "select-iss"]
+    assert sorted(carry.carry_out(first.root, root)) == carried
     assert carry.carry_dir(first.root, root) == root / "evidence" / "further" / "chemprot"
+    assert not (carry.carry_dir(first.root, root) / "pretrain-iss-seed0").exists()  # models stay behind
 
     fresh = RunFolder(tmp_path / "elsewhere" / "runs" / "evidence" / "further" / "chemprot")
-    assert sorted(carry.carry_in(fresh.root, root)) == ["finetune-iss-seed0", "mechanism-iss"]
+    assert sorted(carry.carry_in(fresh.root, root)) == carried
+    assert (fresh.root / "select-iss" / "ids.npy").read_text(encoding="utf-8") == "3 7"
     assert fresh.finished("finetune-iss-seed0", fingerprint("finetune-iss-seed0")).summary["test"] == 0.7
     assert fresh.finished("pretrain-iss-seed0", fingerprint("pretrain-iss-seed0")) is None  # recomputed there
 
