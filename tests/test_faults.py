@@ -3,6 +3,7 @@ uninterrupted run ends (same hits, same top-k lists, same weights)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -75,3 +76,9 @@ def test_kill_during_retrieval_influence_and_pretraining_then_resume(config_file
     expected, resumed = load_file(str(reference / weights)), load_file(str(killed / weights))
     assert expected.keys() == resumed.keys()
     assert all((expected[name] == resumed[name]).all() for name in expected)
+    curves = [
+        json.loads((run / "pretrain-iss-seed0" / "stage.json").read_text())["summary"]["curve"]
+        for run in (reference, killed)
+    ]
+    assert curves[1] == curves[0]  # the whole curve, not only the steps after the resume
+    assert curves[0][0]["step"] == 2 and curves[0][-1]["step"] == 40

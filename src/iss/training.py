@@ -52,6 +52,7 @@ class LoopSettings:
     accumulation: int = 1
     save_every: int = 0  # steps between checkpoints; 0 = none
     description: str = "train"
+    curve_every: int = 0  # steps between points of the smoothed loss curve (and the last step); 0 = no curve
 
 
 def train_loop(
@@ -62,13 +63,13 @@ def train_loop(
     checkpoint_dir: Path | None = None,
     show_progress: bool = True,
     after_step: Callable[[int], None] | None = None,
-    on_losses: Callable[[int, dict[str, float]], None] | None = None,
-) -> dict[str, float]:
+) -> dict:
     """AdamW with linear warm-up/decay over ``step_loss(step, micro)``; returns smoothed final losses.
 
     With ``checkpoint_dir`` the state is saved every ``save_every`` steps and loaded on start if present.
     ``after_step(step)`` runs after each optimizer step (evaluation); the model is back in train mode after it.
-    ``on_losses(step, smoothed losses)`` sees the loss curve. Frozen parameters (``requires_grad`` off) are left out.
+    With ``settings.curve_every`` the summary holds the smoothed loss curve, kept in the checkpoint so that a
+    resumed run reports the whole curve. Frozen parameters (``requires_grad`` off) are left out.
     Under several processes (:mod:`iss.parallel`) ``step_loss`` returns this process's share of the loss; the
     gradients and logged parts are summed across processes, and only the main process writes checkpoints.
     """
@@ -85,10 +86,10 @@ def train_loop(
     )
     total = settings.total_steps
     scheduler = get_linear_schedule_with_warmup(optimizer, int(settings.optimizer.warmup_ratio * total), total)
-    step, running = 0, {}
+    step, running, curve = 0, {}, []
     resume = _checkpoint_to_resume(checkpoint_dir) if checkpoint_dir is not None else None
     if resume is not None:
-        step, running = _load_checkpoint(resume, model, optimizer, scheduler)
+        step, running, curve = _load_checkpoint(resume, model, optimizer, scheduler)
     bar = tqdm(total=total, initial=step, desc=settings.description, disable=not show_progress, unit="step")
     while step < total:
         optimizer.zero_grad(set_to_none=True)
@@ -105,20 +106,23 @@ def train_loop(
         step += 1
         bar.set_postfix({name: f"{value:.3f}" for name, value in running.items()})
         bar.update()
-        if on_losses is not None:
-            on_losses(step, running)
+        if settings.curve_every and (step % settings.curve_every == 0 or step == total):
+            curve.append({"step": step, **{name: round(value, 4) for name, value in running.items()}})
         if after_step is not None:
             after_step(step)
             model.train()
         due = settings.save_every and (step % settings.save_every == 0 or step == total)
         if checkpoint_dir is not None and due and group.is_main:
-            _save_checkpoint(checkpoint_dir, model, optimizer, scheduler, step, running)
+            _save_checkpoint(checkpoint_dir, model, optimizer, scheduler, step, running, curve)
     bar.close()
     model.eval()
-    return {"steps": total, **{name: round(value, 4) for name, value in running.items()}}
+    summary: dict = {"steps": total, **{name: round(value, 4) for name, value in running.items()}}
+    return summary | ({"curve": curve} if settings.curve_every else {})
 
 
-def _save_checkpoint(folder: Path, model, optimizer, scheduler, step: int, running: dict[str, float]) -> None:
+def _save_checkpoint(
+    folder: Path, model, optimizer, scheduler, step: int, running: dict[str, float], curve: list[dict]
+) -> None:
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -130,6 +134,7 @@ def _save_checkpoint(folder: Path, model, optimizer, scheduler, step: int, runni
         "scheduler": scheduler.state_dict(),
         "step": step,
         "running": running,
+        "curve": curve,
         "torch_rng": torch.get_rng_state(),
     }
     torch.save(state, tmp / "state.pt")
@@ -148,14 +153,14 @@ def _checkpoint_to_resume(folder: Path) -> Path | None:
     return None
 
 
-def _load_checkpoint(folder: Path, model, optimizer, scheduler) -> tuple[int, dict[str, float]]:
+def _load_checkpoint(folder: Path, model, optimizer, scheduler) -> tuple[int, dict[str, float], list[dict]]:
     model.load_state_dict(load_file(str(folder / "model.safetensors")))
     state = torch.load(folder / "state.pt", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     log.info("%s: resuming at step %d", folder.parent.name, int(state["step"]))
-    return int(state["step"]), dict(state["running"])
+    return int(state["step"]), dict(state["running"]), list(state.get("curve", []))
 
 
 def _smooth(previous: float, value: float, weight: float = 0.9) -> float:
@@ -313,15 +318,9 @@ def pretrain(
         loss = (config.rho2 * mlm_loss + task_loss) / (config.rho2 + 1)
         return loss, {"task_mlm": mlm_loss.item(), "task": task_loss.item()}
 
-    curve: list[dict[str, float]] = []
     every = max(1, config.steps // 20)
-
-    def record(step: int, running: dict[str, float]) -> None:
-        if step % every == 0 or step == config.steps:
-            curve.append({"step": step, **{name: round(value, 4) for name, value in running.items()}})
-
-    settings = LoopSettings(config, config.steps, config.accumulation, config.save_every, "pretrain")
-    summary = train_loop(model, settings, step_loss, seed, checkpoint_dir, show_progress, on_losses=record)
+    settings = LoopSettings(config, config.steps, config.accumulation, config.save_every, "pretrain", every)
+    summary = train_loop(model, settings, step_loss, seed, checkpoint_dir, show_progress)
     summary["task_micro_batches"] = int(is_task.sum())
     summary["subset_micro_batches"] = int((~is_task).sum())
     summary["tokens"] = micro_batches * config.batch_size * max_length  # as the paper counts them, for FLOPs
@@ -332,7 +331,6 @@ def pretrain(
     # non-padding tokens trained on: what equal-compute comparisons count
     if packed is not None:
         summary["packed_rows"] = len(packed)
-    summary["curve"] = curve
     return summary
 
 
