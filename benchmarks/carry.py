@@ -221,8 +221,11 @@ def main() -> None:
         print(f"dropped: {', '.join(drop(args.run_dir)) or 'nothing'}")
     else:
         check(args.run_dir)
-        largest = max(deviations(args.run_dir).values(), default=0.0)
-        print(f"carried summaries match the run's (largest float difference {largest:.1e})")
+        distances = deviations(args.run_dir)
+        noise = max((d for d in distances.values() if d <= FLOAT_TOLERANCE), default=0.0)
+        remade = [name for name, d in distances.items() if d > FLOAT_TOLERANCE]
+        print(f"no carried result is stale; recomputed stages repeat to {noise:.1e}", end="")
+        print(f"; made otherwise here, with no carried result built on them: {', '.join(remade)}" if remade else "")
 
 
 if __name__ == "__main__":
