@@ -276,12 +276,45 @@ def mechanism_variant(setting: str, task: str, runs_root: Path, label: str, over
     }
 
 
+SUMMARY = {  # comparison in an entry's differences -> column of the summary table
+    "tlm - random-corpus": "positive control: TLM - random corpus",
+    "iss - tlm": "ISS - TLM",
+    "iss - random": "ISS - random (pool)",
+    "iss - iss-bottom": "negative control: ISS - bottom",
+    "iss-cosine - iss": "cosine - dot ISS",
+}
+SETTING_TITLES = {"further": "further pretraining of all-MiniLM-L6-v2", "scratch": "from scratch (TLM objective)"}
+
+
+def summary_rows(entries: list[dict]) -> list[dict]:
+    """One row per entry with its controls' and ISS's paired differences, mean [95% CI] and the verdict where the
+    interval excludes zero: every regime's answer at a glance, before the sections that back it."""
+    rows = []
+    for entry in sorted(entries, key=lambda e: (e["setting"], e["task"], e.get("variant") or "")):
+        found = {row["comparison"]: row for row in entry.get("differences", [])}
+        row = {"task": entry["task"], "setting": entry["setting"], "variant": entry.get("variant") or ""}
+        for comparison, column in SUMMARY.items():
+            if (cell := found.get(comparison)) is not None:
+                verdict = "" if cell["verdict"] == "tie" else f" {cell['verdict']}"
+                row[column] = f"{cell['mean']:+.2f} [{cell['ci95_low']:.2f}, {cell['ci95_high']:.2f}]{verdict}"
+            else:
+                row[column] = ""
+        best = entry.get("best_epochs")
+        row["runs at the last epoch"] = f"{best['at_last_epoch']} of {best['runs']}" if best else ""
+        rows.append(row)
+    return rows
+
+
 def render(entries: list[dict]) -> str:
-    """The evidence tables, one section per (setting, task)."""
+    """The evidence tables: a summary row per entry, then one section per (setting, task)."""
     parts = ["# Evidence: ISS vs BM25 vs random, with controls\n"]
+    if entries:
+        parts.append(
+            "\n## Summary: paired differences of test F1 (x100), mean [95% bootstrap CI], a verdict where the CI "
+            f"excludes 0\n\n{markdown_rows(summary_rows(entries))}"
+        )
     for entry in entries:
-        title = {"further": "further pretraining of all-MiniLM-L6-v2", "scratch": "from scratch (TLM objective)"}
-        heading = f"{entry['task']} — {title.get(entry['setting'], entry['setting'])}"
+        heading = f"{entry['task']} — {SETTING_TITLES.get(entry['setting'], entry['setting'])}"
         command = f"iss run {entry['config']}"
         if entry.get("variant"):
             heading += f", {entry['variant']}"

@@ -48,6 +48,41 @@ def test_overlap_is_empty_without_a_pool(tmp_path: Path) -> None:
     assert bench_evidence.overlap_rows(tmp_path, [{"method": "iss"}]) == []
 
 
+def test_summary_puts_every_entrys_controls_and_iss_verdicts_in_one_row(tmp_path: Path) -> None:
+    """A row per entry, base run before its variants; a cell is the mean with its CI and a verdict only where the
+    CI excludes zero; a comparison an entry lacks (a control-only variant) stays blank."""
+
+    def difference(comparison: str, mean: float, low: float, high: float, verdict: str) -> dict:
+        return {"comparison": comparison, "mean": mean, "ci95_low": low, "ci95_high": high, "verdict": verdict}
+
+    base = {
+        "setting": "scratch",
+        "task": "acl_arc",
+        "differences": [
+            difference("tlm - random-corpus", -3.96, -4.68, -2.95, "worse"),
+            difference("iss - tlm", 4.34, 1.07, 6.56, "better"),
+            difference("iss - random", 0.5, -1.0, 2.0, "tie"),
+        ],
+        "best_epochs": {"at_last_epoch": 6, "runs": 35},
+    }
+    variant = {
+        "setting": "scratch",
+        "task": "acl_arc",
+        "variant": "budget 4000 docs",
+        "differences": [difference("tlm - random-corpus", -6.65, -7.71, -5.37, "worse")],
+    }
+
+    rows = bench_evidence.summary_rows([variant, base])
+
+    assert [row["variant"] for row in rows] == ["", "budget 4000 docs"]
+    assert rows[0]["positive control: TLM - random corpus"] == "-3.96 [-4.68, -2.95] worse"
+    assert rows[0]["ISS - TLM"] == "+4.34 [1.07, 6.56] better"
+    assert rows[0]["ISS - random (pool)"] == "+0.50 [-1.00, 2.00]"
+    assert rows[0]["negative control: ISS - bottom"] == ""
+    assert rows[0]["runs at the last epoch"] == "6 of 35"
+    assert rows[1]["ISS - TLM"] == rows[1]["runs at the last epoch"] == ""
+
+
 def fingerprint(name: str, config: str = "") -> str:
     """A stage's fingerprint: the same on every machine for the same name and config, 16 hex digits as iss's."""
     return hashlib.sha256(f"{name}{config}".encode()).hexdigest()[:16]
