@@ -147,10 +147,16 @@ def _fingerprints_in(value: Any) -> set[str]:
     return {value} if isinstance(value, str) and FINGERPRINT.fullmatch(value) else set()
 
 
-def built_on(run_dir: Path, name: str) -> set[str] | None:
+def _records(run_dir: Path) -> dict[str, dict]:
+    """Every finished stage's ``stage.json`` in the run folder, by stage name."""
+    return {folder.name: record for folder in run_dir.iterdir() if (record := _record(folder)) is not None}
+
+
+def built_on(run_dir: Path, name: str, records: dict[str, dict] | None = None) -> set[str] | None:
     """Every stage of the run folder that stage ``name`` was computed from, followed through the fingerprints each
-    ``stage.json`` names; None while one of them is not in the folder (not recomputed yet: it may be any)."""
-    records = {folder.name: record for folder in run_dir.iterdir() if (record := _record(folder)) is not None}
+    ``stage.json`` names; None while one of them is not in the folder (not recomputed yet: it may be any).
+    ``records`` (:func:`_records`) saves reading the folder again when asking for many stages."""
+    records = _records(run_dir) if records is None else records
     by_fingerprint = {record["fingerprint"]: stage for stage, record in records.items()}
     found: set[str] = set()
     todo = [name]
@@ -173,26 +179,31 @@ def stale_results(run_dir: Path, root: Path = CARRY) -> dict[str, list[str]]:
     if not off:
         return {}
     source = carry_dir(run_dir, root)
+    records = _records(run_dir)
     stale = {}
     for folder in carried_stages(run_dir):
-        if _record(folder) != _record(source / folder.name):  # made here, not carried
+        if records[folder.name] != _record(source / folder.name):  # made here, not carried
             continue
-        upstream = built_on(run_dir, folder.name)
+        upstream = built_on(run_dir, folder.name, records)
         if on := [name for name in off if upstream is None or name in upstream]:
             stale[folder.name] = on
     return stale
 
 
+def _stale_upstream(stale: dict[str, list[str]]) -> list[str]:
+    return sorted({name for names in stale.values() for name in names})
+
+
 def mismatches(run_dir: Path, root: Path = CARRY) -> list[str]:
     """Recomputed stages that differ from their carried summaries and that a carried result was built on."""
-    return sorted({name for names in stale_results(run_dir, root).values() for name in names})
+    return _stale_upstream(stale_results(run_dir, root))
 
 
 def check(run_dir: Path, root: Path = CARRY) -> None:
     """Stop if a carried result was built on a stage that did not repeat here."""
     if stale := stale_results(run_dir, root):
         raise SystemExit(
-            f"recomputed stages differ from the carried summaries: {', '.join(mismatches(run_dir, root))}; "
+            f"recomputed stages differ from the carried summaries: {', '.join(_stale_upstream(stale))}; "
             f"carried results built on them: {', '.join(stale)} "
             f"(`python benchmarks/carry.py drop {run_dir}` forgets them, and the run computes them again)"
         )
