@@ -31,12 +31,29 @@ from measure import run_measured
 from iss.config import IssConfig, load_config
 from iss.model import load_tokenizer
 from iss.pipeline import Pipeline
-from iss.report import markdown, markdown_rows, mechanism_sections, precise_losses, results_table
+from iss.report import (
+    differences_rows,
+    markdown,
+    markdown_rows,
+    mechanism_sections,
+    precise_losses,
+    results_table,
+)
 from iss.training import unigram_entropy
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-SETTINGS = {"further": CONFIGS / "further", "scratch": CONFIGS / "scratch"}
+SETTINGS = {"further": CONFIGS / "further", "scratch": CONFIGS / "scratch", "gate": CONFIGS / "gate"}
+GATE_MARGIN = 1.0  # a regime passes when TLM - random corpus has its 95 % t-interval above this many F1 points
+INTERVALS = (
+    "95 % Student t-interval (scipy) over pretraining seeds, each the mean of its fine-tuning seeds; paired by seed "
+    "id; std with ddof = 1"
+)
+SUPERSEDED = (
+    "superseded (issue 28): ISS scored units of B_p = 4 random pool documents, one pretraining per method, and the "
+    "intervals were a percentile bootstrap over 5 fine-tuning seeds; `differences` are now t-intervals over those "
+    "fine-tuning seeds (pretraining noise is not in them), the bootstrap ones kept as `differences_bootstrap`"
+)
 POOL = "pool (BM25)"  # the BM25 candidate pool's name in the sources and overlap tables
 
 
@@ -86,12 +103,45 @@ def run_one(
         }
     return {
         **entry,
+        **design(results["runs"], results["differences"]),
         "pretraining": pretraining_rows(run_dir, manifest),
         "sources": source_rows(run_dir, results.get("subsets", [])),
         "overlap": overlap_rows(run_dir, results.get("subsets", [])),
         "best_epochs": best_epochs(manifest, [n for n in manifest["stages"] if n.startswith("finetune-")]),
         **mlm_head(manifest),
         **results,
+    }
+
+
+def design(runs: list[dict], differences: list[dict]) -> dict:
+    """How an entry's intervals were made (its seeds, the interval method) and whether its positive control passed:
+    TLM - random corpus with the whole 95 % interval above ``GATE_MARGIN``. No comparison is read without it."""
+    control = next((row for row in differences if row["comparison"] == "tlm - random-corpus"), None)
+    return {
+        "seeds": {
+            "pretraining": sorted({run["pretrain_seed"] for run in runs if run.get("pretrain_seed") is not None}),
+            "finetuning": sorted({run["seed"] for run in runs}),
+        },
+        "intervals": INTERVALS,
+        "positive_control": {
+            "comparison": "tlm - random-corpus",
+            "margin": GATE_MARGIN,
+            "passed": bool(control and control["ci95_low"] > GATE_MARGIN),
+        },
+    }
+
+
+def supersede(entry: dict) -> dict:
+    """An entry of the protocols before issue 28, marked as such, its differences made again as t-intervals from
+    its own per-seed rows (the bootstrap ones kept beside them)."""
+    if "superseded" in entry:
+        return entry
+    return {
+        **entry,
+        "superseded": SUPERSEDED,
+        "differences_bootstrap": entry["differences"],
+        "differences": differences_rows(entry["runs"]),
+        "intervals": "95 % Student t-interval (scipy) over fine-tuning seeds (one pretraining per method)",
     }
 
 
@@ -283,7 +333,11 @@ SUMMARY = {  # comparison in an entry's differences -> column of the summary tab
     "iss - iss-bottom": "negative control: ISS - bottom",
     "iss-cosine - iss": "cosine - dot ISS",
 }
-SETTING_TITLES = {"further": "further pretraining of all-MiniLM-L6-v2", "scratch": "from scratch (TLM objective)"}
+SETTING_TITLES = {
+    "further": "further pretraining of all-MiniLM-L6-v2",
+    "scratch": "from scratch (TLM objective)",
+    "gate": "gate regime (TLM, random corpus and none only)",
+}
 
 
 def summary_rows(entries: list[dict]) -> list[dict]:
@@ -293,6 +347,12 @@ def summary_rows(entries: list[dict]) -> list[dict]:
     for entry in sorted(entries, key=lambda e: (e["setting"], e["task"], e.get("variant") or "")):
         found = {row["comparison"]: row for row in entry.get("differences", [])}
         row = {"task": entry["task"], "setting": entry["setting"], "variant": entry.get("variant") or ""}
+        control = entry.get("positive_control")
+        row["control passed"] = (
+            "superseded"
+            if "superseded" in entry
+            else {True: "yes", False: "no", None: ""}[control and control["passed"]]
+        )
         for comparison, column in SUMMARY.items():
             if (cell := found.get(comparison)) is not None:
                 verdict = "" if cell["verdict"] == "tie" else f" {cell['verdict']}"
@@ -310,8 +370,10 @@ def render(entries: list[dict]) -> str:
     parts = ["# Evidence: ISS vs BM25 vs random, with controls\n"]
     if entries:
         parts.append(
-            "\n## Summary: paired differences of test F1 (x100), mean [95% bootstrap CI], a verdict where the CI "
-            f"excludes 0\n\n{markdown_rows(summary_rows(entries))}"
+            "\n## Summary: paired differences of test F1 (x100), mean [95% t-interval], a verdict where the interval "
+            f"excludes 0\n\nA comparison is read only where its positive control passed (TLM - random corpus above "
+            f"+{GATE_MARGIN:g} point over the whole interval). Entries made before issue 28 are superseded: their "
+            f"intervals hold fine-tuning noise only.\n\n{markdown_rows(summary_rows(entries))}"
         )
     for entry in entries:
         heading = f"{entry['task']} — {SETTING_TITLES.get(entry['setting'], entry['setting'])}"
@@ -326,6 +388,15 @@ def render(entries: list[dict]) -> str:
         if "new_stage_seconds" in entry or entry["wall_seconds"] < entry["stage_seconds_total"] / 2:
             rss += " in this invocation (stages made by an earlier run were reused)"
         parts.append(f"\n## {heading}\n")
+        if "superseded" in entry:
+            parts.append(f"\n**{entry['superseded'][0].upper()}{entry['superseded'][1:]}.**\n")
+        elif "seeds" in entry:
+            seeds, control = entry["seeds"], entry["positive_control"]
+            parts.append(
+                f"\nPretraining seeds {seeds['pretraining']}, fine-tuning seeds {seeds['finetuning']}; "
+                f"{entry['intervals']}. Positive control (TLM - random corpus > +{control['margin']:g}): "
+                f"**{'passed' if control['passed'] else 'not passed'}**.\n"
+            )
         parts.append(
             f"\n`{command}`: {cost}, {rss} "
             f"(2 CPU cores). Test F1 x 100 at the best dev epoch, mean ± std over seeds.\n\n"
@@ -348,7 +419,7 @@ def render(entries: list[dict]) -> str:
                 + ".\n"
             )
         for key, title in (
-            ("differences", "Paired differences (x100) with 95% bootstrap CIs"),
+            ("differences", "Paired differences (x100) with 95% t-intervals"),
             ("subsets", "Subsets (mean length in WordPiece tokens)"),
             ("sources", "Where the documents come from (corpus sources)"),
             ("overlap", "Documents shared by two subsets of the pool (and by two random draws of their sizes)"),

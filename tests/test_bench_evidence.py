@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -10,13 +13,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from iss.report import differences_rows
 from iss.runs import RunFolder, StageResult
 
-from .conftest import REPO
+from .conftest import REPO, require_shared
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import bench_evidence
 import carry
+from bench_evidence import entry_key
 
 
 def write_ids(path: Path, ids: range) -> None:
@@ -80,7 +85,45 @@ def test_summary_puts_every_entrys_controls_and_iss_verdicts_in_one_row(tmp_path
     assert rows[0]["ISS - random (pool)"] == "+0.50 [-1.00, 2.00]"
     assert rows[0]["negative control: ISS - bottom"] == ""
     assert rows[0]["runs at the last epoch"] == "6 of 35"
+    assert rows[0]["control passed"] == "" and rows[1]["control passed"] == ""
+    passed = bench_evidence.summary_rows([{**base, "positive_control": {"passed": True}}])[0]["control passed"]
+    assert passed == "yes"
+    assert bench_evidence.summary_rows([{**base, "superseded": "old"}])[0]["control passed"] == "superseded"
     assert rows[1]["ISS - TLM"] == rows[1]["runs at the last epoch"] == ""
+
+
+def test_every_committed_entrys_differences_are_recomputed_from_its_own_per_seed_rows() -> None:
+    """evidence.json holds each entry's runs (method, pretraining and fine-tuning seed, test F1) and its paired
+    differences: the differences must be what the t-interval gives on those rows, for every entry."""
+    entries = json.loads((bench_evidence.RESULTS / "evidence.json").read_text(encoding="utf-8"))["entries"]
+    assert entries
+    for entry in entries:
+        recomputed = {row["comparison"]: row for row in differences_rows(entry["runs"])}
+        recorded = {row["comparison"]: row for row in entry["differences"]}
+        assert recomputed.keys() == recorded.keys(), entry_key(entry)
+        for comparison, row in recorded.items():
+            for key in ("mean", "ci95_low", "ci95_high", "verdict"):
+                assert recomputed[comparison][key] == row[key], (entry_key(entry), comparison, key)
+        if "superseded" not in entry:
+            passed = recorded["tlm - random-corpus"]["ci95_low"] > bench_evidence.GATE_MARGIN
+            assert entry["positive_control"]["passed"] == passed
+
+
+def test_design_names_the_seeds_and_passes_the_control_only_above_the_margin() -> None:
+    runs = [
+        {"method": m, "pretrain_seed": p, "seed": f, "test": t}
+        for m, base in (("tlm", 0.60), ("random-corpus", 0.57))
+        for p in (0, 1, 2)
+        for f, t in ((0, base + 0.004 * p), (1, base + 0.002 * p))
+    ]
+    differences = differences_rows(runs)
+    control = next(row for row in differences if row["comparison"] == "tlm - random-corpus")
+    assert control["mean"] == pytest.approx(3.0) and control["seeds"] == 3  # units: pretraining seeds
+    design = bench_evidence.design(runs, differences)
+    assert design["seeds"] == {"pretraining": [0, 1, 2], "finetuning": [0, 1]}
+    assert design["positive_control"]["passed"]
+    small = [{**row, "test": row["test"] - 0.025 * (row["method"] == "tlm")} for row in runs]  # +0.5 point
+    assert not bench_evidence.design(small, differences_rows(small))["positive_control"]["passed"]
 
 
 def fingerprint(name: str, config: str = "") -> str:
@@ -222,3 +265,28 @@ def test_carry_replaces_a_result_remade_under_a_changed_config(tmp_path: Path) -
     assert (
         fresh_run.finished("finetune-none-seed0", fingerprint("finetune-none-seed0", "-bf16")).summary["test"] == 0.75
     )
+
+
+@pytest.mark.slow
+def test_gpu_protocol_dry_run_prints_its_estimate_first_fits_the_budget_and_writes_every_run(tmp_path: Path) -> None:
+    """benchmarks/gpu_protocol.py at toy scale on the CPU: the estimate is the first line, a budget below it lowers
+    pretrain.steps, and the JSON holds every method's runs with their pretraining seeds and the positive control."""
+    require_shared()
+    command = [
+        sys.executable,
+        str(REPO / "benchmarks" / "gpu_protocol.py"),
+        str(REPO / "configs" / "gpu" / "chemprot.yaml"),
+    ]
+    command += ["--dry-run", "--run-dir", str(tmp_path / "run"), "--minutes", "0.05"]
+    done = subprocess.run(
+        command, capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("device cpu; estimated time for a fresh run folder")
+    assert lines[1].startswith("over the 0.05-minute budget: pretrain.steps 6 -> ")
+    record = json.loads((tmp_path / "run" / "gpu_protocol_chemprot.json").read_text(encoding="utf-8"))
+    assert record["dry_run"] and record["pretrain_steps"] < 6 and record["estimate"] < record["estimate_first"]
+    methods = ["tlm", "random-corpus", "none", "iss", "random", "iss-bottom"]
+    expected = {(m, None if m == "none" else s, s) for m in methods for s in (0, 1)}
+    assert {(r["method"], r["pretrain_seed"], r["seed"]) for r in record["runs"]} == expected
+    assert record["positive_control"]["comparison"] == "tlm - random-corpus"

@@ -4,13 +4,24 @@ from __future__ import annotations
 
 import csv
 import json
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from pydantic import ValidationError
 
-from iss.config import Budget, CorpusConfig, IssConfig, RetrievalConfig, TaskConfig, load_config
+from iss.config import (
+    Budget,
+    CorpusConfig,
+    CorpusMixture,
+    IssConfig,
+    RetrievalConfig,
+    TaskConfig,
+    fingerprint_dump,
+    load_config,
+)
 from iss.data import DataError, corpus_shards, iter_corpus, load_task, read_shard
 from iss.errors import ConfigError
 from iss.retrieval import BM25Index
@@ -130,6 +141,43 @@ def test_corpus_folder_of_shards_txt_and_parquet(tmp_path):
     batches = list(iter_corpus(CorpusConfig(paths=[str(tmp_path)], shard_size=2)))
     assert [t for b in batches for t in b.texts] == ["first doc", "second doc", "third doc"]
     assert [int(i) for b in batches for i in b.ids] == [0, 2, 3]  # the blank line keeps its row id
+
+
+def _mixture_corpus(tmp_path: Path) -> Path:
+    rows = [{"text": f"document {i}", "source": ("arxiv_cs", "bio_ohsumed", "wiki_en")[i % 3]} for i in range(3000)]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:1500]), encoding="utf-8")
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[1500:]), encoding="utf-8")
+    return tmp_path
+
+
+def test_a_mixture_keeps_included_sources_and_a_seeded_share_of_weighted_ones(tmp_path):
+    """include/exclude by glob, weights as the share kept (drawn per document id: the same documents in every
+    reader, batch size and shard), ids unchanged; by file name too."""
+    corpus = _mixture_corpus(tmp_path)
+    mixture = {"exclude": ["bio_*"], "weights": {"arxiv_*": 0.2}}
+    config = CorpusConfig(paths=[str(corpus)], shard_size=500, mixture=mixture)
+    docs = [(int(i), s) for b in iter_corpus(config) for i, s in zip(b.ids, b.sources, strict=True)]
+    counts = Counter(source for _, source in docs)
+    assert counts["wiki_en"] == 1000 and "bio_ohsumed" not in counts
+    assert 150 < counts["arxiv_cs"] < 250  # 20 % of 1,000
+    assert all(("arxiv_cs", "bio_ohsumed", "wiki_en")[i % 3] == s for i, s in docs)  # global ids kept
+    small_batches = [int(i) for b in iter_corpus(config.model_copy(update={"shard_size": 7})) for i in b.ids]
+    assert small_batches == [i for i, _ in docs]
+    shards = [int(i) for shard in corpus_shards(config, 400) for i in read_shard(shard, config).ids]
+    assert shards == [i for i, _ in docs]
+    reseeded = config.model_copy(update={"mixture": CorpusMixture(**mixture, seed=1)})
+    assert [int(i) for b in iter_corpus(reseeded) for i in b.ids] != small_batches
+    by_file = CorpusConfig(paths=[str(corpus)], mixture={"by": "file", "include": ["b.*"]})
+    assert [int(i) for b in iter_corpus(by_file) for i in b.ids] == list(range(1500, 3000))
+
+
+def test_a_mixture_changes_the_corpus_fingerprint_and_rejects_shares_outside_0_1():
+    plain = CorpusConfig(paths=["x"])
+    assert "mixture" not in fingerprint_dump(plain)  # runs made before mixtures keep their fingerprints
+    mixed = CorpusConfig(paths=["x"], mixture={"weights": {"arxiv_*": 0.05}})
+    assert fingerprint_dump(mixed)["mixture"]["weights"] == {"arxiv_*": 0.05}
+    with pytest.raises(ValidationError, match="share of a source"):
+        CorpusConfig(paths=["x"], mixture={"weights": {"arxiv_*": 1.5}})
 
 
 def test_bad_corpus_lines_name_file_and_line(tmp_path):

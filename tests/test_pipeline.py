@@ -17,7 +17,7 @@ from iss.config import IssConfig, TaskConfig
 from iss.data import DataError, load_task
 from iss.errors import ConfigError
 from iss.model import TaskMLMModel
-from iss.pipeline import Pipeline
+from iss.pipeline import HEAD_SAMPLE_SEED_OFFSET, Pipeline
 
 from .conftest import CHEMPROT, CORPUS, require_shared
 
@@ -155,6 +155,33 @@ def test_a_fitted_mlm_head_leaves_the_encoder_alone_and_every_model_starts_from_
     assert plain.mlm_head() is None and plain.warmup().fingerprint != pipeline.warmup().fingerprint
 
 
+def test_a_base_fit_trains_the_top_blocks_on_a_sample_apart_from_the_random_corpus_control(tmp_path, tokenizer):
+    """model.mlm_head_blocks: the head fit also trains the top blocks (a shared base), the embeddings and lower
+    blocks stay the checkpoint's, and its sample is not the random-corpus control's first documents."""
+    tokenizer.save_pretrained(str(tmp_path / "tok"))
+    original = _checkpoint(tmp_path / "ckpt", len(tokenizer))
+    config = _small_config(
+        tmp_path / "run",
+        tokenizer={"path": str(tmp_path / "tok")},
+        model={"path": str(tmp_path / "ckpt"), "mlm_head_steps": 4, "mlm_head_blocks": 1},
+        pretrain={"batch_size": 8},
+    )
+    pipeline = Pipeline(config, show_progress=False)
+    fitted = AutoModelForMaskedLM.from_pretrained(str(pipeline.mlm_head().path / "model"))
+    changed = {
+        name.split(".")[2] if name.startswith("encoder.layer.") else name.split(".")[0]
+        for (name, before), (_, after) in zip(
+            original.bert.named_parameters(), fitted.bert.named_parameters(), strict=True
+        )
+        if not torch.equal(before, after)
+    }
+    assert changed == {"1"}  # block 2 of 2 (0-based 1) only
+    sample = pipeline._corpus_sample("docs", 32, 0.0, config.seed + HEAD_SAMPLE_SEED_OFFSET)
+    control = pq.read_table(pipeline.variant({"selection.method": "random-corpus"}).select().path / "subset.parquet")
+    shared = set(sample.column("corpus_id").to_pylist()) & set(control.column("corpus_id").to_pylist())
+    assert len(shared) < 5  # 32 and 30 of 2,000 documents: ~0.5 by chance, 30 if they were the same draw
+
+
 def test_mismatched_tokenizer_and_model_fail_clearly(tmp_path, tokenizer):
     tokenizer.save_pretrained(str(tmp_path / "tok"))
     _checkpoint(tmp_path / "ckpt", 50)
@@ -219,6 +246,58 @@ def test_controls_random_corpus_and_iss_bottom(tmp_path, tokenizer):
     assert sum(iss_means) / 30 > bottom_means[-1]
 
 
+def test_batched_units_are_neighbours_in_bm25_order_and_the_subset_says_who_rode_along(tmp_path, tokenizer):
+    """B_p > 1: units are consecutive pool documents in BM25 order (one query's hits side by side), not a random
+    draw; every subset row names the other documents of the unit it entered with. B_p = 1 has none."""
+    tokenizer.save_pretrained(str(tmp_path / "tok"))
+    config = _small_config(tmp_path / "run", tokenizer={"path": str(tmp_path / "tok")})
+    batched = Pipeline(config.with_overrides({"influence.pool_batch": 3}), show_progress=False)
+    assert batched.influence_name == "influence-bp3-bt1"
+    hits = pq.read_table(batched.retrieval().path / "hits.parquet").to_pandas()
+    query_of = hits.sort_values(["query", "rank"]).drop_duplicates("corpus_id").set_index("corpus_id")["query"]
+    units = pq.read_table(batched.influence().path / "pool_units.parquet").column("corpus_ids").to_pylist()
+    assert {len(unit) for unit in units[:-1]} == {3}
+    assert [d for unit in units for d in unit] == query_of.index.tolist()  # query by query, best hit first
+    queries_per_unit = [len({query_of[d] for d in unit}) for unit in units]
+    subset = pq.read_table(batched.select().path / "subset.parquet").to_pylist()
+    unit_of = {d: tuple(unit) for unit in units for d in unit}
+    for row in subset:
+        assert sorted([row["corpus_id"], *row["unit_mates"]]) == sorted(unit_of[row["corpus_id"]])
+    shuffled = batched.variant({"influence.pool_grouping": "random"})
+    assert shuffled.influence_name == "influence-bp3-bt1-random"
+    random_units = pq.read_table(shuffled.influence().path / "pool_units.parquet").column("corpus_ids").to_pylist()
+    random_single = sum(len({query_of[d] for d in unit}) == 1 for unit in random_units)
+    assert random_single < sum(q == 1 for q in queries_per_unit) / 2
+    single = pq.read_table(Pipeline(config, show_progress=False).select().path / "subset.parquet")
+    assert all(mates == [] for mates in single.column("unit_mates").to_pylist())
+    summary = Pipeline(config, show_progress=False).select().summary
+    assert summary["docs_in_shared_units"] == 0 and sum(summary["sources"].values()) == pytest.approx(1, abs=1e-3)
+
+
+def test_pretrain_seeds_give_every_pretraining_every_fine_tuning_seed(tmp_path, tokenizer):
+    """evaluation.pretrain_seeds x finetune.seeds: one pretraining per seed, each fine-tuned with every seed; the
+    runs carry their pretraining seed, a pretraining seed equal to the fine-tuning seed keeps the plain name."""
+    tokenizer.save_pretrained(str(tmp_path / "tok"))
+    config = _small_config(
+        tmp_path / "run",
+        tokenizer={"path": str(tmp_path / "tok")},
+        pretrain={"steps": 2, "batch_size": 4, "objective": "mlm", "save_every": 0},
+        finetune={"epochs": 1, "batch_size": 8, "seeds": [0, 1], "trainable_blocks": 1},
+        evaluation={"methods": ["tlm", "none"], "pretrain_seeds": [0, 2]},
+    )
+    assert config.seed_pairs() == [(0, 0), (0, 1), (2, 0), (2, 1)]
+    pipeline = Pipeline(config, show_progress=False)
+    results = json.loads((pipeline.run_all().path / "results.json").read_text())
+    runs = {(r["method"], r["pretrain_seed"], r["seed"]) for r in results["runs"]}
+    assert runs == {("tlm", 0, 0), ("tlm", 0, 1), ("tlm", 2, 0), ("tlm", 2, 1), ("none", None, 0), ("none", None, 1)}
+    names = set(pipeline.results)
+    assert {"pretrain-tlm-seed0", "pretrain-tlm-seed2"} <= names and "pretrain-tlm-seed1" not in names
+    assert {"finetune-tlm-seed0", "finetune-tlm-pretrain0-seed1", "finetune-tlm-pretrain2-seed0"} <= names
+    assert "finetune-tlm-seed1" not in names
+    first, second = pipeline.results["finetune-tlm-seed0"], pipeline.results["finetune-tlm-pretrain2-seed0"]
+    assert first.summary["test"] != second.summary["test"] or first.fingerprint != second.fingerprint
+
+
 @pytest.mark.slow
 def test_run_all_compares_every_method_with_controls_and_paired_differences(tmp_path, tokenizer):
     tokenizer.save_pretrained(str(tmp_path / "tok"))
@@ -233,7 +312,6 @@ def test_run_all_compares_every_method_with_controls_and_paired_differences(tmp_
             "mechanism_steps": 2,
             "mechanism_repeats": 2,
             "repeat_pretraining": False,
-            "bootstrap": 200,
         },
     )
     pipeline = Pipeline(config, show_progress=False)

@@ -37,6 +37,7 @@ from iss.errors import ConfigError
 from iss.methods import display_name
 from iss.model import TaskMLMModel, load_tokenizer, transformer_blocks
 from iss.report import save_figure, write_rows
+from iss.stats import sample_std
 from iss.training import cls_features
 
 if TYPE_CHECKING:
@@ -270,7 +271,7 @@ def analyze_layers(pipeline: Pipeline) -> StageResult:
         variant = pipeline.variant(
             {"influence.layer": "last" if last else layer, "selection.method": "iss"}, "" if last else f"@layer{layer}"
         )
-        runs = [variant.finetune(seed) for seed in config.finetune.seeds]
+        runs = [variant.finetune(seed, pretrain_seed=pretrain) for pretrain, seed in config.seed_pairs()]
         influence, selected = variant.results[variant.influence_name], variant.results[f"select-iss{variant.tag}"]
         scores = np.array([run.summary["test"] for run in runs]) * 100
         rows.append(
@@ -278,7 +279,7 @@ def analyze_layers(pipeline: Pipeline) -> StageResult:
                 "layer": f"block {layer} (last)" if last else (f"block {layer}" if layer != "embeddings" else layer),
                 "parameters": influence.summary["group_parameters"],
                 "test_mean": float(scores.mean()),
-                "test_std": float(scores.std()),
+                "test_std": sample_std(scores),
                 "seeds": len(runs),
                 "influence_seconds": influence.summary["seconds"],
                 "selection_seconds": influence.summary["seconds"] + selected.summary["seconds"],

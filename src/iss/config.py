@@ -75,6 +75,34 @@ class TaskConfig(_Section):
         return [self.text_column] if isinstance(self.text_column, str) else list(self.text_column)
 
 
+class CorpusMixture(_Section):
+    """Which documents of the corpus a run reads, and what share of each source: a data mixture.
+
+    Patterns are shell globs (``arxiv_*``, ``bio_*``) matched against each document's source (``by: source``) or
+    its file's name (``by: file``). A document is read when it matches ``include`` (if given) and no ``exclude``
+    pattern; the first ``weights`` pattern it matches keeps that share of its documents, drawn by a seeded hash
+    of the document id, so the same mixture reads the same documents in every stage and on every backend.
+    """
+
+    by: Literal["source", "file"] = "source"
+    include: list[str] | None = Field(None, description="Patterns a document must match (None: every document).")
+    exclude: list[str] = Field(default_factory=list, description="Patterns whose documents are never read.")
+    weights: dict[str, float] = Field(
+        default_factory=dict,
+        description="Pattern -> share of its documents kept, in (0, 1]; the first pattern that matches applies, "
+        "unmatched documents are kept whole.",
+    )
+    seed: int = Field(0, description="Seed of the per-document draw that the weights apply.")
+
+    @field_validator("weights")
+    @classmethod
+    def _shares(cls, value: dict[str, float]) -> dict[str, float]:
+        wrong = {pattern: share for pattern, share in value.items() if not 0 < share <= 1}
+        if wrong:
+            raise ValueError(f"a weight is the share of a source's documents kept, in (0, 1]; got {wrong}")
+        return value
+
+
 class CorpusConfig(_Section):
     """The unlabeled general corpus, read as a stream of shards."""
 
@@ -93,6 +121,11 @@ class CorpusConfig(_Section):
     max_docs: int | None = Field(None, ge=1, description="Read at most this many documents (quick runs).")
     max_doc_chars: int = Field(
         1_000_000, ge=1, description="Longer documents stop the run with their file and line (likely broken input)."
+    )
+    mixture: CorpusMixture | None = Field(
+        None,
+        description="Read only some sources, or a share of them (see CorpusMixture); None: every document.",
+        json_schema_extra=CACHE_NEUTRAL_DEFAULT,
     )
 
 
@@ -147,6 +180,14 @@ class ModelConfig(_Section):
     )
     mlm_head_learning_rate: float = Field(
         1e-3, gt=0, description="Learning rate of the head fit.", json_schema_extra=CACHE_NEUTRAL_DEFAULT
+    )
+    mlm_head_blocks: int = Field(
+        0,
+        ge=0,
+        description="Top transformer blocks trained with the head in that fit (0: the head only). With > 0 the fit "
+        "is a shared base: every method, seed and the warm-up start from an encoder adapted to a general sample, "
+        "drawn apart from the random-corpus control's documents.",
+        json_schema_extra=CACHE_NEUTRAL_DEFAULT,
     )
 
     @model_validator(mode="after")
@@ -247,7 +288,17 @@ class InfluenceConfig(_Section):
 
     layer: str | int = Field("last", description="'last', 'embeddings', or a 1-based transformer block number.")
     task_split: Literal["train", "dev"] = "dev"
-    pool_batch: int = Field(1, ge=1, description="B_p: corpus samples per matched batch (1 = per sample).")
+    pool_batch: int = Field(
+        1,
+        ge=1,
+        description="B_p: corpus samples per matched batch (1 = per document). A unit of B_p documents enters the "
+        "subset whole, under one score: the subset's `unit_mates` column names the documents that rode along.",
+    )
+    pool_grouping: Literal["query", "random"] = Field(
+        "query",
+        description="How B_p > 1 candidates form units: 'query' takes neighbours in BM25 order (the same query's "
+        "hits side by side), 'random' a seeded shuffle of the pool (Table A.1's batches, mostly unrelated texts).",
+    )
     task_batch: int = Field(1, ge=1, description="B_t: task samples per matched batch (1 = per sample).")
     top_k: int = Field(
         1000, ge=1, description="Ranked candidates kept per task unit; their union must cover the budget."
@@ -347,14 +398,20 @@ class EvaluationConfig(_Section):
         1,
         ge=1,
         description="Mechanism checks per subset, repeat r drawing its batches and masks with seed + r: with > 1 "
-        "the table gives mean ± std and paired differences of the test task loss with bootstrap CIs (one check's "
+        "the table gives mean ± std and paired differences of the test task loss with t-intervals (one check's "
         "differences between subsets can be its own batch-order noise).",
     )
-    bootstrap: int = Field(10_000, ge=100, description="Bootstrap resamples for the paired-difference CIs.")
     repeat_pretraining: bool = Field(
         True,
         description="Pretrain once per fine-tuning seed (true) or once per method with the run's seed, every "
         "fine-tuning seed starting from that model (false: cheaper; seeds then measure fine-tuning noise only).",
+    )
+    pretrain_seeds: list[int] | None = Field(
+        None,
+        min_length=1,
+        description="Pretrain once per seed listed here and fine-tune each model with every finetune.seeds: the "
+        "intervals are over pretraining seeds, fine-tuning seeds averaged within one (None: repeat_pretraining "
+        "pairs seeds one to one).",
     )
     budgets: list[Budget] = Field(
         default_factory=list,
@@ -431,6 +488,13 @@ class IssConfig(_Section):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
 
+    def seed_pairs(self) -> list[tuple[int, int]]:
+        """(pretraining seed, fine-tuning seed) of every fine-tuning run of a pretrained method, in run order."""
+        evaluation, seeds = self.evaluation, self.finetune.seeds
+        if evaluation.pretrain_seeds is not None:
+            return [(pretrain, seed) for pretrain in evaluation.pretrain_seeds for seed in seeds]
+        return [(seed if evaluation.repeat_pretraining else self.seed, seed) for seed in seeds]
+
     def with_overrides(self, overrides: dict[str, Any]) -> IssConfig:
         """Return a copy with dotted-key overrides applied (``{"selection.method": "tlm"}``), re-validated."""
         data = self.model_dump(mode="json")
@@ -470,6 +534,11 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
     corpus = raw.get("corpus") or {}
     if isinstance(corpus.get("paths"), list):
         corpus["paths"] = [resolve(p) if isinstance(p, str) else p for p in corpus["paths"]]
+    if isinstance(corpus.get("mixture"), str):  # a mixture kept in a file of its own, shared by configs
+        mixture = Path(resolve(corpus["mixture"]))
+        if not mixture.is_file():
+            raise ConfigError(f"corpus.mixture: file not found: {mixture}")
+        corpus["mixture"] = yaml.safe_load(mixture.read_text(encoding="utf-8")) or {}
     for section in ("tokenizer", "model"):
         if isinstance((raw.get(section) or {}).get("path"), str):
             raw[section]["path"] = resolve(raw[section]["path"])

@@ -7,6 +7,7 @@ any selected document can be traced back to its file and row.
 
 from __future__ import annotations
 
+import fnmatch
 import gzip
 import io
 import itertools
@@ -24,7 +25,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 import zstandard
 
-from iss.config import CorpusConfig, TaskConfig
+from iss.config import CorpusConfig, CorpusMixture, TaskConfig
 from iss.errors import DataError
 
 TASK_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
@@ -221,6 +222,43 @@ class CorpusBatch:
     sources: list[str] | None
 
 
+def seeded_hash(ids: np.ndarray, seed: int) -> np.ndarray:
+    """SplitMix64 of (id, seed): a seeded pseudo-random uint64 per id, independent of how ids are batched."""
+    with np.errstate(over="ignore"):
+        z = np.asarray(ids).astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15) * np.uint64(seed + 1)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+class MixtureFilter:
+    """Applies a :class:`CorpusMixture` to the documents of the stream (every reader goes through it)."""
+
+    def __init__(self, mixture: CorpusMixture | None) -> None:
+        self.mixture = mixture
+        self._shares: dict[str, float] = {}
+
+    def share(self, key: str) -> float:
+        """The share of documents with this source (or file name) that the mixture keeps: 0, 1 or between."""
+        if key not in self._shares:
+            mixture = self.mixture
+            assert mixture is not None
+            included = mixture.include is None or any(fnmatch.fnmatchcase(key, p) for p in mixture.include)
+            excluded = any(fnmatch.fnmatchcase(key, p) for p in mixture.exclude)
+            weight = next((w for p, w in mixture.weights.items() if fnmatch.fnmatchcase(key, p)), 1.0)
+            self._shares[key] = weight if included and not excluded else 0.0
+        return self._shares[key]
+
+    def keep(self, ids: list[int], sources: list[str], file: Path) -> np.ndarray:
+        """A mask over the documents (ids, their sources) of one file."""
+        if self.mixture is None:
+            return np.ones(len(ids), bool)
+        by_file = self.mixture.by == "file"
+        shares = np.array([self.share(file.name if by_file else source) for source in sources], float)
+        draws = seeded_hash(np.asarray(ids, np.int64), self.mixture.seed) / np.float64(2**64)
+        return (shares >= 1) | (draws < shares)
+
+
 def _format(file: Path) -> str:
     """The record format of a corpus file: its suffix, under a compression suffix if there is one."""
     return Path(file.stem).suffix if file.suffix in COMPRESSED_SUFFIXES else file.suffix
@@ -287,8 +325,9 @@ def corpus_files(config: CorpusConfig) -> list[Path]:
 
 
 def iter_corpus(config: CorpusConfig, batch_size: int | None = None) -> Iterator[CorpusBatch]:
-    """Stream the corpus in batches; empty documents are skipped but keep their row id."""
+    """Stream the corpus in batches; empty documents, and those the mixture leaves out, keep their row id."""
     batch_size = batch_size or config.shard_size
+    mixture = MixtureFilter(config.mixture)
     ids: list[int] = []
     texts: list[str] = []
     sources: list[str] = []
@@ -296,20 +335,43 @@ def iter_corpus(config: CorpusConfig, batch_size: int | None = None) -> Iterator
     for file in corpus_files(config):
         if file.stat().st_size == 0:
             log.warning("%s: empty corpus file, skipped", file)
-        for text, source in _iter_file(file, config):
-            row_id, next_id = next_id, next_id + 1
-            if config.max_docs is not None and row_id >= config.max_docs:
-                break
-            if not text or not text.strip():
-                continue
-            ids.append(row_id)
-            texts.append(text)
-            sources.append(source if source is not None else file.stem)
-            if len(ids) == batch_size:
-                yield CorpusBatch(np.asarray(ids, np.int64), texts, sources)
-                ids, texts, sources = [], [], []
+        records = _iter_file(file, config)
+        if config.max_docs is not None:
+            records = itertools.islice(records, max(0, config.max_docs - next_id))
+        for chunk in _batched(records, 4096):
+            chunk_ids = range(next_id, next_id + len(chunk))
+            next_id += len(chunk)
+            batch = _documents(chunk_ids, chunk, file, mixture)
+            ids += batch.ids.tolist()
+            texts += batch.texts
+            sources += batch.sources
+            while len(ids) >= batch_size:
+                yield CorpusBatch(np.asarray(ids[:batch_size], np.int64), texts[:batch_size], sources[:batch_size])
+                ids, texts, sources = ids[batch_size:], texts[batch_size:], sources[batch_size:]
+        if config.max_docs is not None and next_id >= config.max_docs:
+            break
     if ids:
         yield CorpusBatch(np.asarray(ids, np.int64), texts, sources)
+
+
+def _batched(records: Iterator, size: int) -> Iterator[list]:
+    while chunk := list(itertools.islice(records, size)):
+        yield chunk
+
+
+def _documents(
+    ids: range, records: list[tuple[str | None, str | None]], file: Path, mixture: MixtureFilter
+) -> CorpusBatch:
+    """The non-empty documents of consecutive records of one file that the mixture keeps (the file's stem is
+    the source of a record without one)."""
+    pairs = [(i, text, source) for i, (text, source) in zip(ids, records, strict=True) if text and text.strip()]
+    row_ids = [i for i, _, _ in pairs]
+    sources = [source if source is not None else file.stem for _, _, source in pairs]
+    keep = mixture.keep(row_ids, sources, file)
+    kept = [i for i, flag in enumerate(keep) if flag]
+    return CorpusBatch(
+        np.asarray([row_ids[i] for i in kept], np.int64), [pairs[i][1] for i in kept], [sources[i] for i in kept]
+    )
 
 
 def _iter_file(
@@ -443,13 +505,7 @@ def corpus_shards(config: CorpusConfig, rows_per_shard: int | None = None) -> li
 def read_shard(shard: CorpusShard, config: CorpusConfig) -> CorpusBatch:
     """The non-empty documents of one shard, as `iter_corpus` would yield them."""
     file = Path(shard.file)
-    ids: list[int] = []
-    texts: list[str] = []
-    sources: list[str] = []
-    records = itertools.islice(_iter_file(file, config, shard.start, shard.first_line), shard.rows)
-    for row_id, (text, source) in enumerate(records, start=shard.first_id):
-        if text and text.strip():
-            ids.append(row_id)
-            texts.append(text)
-            sources.append(source if source is not None else file.stem)
-    return CorpusBatch(np.asarray(ids, np.int64), texts, sources)
+    records = list(itertools.islice(_iter_file(file, config, shard.start, shard.first_line), shard.rows))
+    return _documents(
+        range(shard.first_id, shard.first_id + len(records)), records, file, MixtureFilter(config.mixture)
+    )

@@ -171,9 +171,9 @@ def estimate_run(pipeline: Pipeline) -> RunEstimate:
     names = config.evaluation.methods
     pretrained = [pipeline.method_variant(name) for name in names if EVALUATED[name].selection is not None]
     influence_runs = {m.influence_name for m in pretrained if SELECTION[m.config.selection.method].needs_influence}
-    seeds, budgets = len(config.finetune.seeds), max(1, len(config.evaluation.budgets))
-    pretrain_runs = len(pretrained) * budgets * (seeds if config.evaluation.repeat_pretraining else 1)
-    finetune_runs = (len(pretrained) * budgets + len(names) - len(pretrained)) * seeds
+    seeds, budgets, pairs = len(config.finetune.seeds), max(1, len(config.evaluation.budgets)), config.seed_pairs()
+    pretrain_runs = len(pretrained) * budgets * len({pretrain for pretrain, _ in pairs})
+    finetune_runs = len(pretrained) * budgets * len(pairs) + (len(names) - len(pretrained)) * seeds
     # cached frozen blocks are encoded once per pretrained model (its seeds share them), once per seed without one
     encoded_models = pretrain_runs + (len(names) - len(pretrained)) * seeds
 

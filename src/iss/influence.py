@@ -314,9 +314,15 @@ class InfluenceScorer:
         self.task_units = [[ids[i] for i in group] for group in groups]
         return self
 
-    def candidate_units(self, n: int) -> list[np.ndarray]:
-        """Candidate rows grouped B_p to a unit (seeded; the unit numbering every score refers to)."""
-        return seeded_groups(n, self.settings.pool_batch, self.seed + 1)
+    def candidate_units(self, n: int, order: np.ndarray | None = None) -> list[np.ndarray]:
+        """Candidate rows grouped B_p to a unit (the unit numbering every score refers to): consecutive rows of
+        ``order`` (neighbours, e.g. BM25 order), or of a seeded permutation without one."""
+        if order is None:
+            return seeded_groups(n, self.settings.pool_batch, self.seed + 1)
+        if sorted(order.tolist()) != list(range(n)):
+            raise ValueError("the candidate order must list every candidate row once")
+        size = self.settings.pool_batch
+        return [order[start : start + size] for start in range(0, n, size)]
 
     def score(
         self,
@@ -325,15 +331,17 @@ class InfluenceScorer:
         checkpoint: Path | None = None,
         progress: Progress | None = None,
         ray: RayConfig | None = None,
+        order: np.ndarray | None = None,
     ) -> InfluenceResult:
         """The top-k candidate units per task unit. A candidate's MLM mask is keyed by its id, so scores do not
         depend on batching. With a ``checkpoint`` path the running top-k is saved after each shard of
         ``shard_units`` units and a rerun skips the shards already merged; ``ray`` scores shards on Ray workers.
+        ``order`` (a permutation of the rows) makes units of neighbours under B_p > 1 (:meth:`candidate_units`).
         """
         if self.bank is None:
             raise ValueError("call fit(task texts, labels) before score()")
         ids = np.asarray(ids, np.int64)
-        units = self.candidate_units(len(texts))
+        units = self.candidate_units(len(texts), order)
         if ray is not None:
             from iss.distributed import ray_score_pool
 

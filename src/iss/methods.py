@@ -117,6 +117,12 @@ EVALUATED: dict[str, EvaluatedMethod] = {
     for method in (
         EvaluatedMethod("iss", "ISS", "iss"),
         EvaluatedMethod("iss-cosine", "ISS (cosine)", "iss", {"influence.similarity": "cosine"}),
+        EvaluatedMethod(  # the paper's Table A.1 mini-batch matching, units of 4 random pool documents
+            "iss-batched",
+            "ISS (B_p 4 random units, B_t 8)",
+            "iss",
+            {"influence.pool_batch": 4, "influence.task_batch": 8, "influence.pool_grouping": "random"},
+        ),
         EvaluatedMethod("tlm", "TLM (BM25)", "tlm"),
         EvaluatedMethod("random", "random (pool)", "random"),
         EvaluatedMethod("random-corpus", "random (whole corpus)", "random-corpus"),  # positive control
@@ -134,6 +140,7 @@ COMPARISONS = [
     ("iss-cosine", "tlm", "ISS (cosine) vs BM25"),
     ("iss-cosine", "random", "ISS (cosine) vs random of the pool"),
     ("iss-cosine", "iss", "cosine vs dot"),
+    ("iss", "iss-batched", "per document vs Table A.1 batches"),
     ("tlm", "random-corpus", "positive control: the regime sees data if > 0"),
     ("iss", "iss-bottom", "negative control: influence ranks if > 0"),
 ]

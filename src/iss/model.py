@@ -236,13 +236,16 @@ def set_trainable(model: TaskMLMModel, freeze_embeddings: bool = False, trainabl
         model.mlm.get_input_embeddings().weight.requires_grad_(False)
 
 
-def set_head_trainable(model: TaskMLMModel) -> None:
-    """Only the MLM head may change (fitting a fresh head to a fixed encoder); a decoder tied to the input
-    embeddings stays fixed with them, so the encoder is exactly the checkpoint's afterwards."""
+def set_head_trainable(model: TaskMLMModel, blocks: int = 0) -> None:
+    """Only the MLM head (and the top ``blocks`` transformer blocks) may change: fitting a fresh head to a fixed
+    encoder, or adapting a shared base with it. A decoder tied to the input embeddings stays fixed with them, so
+    with ``blocks`` = 0 the encoder is exactly the checkpoint's afterwards."""
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     embeddings = model.mlm.get_input_embeddings().weight
-    for parameter in model.mlm_head.parameters():
+    top_blocks = list(transformer_blocks(model))[::-1][:blocks]
+    trainable = [model.mlm_head, *top_blocks]
+    for parameter in itertools.chain.from_iterable(m.parameters() for m in trainable):
         parameter.requires_grad_(parameter is not embeddings)
 
 

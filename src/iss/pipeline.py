@@ -21,7 +21,7 @@ import transformers
 from tqdm.auto import tqdm
 
 from iss.config import IssConfig, fingerprint_dump
-from iss.data import TaskData, corpus_files, iter_corpus, load_task, read_task, save_task
+from iss.data import TaskData, corpus_files, iter_corpus, load_task, read_task, save_task, seeded_hash
 from iss.distributed import ray_bm25_search
 from iss.errors import ConfigError
 from iss.evaluation import finetune as finetune_model
@@ -40,13 +40,23 @@ from iss.model import (
 )
 from iss.parallel import processes
 from iss.report import write_results
-from iss.retrieval import BM25Index, collect_pool, hits_table
+from iss.retrieval import BM25Index, collect_pool, hits_table, query_order
 from iss.runs import RunFolder, StageResult, file_signature, fingerprint
-from iss.selection import RankedLists, hits_lists, resolve_budget, round_robin, subset_table, write_subset
+from iss.selection import (
+    RankedLists,
+    hits_lists,
+    resolve_budget,
+    round_robin,
+    source_shares,
+    subset_table,
+    write_subset,
+)
+from iss.stats import sample_std
 from iss.training import pretrain as pretrain_model
 from iss.training import unigram_entropy, warmup_train
 
 log = logging.getLogger("iss")
+HEAD_SAMPLE_SEED_OFFSET = 7919  # a base adapted with mlm_head_blocks reads a sample of its own
 
 
 class Pipeline:
@@ -128,10 +138,14 @@ class Pipeline:
 
     @property
     def influence_name(self) -> str:
-        """Influence artifacts of other layers than the last live beside it (layer ablation)."""
-        layer, similarity = self.config.influence.layer, self.config.influence.similarity
-        name = "influence" if layer == "last" else f"influence-layer{layer}"
-        return name if similarity == "dot" else f"{name}-{similarity}"
+        """Influence artifacts of other layers (layer ablation), similarities and mini-batch matchings live beside
+        the per-document one at the last block."""
+        influence = self.config.influence
+        name = "influence" if influence.layer == "last" else f"influence-layer{influence.layer}"
+        if influence.pool_batch > 1 or influence.task_batch > 1:
+            name += f"-bp{influence.pool_batch}-bt{influence.task_batch}"
+            name += "-random" if influence.pool_batch > 1 and influence.pool_grouping == "random" else ""
+        return name if influence.similarity == "dot" else f"{name}-{influence.similarity}"
 
     def task(self) -> TaskData:
         return read_task(self.data().path, self.config.task.name)
@@ -258,8 +272,12 @@ class Pipeline:
             tokenizer = load_tokenizer(tokenizer_stage.path)
             torch.manual_seed(config.seed)
             model = TaskMLMModel.load(config.model.path, len(task.labels), config.model.trust_remote_code)
-            set_head_trainable(model)
-            sample = self._corpus_sample("docs", steps * settings.batch_size, 0.0).column("text").to_pylist()
+            set_head_trainable(model, config.model.mlm_head_blocks)
+            # the encoder trains on this sample only with mlm_head_blocks: then it is drawn apart from the
+            # random-corpus control's sample (another seed), which would otherwise repeat it
+            sample_seed = config.seed + (HEAD_SAMPLE_SEED_OFFSET if config.model.mlm_head_blocks else 0)
+            sample = self._corpus_sample("docs", steps * settings.batch_size, 0.0, sample_seed)
+            sample = sample.column("text").to_pylist()
             update = {"steps": steps, "objective": "mlm", "learning_rate": config.model.mlm_head_learning_rate}
             summary.update(
                 pretrain_model(
@@ -346,13 +364,18 @@ class Pipeline:
                     candidate_probe=pool_texts,
                     progress=bar.update,
                 )
+            pool_ids = pool.column("corpus_id").to_numpy()
+            order = None
+            if influence.pool_batch > 1 and influence.pool_grouping == "query":
+                order = query_order(pq.read_table(retrieval.path / "hits.parquet"), pool_ids)
             with self.progress(pool.num_rows, "influence") as bar:
                 result = scorer.score(
                     pool_texts,
-                    pool.column("corpus_id").to_numpy(),
+                    pool_ids,
                     self.run.work_dir(name) / "topk.npz",
                     bar.update,
                     config.ray if config.backend == "ray" else None,
+                    order,
                 )
             result.save(folder)
             summary.update({**scorer.summary(), **result.summary(), "pool_docs": pool.num_rows})
@@ -418,6 +441,8 @@ class Pipeline:
                     "docs": subset.num_rows,
                     "tokens": selection.tokens,
                     "mean_tokens": round(selection.tokens / max(1, subset.num_rows), 2),
+                    "sources": source_shares(subset.column("source").to_pylist()),
+                    "docs_in_shared_units": sum(1 for mates in subset.column("unit_mates").to_pylist() if mates),
                     "pool_docs": int(pool_lengths.size),
                     "rank_depth": selection.depth,
                     "seed": config.seed,
@@ -427,7 +452,7 @@ class Pipeline:
         parts = {"selection": fingerprint_dump(config.selection), "seed": config.seed, **upstream}
         return self.stage(f"select-{method.name}{self.tag}", parts, body)
 
-    def _corpus_sample(self, kind: str, limit: int, mean_pool_tokens: float) -> pa.Table:
+    def _corpus_sample(self, kind: str, limit: int, mean_pool_tokens: float, seed: int | None = None) -> pa.Table:
         """A uniform random sample of the whole corpus, in a seeded random order, large enough for the budget.
 
         Each document's place in the order is a hash of (seed, corpus id), so the sample does not depend on how
@@ -437,7 +462,7 @@ class Pipeline:
         keys, ids, texts, sources = np.zeros(0, np.uint64), np.zeros(0, np.int64), [], []
         with self.progress(None, "random corpus sample") as bar:
             for batch in iter_corpus(self.config.corpus):
-                keys = np.concatenate([keys, _mix(batch.ids, self.config.seed)])
+                keys = np.concatenate([keys, seeded_hash(batch.ids, self.config.seed if seed is None else seed)])
                 ids = np.concatenate([ids, batch.ids])
                 texts, sources = texts + batch.texts, sources + (batch.sources or [""] * len(batch.texts))
                 keep = np.sort(np.argsort(keys, kind="stable")[:wanted])
@@ -500,21 +525,26 @@ class Pipeline:
         }
         return self.stage(name, parts, body, data_parallel=True)
 
-    def pretrain_seed(self, finetune_seed: int) -> int:
-        """The pretraining a fine-tuning seed starts from: its own, or the run's (``repeat_pretraining`` off)."""
-        return finetune_seed if self.config.evaluation.repeat_pretraining else self.config.seed
-
-    def finetune(self, seed: int | None = None, pretrained: bool = True) -> StageResult:
+    def finetune(
+        self, seed: int | None = None, pretrained: bool = True, pretrain_seed: int | None = None
+    ) -> StageResult:
         """Fine-tune the pretrained model (or, with ``pretrained=False``, a fresh one) and score dev/test.
 
-        The model was pretrained with the same seed, or with the config's seed when
-        ``evaluation.repeat_pretraining`` is off (one pretraining per method, fine-tuning seeds vary).
+        The model was pretrained with ``pretrain_seed``: by default the fine-tuning seed's pair in
+        :meth:`IssConfig.seed_pairs` (the same seed, or the config's seed when ``evaluation.repeat_pretraining``
+        is off). A pretraining seed other than the fine-tuning seed is named in the stage.
         """
         config = self.config
         seed = config.seed if seed is None else seed
+        if pretrain_seed is None:
+            fallback = seed if config.evaluation.repeat_pretraining else config.seed
+            pretrain_seed = next((p for p, f in config.seed_pairs() if f == seed), fallback)
         tokenizer_stage, data = self.tokenizer(), self.data()
-        upstream = self.pretrain(self.pretrain_seed(seed)) if pretrained else None
-        name = f"finetune-{config.selection.method}{self.tag}-seed{seed}" if pretrained else f"finetune-none-seed{seed}"
+        upstream = self.pretrain(pretrain_seed) if pretrained else None
+        name = f"finetune-{config.selection.method}{self.tag}" if pretrained else "finetune-none"
+        if pretrained and config.evaluation.pretrain_seeds is not None and pretrain_seed != seed:
+            name += f"-pretrain{pretrain_seed}"
+        name += f"-seed{seed}"
 
         def body(folder: Path, summary: dict) -> None:
             task = self.task()
@@ -622,21 +652,21 @@ class Pipeline:
         """Fine-tune the configured method's pretrained model once per seed; mean and std of dev/test F1."""
         config = self.config
         method = config.selection.method
-        runs = [self.finetune(seed) for seed in config.finetune.seeds]
+        runs = [self.finetune(seed, pretrain_seed=pretrain) for pretrain, seed in config.seed_pairs()]
 
         def body(folder: Path, summary: dict) -> None:
             scores = {split: [run.summary[split] for run in runs] for split in ("dev", "test")}
-            summary.update({"method": method, "metric": config.task.metric, "seeds": config.finetune.seeds})
+            summary.update({"method": method, "metric": config.task.metric, "seed_pairs": config.seed_pairs()})
             for split, values in scores.items():
-                summary[f"{split}_mean"], summary[f"{split}_std"] = float(np.mean(values)), float(np.std(values))
+                summary[f"{split}_mean"], summary[f"{split}_std"] = float(np.mean(values)), sample_std(values)
             (folder / "scores.json").write_text(json.dumps({**summary, **scores}, indent=2), encoding="utf-8")
 
         return self.stage(f"evaluate-{method}{self.tag}", {"runs": [run.fingerprint for run in runs]}, body)
 
     def run_all(self) -> StageResult:
         """Select, pretrain, fine-tune and evaluate every configured method over every seed; write the tables:
-        scores, paired differences with bootstrap CIs, subset lengths and (``evaluation.mechanism_steps``) the
-        mechanism check.
+        scores, paired differences with t-intervals over pretraining seeds, subset lengths and
+        (``evaluation.mechanism_steps``) the mechanism check.
 
         With ``evaluation.budgets`` every pretrained method runs once per budget (the paper's Table 5 sweep).
         """
@@ -654,12 +684,14 @@ class Pipeline:
                     "budget": str(budget) if budget and sweep else "",
                     "task": config.task.name,
                 }
-                for seed in config.finetune.seeds:
-                    scores = pipeline.finetune(seed, pretrained=pretrained)
-                    trained = pipeline.pretrain(pipeline.pretrain_seed(seed)) if pretrained else None
+                pairs = config.seed_pairs() if pretrained else [(None, seed) for seed in config.finetune.seeds]
+                for pretrain_seed, seed in pairs:
+                    scores = pipeline.finetune(seed, pretrained=pretrained, pretrain_seed=pretrain_seed)
+                    trained = pipeline.pretrain(pretrain_seed) if pretrained else None
                     rows.append(
                         {
                             **label,
+                            "pretrain_seed": pretrain_seed,
                             "seed": seed,
                             "test": scores.summary["test"],
                             "dev": scores.summary["dev"],
@@ -680,13 +712,12 @@ class Pipeline:
                 folder,
                 mechanism=mechanism,
                 subsets=subsets,
-                bootstrap=config.evaluation.bootstrap,
-                seed=config.seed,
             )
             summary["average"] = {line["method"]: round(line["average"], 2) for line in table}
-            summary.update({"methods": len(config.evaluation.methods), "seeds": len(config.finetune.seeds)})
+            summary.update({"methods": len(config.evaluation.methods), "runs": len(rows)})
 
         parts = {"runs": [row["fingerprint"] for row in rows], "mechanism": mechanism, "subsets": subsets}
+        parts["intervals"] = "t over pretraining seeds"  # tables made with bootstrap intervals are made again
         return self.stage("results", parts, body)
 
     def _bm25_lists(self, retrieval: Path) -> RankedLists:
@@ -699,12 +730,3 @@ class Pipeline:
         ids[query, rank] = hits.column("corpus_id").to_numpy()
         scores[query, rank] = hits.column("score").to_numpy()
         return hits_lists(ids, scores, [f"train:{i}" for i in task.splits["train"].column("id").to_pylist()])
-
-
-def _mix(ids: np.ndarray, seed: int) -> np.ndarray:
-    """SplitMix64 of (id, seed): a seeded pseudo-random uint64 per id, independent of batching."""
-    with np.errstate(over="ignore"):
-        z = ids.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15) * np.uint64(seed + 1)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))

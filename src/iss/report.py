@@ -32,7 +32,7 @@ from iss.errors import ConfigError
 from iss.influence import InfluenceResult
 from iss.methods import COMPARISONS, display_name
 from iss.runs import MANIFEST_FILE
-from iss.stats import paired_bootstrap
+from iss.stats import paired_difference, sample_std
 
 
 def results_table(rows: list[dict]) -> list[dict]:
@@ -55,7 +55,7 @@ def results_table(rows: list[dict]) -> list[dict]:
         for task in tasks:
             scores = np.array([row["test"] for row in mine if row["task"] == task], dtype=float) * 100
             if scores.size:
-                line[task] = {"mean": float(scores.mean()), "std": float(scores.std()), "seeds": scores.size}
+                line[task] = {"mean": float(scores.mean()), "std": sample_std(scores), "seeds": scores.size}
                 means.append(scores.mean())
         line["average"] = float(np.mean(means)) if means else float("nan")
         lines.append(line)
@@ -84,29 +84,35 @@ def markdown(table: list[dict]) -> str:
     return markdown_rows(results_rows(table))
 
 
+def seed_unit(row: dict) -> int:
+    """The replication unit of one fine-tuning run: its pretraining's seed (its own seed without pretraining)."""
+    pretrain_seed = row.get("pretrain_seed")
+    return row["seed"] if pretrain_seed is None else pretrain_seed
+
+
 def differences_rows(
     rows: list[dict],
-    resamples: int = 10_000,
-    seed: int = 0,
     value: Callable[[dict], float] = lambda row: 100 * row["test"],
-    unit: str = "seed",
+    unit: Callable[[dict], int] = seed_unit,
+    unit_name: str = "seed",
     digits: int = 2,
 ) -> list[dict]:
-    """Paired differences per task and budget for :data:`COMPARISONS`, with 95% bootstrap CIs over ``unit``.
+    """Paired differences per task and budget for :data:`COMPARISONS`, with 95% t-intervals over units.
 
-    By default of test F1 (x100) over fine-tuning seeds; :func:`mechanism_differences` pairs mechanism-check
-    repeats instead.
+    By default of test F1 (x100) over pretraining seeds, each the mean of the fine-tuning seeds run on it
+    (:mod:`iss.stats`); :func:`mechanism_differences` pairs mechanism-check repeats instead.
     """
-    scores: dict[tuple, dict[int, float]] = {}
+    scores: dict[tuple, dict[int, list[float]]] = {}
     for row in rows:
-        scores.setdefault((row.get("task", ""), row.get("budget", ""), row["method"]), {})[row[unit]] = value(row)
+        key = (row.get("task", ""), row.get("budget", ""), row["method"])
+        scores.setdefault(key, {}).setdefault(unit(row), []).append(value(row))
     lines = []
     for task, budget in dict.fromkeys((row.get("task", ""), row.get("budget", "")) for row in rows):
         for first, second, meaning in COMPARISONS:
             a, b = scores.get((task, budget, first)), scores.get((task, budget, second))
             if not a or not b:
                 continue
-            diff = paired_bootstrap(a, b, resamples, seed)
+            diff = paired_difference(a, b)
             lines.append(
                 {
                     **({"task": task} if task else {}),
@@ -116,14 +122,15 @@ def differences_rows(
                     "mean": round(diff.mean, digits),
                     "ci95_low": round(diff.low, digits),
                     "ci95_high": round(diff.high, digits),
-                    f"{unit}s": diff.n,
+                    "std": round(diff.std, digits),
+                    f"{unit_name}s": diff.n,
                     "verdict": diff.verdict,
                 }
             )
     return lines
 
 
-def mechanism_differences(rows: list[dict], resamples: int = 10_000, seed: int = 0) -> list[dict]:
+def mechanism_differences(rows: list[dict]) -> list[dict]:
     """Paired differences of the mechanism check over its repeats, as the test task loss the first subset takes
     off relative to the second (loss of second - loss of first: > 0 when the first lowers it more, so every
     comparison reads like the F1 ones). Empty unless the check was repeated."""
@@ -131,7 +138,7 @@ def mechanism_differences(rows: list[dict], resamples: int = 10_000, seed: int =
     if not repeated:
         return []
     return differences_rows(
-        repeated, resamples, seed, value=lambda row: -row["test_task_loss"], unit="repeat", digits=4
+        repeated, value=lambda row: -row["test_task_loss"], unit=lambda row: row["repeat"], unit_name="repeat", digits=4
     )
 
 
@@ -146,8 +153,8 @@ def mechanism_summary(rows: list[dict]) -> list[dict]:
                 "method": method,
                 **({"task": task} if task else {}),
                 "repeats": len(mine),
-                "test_task_loss": f"{loss.mean():.4f} ± {loss.std():.4f}",
-                "test_f1": f"{f1.mean():.3f} ± {f1.std():.3f}",
+                "test_task_loss": f"{loss.mean():.4f} ± {sample_std(loss):.4f}",
+                "test_f1": f"{f1.mean():.3f} ± {sample_std(f1):.3f}",
             }
         )
     return lines
@@ -160,35 +167,39 @@ def precise_losses(rows: list[dict]) -> list[dict]:
     ]
 
 
+DIFFERENCES_TITLE = (
+    "Paired differences of test F1 (x100): mean over pretraining seeds (fine-tuning seeds averaged within one), "
+    "95% t-interval"
+)
+
+
 def write_results(
     rows: list[dict],
     folder: Path,
     mechanism: list[dict] | None = None,
     subsets: list[dict] | None = None,
-    bootstrap: int = 10_000,
-    seed: int = 0,
 ) -> list[dict]:
     """results.md (scores, paired differences, subsets, mechanism check), results.csv (one line per run) and
     results.json (runs, the aggregated table and the other tables)."""
     table = results_table(rows)
-    differences = differences_rows(rows, bootstrap, seed)
+    differences = differences_rows(rows)
     sections = [markdown(table)]
     for title, extra in (
-        ("Paired differences of test F1 (x100), 95% bootstrap CI over seeds", differences),
+        (DIFFERENCES_TITLE, differences),
         ("Subsets", subsets),
-        *mechanism_sections(mechanism or [], bootstrap, seed),
+        *mechanism_sections(mechanism or []),
     ):
         if extra:
             sections.append(f"\n### {title}\n\n{markdown_rows(extra)}")
     (folder / "results.md").write_text("".join(sections), encoding="utf-8")
     with (folder / "results.csv").open("w", newline="", encoding="utf-8") as handle:
-        fields = ["method", "budget", "task", "seed", "dev", "test", "subset_docs", "flops"]
+        fields = ["method", "budget", "task", "pretrain_seed", "seed", "dev", "test", "subset_docs", "flops"]
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         for row in rows:
             writer.writerow({key: row.get(key, "") for key in fields})
     extras = {"differences": differences, "subsets": subsets or [], "mechanism": mechanism or []}
-    extras["mechanism_differences"] = mechanism_differences(mechanism or [], bootstrap, seed)
+    extras["mechanism_differences"] = mechanism_differences(mechanism or [])
     (folder / "results.json").write_text(
         json.dumps({"runs": rows, "table": table, **extras}, indent=2), encoding="utf-8"
     )
@@ -197,8 +208,6 @@ def write_results(
 
 def mechanism_sections(
     rows: list[dict],
-    bootstrap: int = 10_000,
-    seed: int = 0,
     title: str = "Mechanism check: warmed-up model + MLM on the subset, task head scored without fine-tuning",
 ) -> list[tuple[str, list[dict]]]:
     """The mechanism check's tables (title, rows): each check as it is, or, repeated, mean ± std per method and
@@ -209,8 +218,8 @@ def mechanism_sections(
         (f"{title} (mean ± std over repeats)", mechanism_summary(rows)),
         (
             f"{title}: loss of the second - loss of the first (> 0: the first lowers the test task loss more), "
-            "paired over repeats, 95% bootstrap CI",
-            mechanism_differences(rows, bootstrap, seed),
+            "paired over repeats, 95% t-interval",
+            mechanism_differences(rows),
         ),
     ]
 

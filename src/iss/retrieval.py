@@ -236,3 +236,16 @@ def collect_pool(hits: TopK, corpus: CorpusConfig) -> pa.Table:
             "n_queries": pa.array(n_queries, pa.int32()),
         }
     )
+
+
+def query_order(hits: pa.Table, pool_ids: np.ndarray) -> np.ndarray:
+    """Pool rows in BM25 order: query by query, each query's hits best first, a document where it first
+    appears. Consecutive rows are then neighbours (hits of one query), which is how B_p > 1 units are formed."""
+    order = np.lexsort((hits.column("rank").to_numpy(), hits.column("query").to_numpy()))
+    ranked = hits.column("corpus_id").to_numpy()[order]
+    _, first = np.unique(ranked, return_index=True)
+    in_order = ranked[np.sort(first)]
+    rows = np.searchsorted(pool_ids, in_order)
+    if not np.array_equal(pool_ids[rows], in_order) or rows.size != pool_ids.size:
+        raise ValueError("the hits and the pool do not hold the same documents")
+    return rows

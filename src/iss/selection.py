@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -47,6 +48,7 @@ class Selection:
     doc_ids: list[int] = field(default_factory=list)
     best_score: dict[int, float] = field(default_factory=dict)
     chosen_by: dict[int, list[str]] = field(default_factory=dict)
+    unit_mates: dict[int, list[int]] = field(default_factory=dict)  # the other documents of the unit it came in
     tokens: int = 0
     budget_met: bool = False
     depth: int = 0
@@ -88,6 +90,7 @@ def round_robin(lists: RankedLists, doc_tokens: dict[int, int], kind: str, limit
                         return selection
                     chosen.add(doc)
                     selection.doc_ids.append(doc)
+                    selection.unit_mates[doc] = [d for d in lists.unit_docs[unit].tolist() if d != doc]
                     selection.tokens += doc_tokens[doc]
                     selection.chosen_by[doc] = []
                 selection.chosen_by[doc].extend(lists.chooser_names[chooser])
@@ -129,11 +132,18 @@ def subset_table(selection: Selection, pool: pa.Table, doc_tokens: dict[int, int
             "chosen_by": pa.array(
                 [sorted(set(selection.chosen_by[d]), key=_natural) for d in selection.doc_ids], pa.list_(pa.string())
             ),
+            "unit_mates": pa.array([selection.unit_mates[d] for d in selection.doc_ids], pa.list_(pa.int64())),
             "n_tokens": pa.array([doc_tokens[d] for d in selection.doc_ids], pa.int64()),
             "bm25_score": picked.column("bm25_score"),
             "selection_rank": pa.array(np.arange(len(rows)), pa.int64()),
         }
     )
+
+
+def source_shares(sources: list[str | None]) -> dict[str, float]:
+    """Share of the documents from each source, largest first (what a subset is made of)."""
+    counts = Counter(source or "" for source in sources)
+    return {source: round(count / max(1, len(sources)), 4) for source, count in counts.most_common()}
 
 
 def _natural(name: str) -> tuple[str, int]:

@@ -1,16 +1,20 @@
-"""Statistics for comparing methods over the same seeds: paired differences with bootstrap confidence intervals.
+"""Statistics for comparing methods: paired differences over pretraining seeds with t-intervals.
 
-Every method is fine-tuned with the same seeds, so seed s of method A and seed s of method B share their
-fine-tuning randomness; the difference per seed is the paired quantity, and resampling seeds (with
-replacement) gives a percentile interval for its mean. With five seeds the interval is wide: that is the
-point, a difference inside it is reported as a tie.
+The unit of replication is one pretraining (its seed id): a method's score for that unit is the mean over the
+fine-tuning seeds run on it, so fine-tuning noise is averaged within a unit and pretraining noise is what the
+units vary by. Two methods are paired by unit id (never by position); the interval is Student's t over the
+paired differences (scipy), which holds its level for a handful of units where a percentile bootstrap over
+five values covered ~83 % when it claimed 95 %. One shared unit gives no interval and no verdict.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import stats
 
 
 @dataclass(frozen=True)
@@ -19,10 +23,13 @@ class PairedDifference:
     low: float
     high: float
     n: int
+    std: float  # of the paired differences, ddof = 1 (NaN for one unit)
 
     @property
     def verdict(self) -> str:
-        """'better' or 'worse' when the 95% interval excludes zero, else 'tie'."""
+        """'better' or 'worse' when the interval excludes zero, 'tie' inside it, 'n/a' without an interval."""
+        if math.isnan(self.low):
+            return "n/a"
         if self.low > 0:
             return "better"
         if self.high < 0:
@@ -30,16 +37,36 @@ class PairedDifference:
         return "tie"
 
 
-def paired_bootstrap(
-    first: dict[int, float], second: dict[int, float], resamples: int = 10_000, seed: int = 0, level: float = 0.95
+def unit_means(scores: Mapping[int, float | Sequence[float]]) -> dict[int, float]:
+    """Unit id -> its score, a unit's several values (fine-tuning seeds on one pretraining) averaged."""
+    return {unit: float(np.mean(value)) for unit, value in scores.items()}
+
+
+def sample_std(values: Sequence[float]) -> float:
+    """Standard deviation with ddof = 1 (NaN for fewer than two values): the spread of seeds, not of a census."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
+
+
+def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """Student's t interval for the mean of ``values`` (NaN bounds for fewer than two; a point for no spread)."""
+    values = np.asarray(values, dtype=float)
+    if values.size < 2:
+        return float("nan"), float("nan")
+    mean = float(values.mean())
+    if np.ptp(values) == 0:
+        return mean, mean
+    low, high = stats.t.interval(level, values.size - 1, loc=mean, scale=stats.sem(values))
+    return float(low), float(high)
+
+
+def paired_difference(
+    first: Mapping[int, float | Sequence[float]], second: Mapping[int, float | Sequence[float]], level: float = 0.95
 ) -> PairedDifference:
-    """Mean of first[s] - second[s] over the seeds both have, with a percentile bootstrap interval."""
-    seeds = sorted(set(first) & set(second))
-    if not seeds:
+    """Mean of first[u] - second[u] over the unit ids both have, with its t-interval."""
+    a, b = unit_means(first), unit_means(second)
+    units = sorted(set(a) & set(b))
+    if not units:
         raise ValueError("the two methods share no seed: nothing to pair")
-    differences = np.array([first[s] - second[s] for s in seeds], dtype=float)
-    draws = np.random.default_rng(seed).integers(0, len(seeds), size=(resamples, len(seeds)))
-    means = differences[draws].mean(axis=1)
-    tail = (1 - level) / 2 * 100
-    low, high = np.percentile(means, [tail, 100 - tail])
-    return PairedDifference(float(differences.mean()), float(low), float(high), len(seeds))
+    differences = [a[u] - b[u] for u in units]
+    low, high = t_interval(differences, level)
+    return PairedDifference(float(np.mean(differences)), low, high, len(units), sample_std(differences))
