@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import gzip
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+
+import iss
 
 from .conftest import CLI_BUDGET as BUDGET
 from .conftest import TINY_TRAINING
@@ -91,6 +95,34 @@ def test_cli_reports_bad_config_in_one_line(tmp_path):
     assert result.returncode == 2
     assert "layer must be 'last', 'embeddings' or a block number" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_config_typo_names_the_file_the_key_and_the_nearest_key(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text("influence:\n  layr: 2\nselection:\n  budget: 10%\nfinetune:\n  epochs: 0\n", encoding="utf-8")
+    line = _one_error_line(_iss("select", str(path), "--quiet"))
+    assert f"{path}: unknown key 'influence.layr'; did you mean 'influence.layer'?" in line
+    assert "finetune.epochs: Input should be greater than or equal to 1" in line
+    assert "pydantic" not in line
+    line = _one_error_line(_iss("config", str(path.with_name("none.yaml"))))
+    assert "config file not found" in line
+    line = _one_error_line(_iss("select", "--set", "corpus.mixture.weigths={}", "--quiet"))
+    assert "did you mean 'corpus.mixture.weights'?" in line
+
+
+def test_version_and_help_answer_without_importing_torch():
+    """`iss --help` and `--version` must be instant: the CLI module imports no torch, datasets or sklearn, and the
+    method list in `iss select --help` is the registry's."""
+    heavy = "import sys, iss.cli; print(sorted(m for m in ('torch', 'datasets', 'sklearn') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", heavy], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+    version = _iss("--version")
+    assert version.returncode == 0 and version.stdout.strip() == f"iss {iss.__version__}"
+    from iss.cli import SELECTION_METHOD_NAMES
+    from iss.methods import SELECTION
+
+    assert tuple(SELECTION) == SELECTION_METHOD_NAMES
+    assert ", ".join(SELECTION) in " ".join(_iss("select", "--help").stdout.split()).replace("│ ", "")
 
 
 @pytest.mark.slow

@@ -24,6 +24,7 @@ from iss.config import (
 )
 from iss.data import DataError, corpus_shards, iter_corpus, load_task, read_shard
 from iss.errors import ConfigError
+from iss.pipeline import Pipeline
 from iss.retrieval import BM25Index
 
 from .conftest import CORPUS, REPO, SHARED, require_shared
@@ -169,6 +170,16 @@ def test_a_mixture_keeps_included_sources_and_a_seeded_share_of_weighted_ones(tm
     assert [int(i) for b in iter_corpus(reseeded) for i in b.ids] != small_batches
     by_file = CorpusConfig(paths=[str(corpus)], mixture={"by": "file", "include": ["b.*"]})
     assert [int(i) for b in iter_corpus(by_file) for i in b.ids] == list(range(1500, 3000))
+
+
+@pytest.mark.parametrize("text", ["12.5%", "0.5%", "20%", "4000 docs", "2.5e5 tokens", 0.125])
+def test_a_budget_reads_back_from_its_own_text_and_reaches_a_sweeps_variant_unchanged(text, tmp_path):
+    """12.5 % must not become 12 %, nor 0.5 % fail, in a budget sweep's variants or their stage names."""
+    budget = Budget.parse(text)
+    assert Budget.parse(str(budget)) == budget
+    variant = Pipeline(IssConfig(run_dir=str(tmp_path)), show_progress=False).method_variant("tlm", budget, budget.tag)
+    assert variant.config.selection.budget == budget
+    assert variant.tag == {"12.5%": "@12.5pct", "0.5%": "@0.5pct", 0.125: "@12.5pct"}.get(text, variant.tag)
 
 
 def test_a_mixture_changes_the_corpus_fingerprint_and_rejects_shares_outside_0_1():

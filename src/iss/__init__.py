@@ -12,14 +12,50 @@ The library behind the ``iss`` command::
 :data:`SELECTION` and :data:`EVALUATED`.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from iss._version import __version__
-from iss.api import select
-from iss.config import IssConfig, load_config
 from iss.errors import ConfigError, DataError, IssError
-from iss.influence import InfluenceResult, InfluenceScorer
-from iss.methods import EVALUATED, SELECTION, Candidates, EvaluatedMethod, SelectionMethod
-from iss.pipeline import Pipeline
-from iss.topk import TopK
+
+if TYPE_CHECKING:
+    from iss.api import select
+    from iss.config import IssConfig, load_config
+    from iss.influence import InfluenceResult, InfluenceScorer
+    from iss.methods import EVALUATED, SELECTION, Candidates, EvaluatedMethod, SelectionMethod
+    from iss.pipeline import Pipeline
+    from iss.topk import TopK
+
+# imported on first use: `iss --help` and `import iss.config` need none of torch, datasets or scikit-learn
+_LAZY = {
+    "select": "iss.api",
+    "IssConfig": "iss.config",
+    "load_config": "iss.config",
+    "InfluenceResult": "iss.influence",
+    "InfluenceScorer": "iss.influence",
+    "EVALUATED": "iss.methods",
+    "SELECTION": "iss.methods",
+    "Candidates": "iss.methods",
+    "EvaluatedMethod": "iss.methods",
+    "SelectionMethod": "iss.methods",
+    "Pipeline": "iss.pipeline",
+    "TopK": "iss.topk",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'iss' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "EVALUATED",

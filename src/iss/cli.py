@@ -1,31 +1,33 @@
-"""The ``iss`` command line: parses options, builds the config, calls the pipeline. Nothing else."""
+"""The ``iss`` command line: parses options, builds the config, calls the pipeline. Nothing else.
+
+Everything heavy (torch, datasets, the pipeline) is imported inside the commands, so ``iss --help`` and
+``iss --version`` answer at once.
+"""
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 import yaml
 from pydantic import ValidationError
 from rich.console import Console
-from rich.logging import RichHandler
 from rich.markup import escape
-from rich.table import Table
 
-from iss.analysis import analyze_layers, analyze_tsne, analyze_words
+from iss._version import __version__
 from iss.config import IssConfig, load_config
 from iss.errors import IssError
-from iss.estimate import ESTIMATE_FILE, estimate_run
-from iss.parallel import processes
-from iss.pipeline import Pipeline
-from iss.report import write_report
-from iss.runs import RunFolder, StageResult
+
+if TYPE_CHECKING:
+    from iss.pipeline import Pipeline
+    from iss.runs import StageResult
 
 app = typer.Typer(
     help="Influential Subset Selection: pick the corpus subset that helps one end task most.",
@@ -33,6 +35,24 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console(stderr=True)
+# the selection methods, as the registry (iss.methods) has them: named here so that `--help` imports no torch
+SELECTION_METHOD_NAMES = ("iss", "tlm", "random", "random-corpus", "iss-bottom")
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"iss {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Influential Subset Selection: pick the corpus subset that helps one end task most."""
+
 
 ConfigArg = Annotated[Path | None, typer.Argument(help="YAML config (defaults: ChemProt + the shared corpus).")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config key: --set influence.layer=1")]
@@ -63,8 +83,16 @@ def _build_config(config: Path | None, overrides: list[str] | None, extra: dict[
     return load_config(config).with_overrides(parsed)
 
 
+def _action(stage: str) -> Callable[[Pipeline], StageResult]:
+    """A Pipeline method by name, or a function of the pipeline named ``module:function`` (imported now)."""
+    if ":" in stage:
+        module, function = stage.split(":")
+        return getattr(importlib.import_module(module), function)
+    return lambda pipeline: getattr(pipeline, stage)()
+
+
 def _run(
-    stage: str | Callable[[Pipeline], StageResult],
+    stage: str,
     config: Path | None,
     overrides: list[str] | None,
     quiet: bool,
@@ -72,11 +100,14 @@ def _run(
     reuse_from: Path | None = None,
     **extra: Any,
 ) -> None:
-    """Build the config, run ``stage`` (a Pipeline method name or a function of the pipeline), print results."""
+    """Build the config, run ``stage`` (a Pipeline method name or ``module:function``), print results."""
     _logging(quiet)
-    action = stage if callable(stage) else lambda pipeline: getattr(pipeline, stage)()
     with _one_line_errors():
         settings = _build_config(config, overrides, extra)
+        from iss.pipeline import Pipeline
+        from iss.runs import RunFolder
+
+        action = _action(stage)
         if reuse_from is not None:
             linked = RunFolder(settings.run_dir).link_stages_from(reuse_from)
             logging.getLogger("iss").info("linked %d finished stages from %s", len(linked), reuse_from)
@@ -86,6 +117,8 @@ def _run(
 
 
 def _logging(quiet: bool) -> None:
+    from rich.logging import RichHandler
+
     logging.basicConfig(
         level=logging.WARNING if quiet else logging.INFO,
         format="%(message)s",
@@ -105,6 +138,10 @@ def _one_line_errors() -> Iterator[None]:
 
 
 def _report(pipeline: Pipeline, result: StageResult, quiet: bool, as_json: bool) -> None:
+    from rich.table import Table
+
+    from iss.parallel import processes
+
     if not processes().is_main:  # under `accelerate launch` one process speaks for all
         return
     summaries = {name: {"path": str(r.path), "reused": r.reused, **r.summary} for name, r in pipeline.results.items()}
@@ -128,7 +165,7 @@ def _report(pipeline: Pipeline, result: StageResult, quiet: bool, as_json: bool)
 @app.command()
 def select(
     config: ConfigArg = None,
-    method: Annotated[str | None, typer.Option(help="iss, tlm (BM25 only) or random.")] = None,
+    method: Annotated[str | None, typer.Option(help=f"One of {', '.join(SELECTION_METHOD_NAMES)}.")] = None,
     budget: Annotated[str | None, typer.Option(help="'2000 docs', '1e6 tokens' or '20%' of the pool.")] = None,
     run_dir: RunDirOpt = None,
     reuse_from: ReuseOpt = None,
@@ -149,9 +186,7 @@ def select(
     )
 
 
-def _stage_command(
-    stage: str | Callable[[Pipeline], StageResult], doc: str, name: str | None = None, group: typer.Typer = app
-) -> None:
+def _stage_command(stage: str, doc: str, name: str | None = None, group: typer.Typer = app) -> None:
     def command(
         config: ConfigArg = None,
         run_dir: RunDirOpt = None,
@@ -164,7 +199,7 @@ def _stage_command(
         _run(stage, config, overrides, quiet, as_json, reuse_from, run_dir=run_dir, backend=backend)
 
     command.__doc__ = doc
-    group.command(name=name or stage.replace("_", "-"))(command)
+    group.command(name=name or stage.split(":")[-1].replace("_", "-"))(command)
 
 
 _stage_command("data", "Load the task splits and label mapping into the run folder.")
@@ -181,6 +216,9 @@ def _run_all_estimated(pipeline: Pipeline) -> StageResult:
     """``run_all``, after saying how long a fresh run folder would take on this machine and keeping that in the
     run folder's ``estimate.json`` (see iss.estimate; one process only: the estimate runs stages outside the
     lockstep of several processes)."""
+    from iss.estimate import ESTIMATE_FILE, estimate_run
+    from iss.parallel import processes
+
     if not processes().distributed:
         estimate = estimate_run(pipeline)
         estimate.save(pipeline.run.root / ESTIMATE_FILE)
@@ -190,7 +228,7 @@ def _run_all_estimated(pipeline: Pipeline) -> StageResult:
 
 
 _stage_command(
-    _run_all_estimated,
+    "iss.cli:_run_all_estimated",
     "The whole loop for every method and seed: select, pretrain, fine-tune, evaluate; writes the results table. "
     "Prints the estimated time first.",
     name="run",
@@ -200,19 +238,19 @@ _stage_command(
 analyze_app = typer.Typer(help="The paper's analyses: influential words, t-SNE of task features, layer ablation.")
 app.add_typer(analyze_app, name="analyze")
 _stage_command(
-    analyze_words,
+    "iss.analysis:analyze_words",
     "PMI of words and labels; frequency of the top task words in each subset and the corpus (Table 6).",
     name="words",
     group=analyze_app,
 )
 _stage_command(
-    analyze_tsne,
+    "iss.analysis:analyze_tsne",
     "t-SNE of the test texts' [CLS] features: ISS- vs TLM-pretrained vs untrained model (Figure 4).",
     name="tsne",
     group=analyze_app,
 )
 _stage_command(
-    analyze_layers,
+    "iss.analysis:analyze_layers",
     "Select at the embeddings and each block, fine-tune each: F1 and selection time per layer (Fig. 3, Tab. 7).",
     name="layers",
     group=analyze_app,
@@ -228,6 +266,8 @@ def report(
 ) -> None:
     """One self-contained HTML page (and Markdown) with config, results, selection, scores, plots, timings."""
     _logging(quiet)
+    from iss.report import write_report
+
     with _one_line_errors():
         summary = write_report(run_dir, out)
     if as_json:
@@ -239,7 +279,8 @@ def report(
 @app.command("config")
 def show_config(config: ConfigArg = None) -> None:
     """Print the full config (defaults filled in) as YAML, a starting point for your own."""
-    print(yaml.safe_dump(load_config(config).model_dump(mode="json"), sort_keys=False), end="")
+    with _one_line_errors():
+        print(yaml.safe_dump(load_config(config).model_dump(mode="json"), sort_keys=False), end="")
 
 
 if __name__ == "__main__":

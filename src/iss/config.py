@@ -6,15 +6,15 @@ out-of-range value fails at load time with the offending key named, not an hour 
 
 from __future__ import annotations
 
+import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from iss.errors import ConfigError
-from iss.methods import EVALUATED, SELECTION_METHODS
 
 
 class _Section(BaseModel):
@@ -363,11 +363,17 @@ class Budget(_Section):
         return cls(kind="docs", value=number)
 
     def __str__(self) -> str:
-        return f"{self.value:.0%}" if self.kind == "fraction" else f"{self.value:g} {self.kind}"
+        """What :meth:`parse` reads back to the same budget (12.5 % stays 12.5 %, not 12 %)."""
+        return f"{self.value * 100:g}%" if self.kind == "fraction" else f"{self.value:g} {self.kind}"
+
+    @property
+    def tag(self) -> str:
+        """The budget in stage names of a budget sweep: ``@12.5pct``, ``@4000docs``."""
+        return "@" + str(self).replace("%", "pct").replace(" ", "")
 
 
 class SelectionConfig(_Section):
-    method: Literal[SELECTION_METHODS] = Field(  # type: ignore[valid-type]
+    method: str = Field(
         "iss",
         description="iss (influence), tlm (BM25), random (of the pool); controls: random-corpus (random documents "
         "of the whole corpus) and iss-bottom (the pool's least influential candidates).",
@@ -378,6 +384,15 @@ class SelectionConfig(_Section):
     @classmethod
     def _parse_budget(cls, value: Any) -> Any:
         return value if isinstance(value, (Budget, dict)) else Budget.parse(value)
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        from iss.methods import SELECTION  # the registry imports the selection code; the config stays light
+
+        if value not in SELECTION:
+            raise ValueError(f"unknown selection method {value!r}; choose from {list(SELECTION)}")
+        return value
 
 
 class EvaluationConfig(_Section):
@@ -426,6 +441,8 @@ class EvaluationConfig(_Section):
     @field_validator("methods")
     @classmethod
     def _known_methods(cls, value: list[str]) -> list[str]:
+        from iss.methods import EVALUATED
+
         unknown = [m for m in value if m not in EVALUATED]
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; choose from {list(EVALUATED)}")
@@ -501,12 +518,17 @@ class IssConfig(_Section):
         for dotted, value in overrides.items():
             node = data
             *parents, leaf = dotted.split(".")
-            for key in parents:
-                if key not in node or not isinstance(node[key], dict):
-                    raise ConfigError(f"unknown config key {dotted!r}")
+            for depth, key in enumerate(parents):
+                known = _section_keys(tuple(parents[:depth]))
+                if key in known and node.get(key) is None and _section_keys(tuple(parents[: depth + 1])):
+                    node[key] = {}  # an optional section left out (corpus.mixture): start it
+                if not isinstance(node.get(key), dict):
+                    close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+                    hint = f"; did you mean {'.'.join([*parents[:depth], close[0]])!r}?" if close else ""
+                    raise ConfigError(f"unknown config key {dotted!r}{hint}")
                 node = node[key]
             node[leaf] = value
-        return IssConfig.model_validate(data)
+        return validate(data, "overrides (" + ", ".join(overrides) + ")")
 
 
 def load_config(path: str | Path | None = None) -> IssConfig:
@@ -520,7 +542,43 @@ def load_config(path: str | Path | None = None) -> IssConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the config must be a mapping of sections")
     _resolve_paths(raw, path.parent)
-    return IssConfig.model_validate(raw)
+    return validate(raw, str(path))
+
+
+def validate(data: dict[str, Any], where: str) -> IssConfig:
+    """``IssConfig`` from parsed data; a mistake is one :class:`ConfigError` naming ``where`` (the file), each
+    wrong key with its dotted path and, for an unknown key, the nearest known one."""
+    try:
+        return IssConfig.model_validate(data)
+    except ValidationError as error:
+        problems = []
+        for item in error.errors():
+            key = ".".join(str(part) for part in item["loc"])
+            if item["type"] == "extra_forbidden":
+                known = _section_keys(item["loc"][:-1])
+                close = difflib.get_close_matches(str(item["loc"][-1]), known, n=1, cutoff=0.5)
+                prefix = ".".join(str(part) for part in item["loc"][:-1])
+                hint = f"did you mean {'.'.join(filter(None, [prefix, close[0]]))!r}?" if close else "known keys: "
+                problems.append(f"unknown key {key!r}; " + (hint if close else hint + ", ".join(known)))
+            else:
+                problems.append(f"{key}: {item['msg'].removeprefix('Value error, ')}")
+        raise ConfigError(f"{where}: " + "; ".join(problems)) from None
+
+
+def _section_keys(location: tuple) -> list[str]:
+    """The keys a config section accepts, the section given by its path from the top (('influence',))."""
+    model: type[BaseModel] = IssConfig
+    for part in location:
+        field = model.model_fields.get(str(part))
+        nested = [t for t in (field.annotation, *get_args(field.annotation)) if _is_section(t)] if field else []
+        if not nested:
+            return []
+        model = nested[0]
+    return list(model.model_fields)
+
+
+def _is_section(kind: Any) -> bool:
+    return isinstance(kind, type) and issubclass(kind, BaseModel)
 
 
 def _resolve_paths(raw: dict[str, Any], base: Path) -> None:

@@ -20,7 +20,7 @@ import torch
 import transformers
 from tqdm.auto import tqdm
 
-from iss.config import IssConfig, fingerprint_dump
+from iss.config import Budget, IssConfig, fingerprint_dump
 from iss.data import TaskData, corpus_files, iter_corpus, load_task, read_task, save_task, seeded_hash
 from iss.distributed import ray_bm25_search
 from iss.errors import ConfigError
@@ -126,14 +126,14 @@ class Pipeline:
         pipeline.results, pipeline.base_config = self.results, self.base_config
         return pipeline
 
-    def method_variant(self, name: str, budget: str | None = None, budget_tag: str = "") -> Pipeline:
+    def method_variant(self, name: str, budget: Budget | str | None = None, budget_tag: str = "") -> Pipeline:
         """The pipeline of one evaluated method (``iss-cosine``, ``random-corpus``, ...; see iss.methods)."""
         method = EVALUATED[name]
         overrides = dict(method.overrides)
         if method.selection is not None:
             overrides["selection.method"] = method.selection
             if budget is not None:
-                overrides["selection.budget"] = budget
+                overrides["selection.budget"] = budget.model_dump() if isinstance(budget, Budget) else budget
         return self.variant(overrides, method.tag + budget_tag)
 
     @property
@@ -677,8 +677,8 @@ class Pipeline:
         for method in (EVALUATED[name] for name in config.evaluation.methods):
             pretrained = method.selection is not None
             for budget in budgets if pretrained else [None]:
-                budget_tag = f"@{str(budget).replace('%', 'pct').replace(' ', '')}" if sweep and budget else ""
-                pipeline = self.method_variant(method.name, str(budget) if budget else None, budget_tag)
+                budget_tag = budget.tag if sweep and budget else ""
+                pipeline = self.method_variant(method.name, budget, budget_tag)
                 label = {
                     "method": method.name,
                     "budget": str(budget) if budget and sweep else "",
