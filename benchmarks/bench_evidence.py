@@ -23,7 +23,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import carry
 import pyarrow.parquet as pq
 import yaml
 from measure import run_measured
@@ -64,9 +63,8 @@ def run_one(
 
     A variant (a label and config overrides) runs in a folder of its own that links the base run's finished
     stages in (``iss run --reuse-from``), so only the stages its overrides reach are computed;
-    ``new_stage_seconds`` is their cost (stages whose files are not the base run's). A base run first takes in
-    the results another machine carried out (benchmarks/carry.py) and, after it, checks that the upstream stages it
-    recomputed are the ones those results were made from.
+    ``new_stage_seconds`` is their cost (stages whose files are not the base run's). A run that must continue on
+    another machine travels as one ``iss export`` archive, taken in there with ``iss import``.
     """
     base_dir = run_dir = runs_root / setting / task
     config = SETTINGS[setting] / f"{task}.yaml"
@@ -74,13 +72,10 @@ def run_one(
     if variant:
         run_dir = variant_dir(base_dir, variant)
         command += ["--reuse-from", str(base_dir)]
-    else:
-        carry.carry_in(run_dir)
     command += ["--run-dir", str(run_dir)]
     for key, value in (overrides or {}).items():
         command += ["--set", f"{key}={json.dumps(value)}"]
     measured = run_measured(command, f"iss run {config}")
-    carry.check(run_dir)
     results = json.loads((run_dir / "results" / "results.json").read_text(encoding="utf-8"))
     manifest = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
     seconds = {name: stage.get("summary", {}).get("seconds") or 0 for name, stage in manifest["stages"].items()}

@@ -13,11 +13,13 @@ import pytest
 import torch
 from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM
 
+from iss import runs
 from iss.config import IssConfig, TaskConfig
 from iss.data import DataError, load_task
 from iss.errors import ConfigError
 from iss.model import TaskMLMModel
 from iss.pipeline import HEAD_SAMPLE_SEED_OFFSET, Pipeline
+from iss.runs import RunFolder
 
 from .conftest import CHEMPROT, CORPUS, require_shared
 
@@ -180,6 +182,35 @@ def test_a_base_fit_trains_the_top_blocks_on_a_sample_apart_from_the_random_corp
     control = pq.read_table(pipeline.variant({"selection.method": "random-corpus"}).select().path / "subset.parquet")
     shared = set(sample.column("corpus_id").to_pylist()) & set(control.column("corpus_id").to_pylist())
     assert len(shared) < 5  # 32 and 30 of 2,000 documents: ~0.5 by chance, 30 if they were the same draw
+
+
+def test_an_exported_run_continues_elsewhere_reusing_what_it_carries(tmp_path, tokenizer, monkeypatch):
+    """`export` packs the chosen finished stages with their fingerprints; `import_archive` into a fresh folder
+    lets the same config reuse them (nothing recomputed), reports the config keys where the runs differ, keeps
+    stages the folder has, and refuses an archive of another cache version."""
+    tokenizer.save_pretrained(str(tmp_path / "tok"))
+    config = _small_config(tmp_path / "first", tokenizer={"path": str(tmp_path / "tok")})
+    first = Pipeline(config.with_overrides({"selection.method": "tlm"}), show_progress=False)
+    first.select()
+    archive = tmp_path / "carry" / "run.tar.gz"
+    names = first.run.export(archive, skip=["tokenizer"])
+    assert names == ["data", "retrieval", "select-tlm"]
+
+    elsewhere = config.with_overrides({"run_dir": str(tmp_path / "second"), "selection.method": "tlm"})
+    folder = RunFolder(elsewhere.run_dir)
+    report = folder.import_archive(archive, elsewhere.model_dump(mode="json"))
+    assert report["imported"] == names and report["kept"] == [] and report["config_differs"] == ["run_dir"]
+    second = Pipeline(elsewhere, show_progress=False)
+    second.select()
+    assert second.results["select-tlm"].reused and second.results["retrieval"].reused
+    assert not second.results["tokenizer"].reused  # not carried: made here, the same fingerprint
+    same = pq.read_table(second.results["select-tlm"].path / "subset.parquet").column("corpus_id")
+    assert same.equals(pq.read_table(first.results["select-tlm"].path / "subset.parquet").column("corpus_id"))
+    assert folder.import_archive(archive)["kept"] == names  # already there: kept as they are
+
+    monkeypatch.setattr(runs, "CACHE_VERSION", "9.9")
+    with pytest.raises(ConfigError, match="whose stage fingerprints"):
+        RunFolder(tmp_path / "third").import_archive(archive)
 
 
 def test_mismatched_tokenizer_and_model_fail_clearly(tmp_path, tokenizer):

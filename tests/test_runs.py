@@ -85,14 +85,14 @@ def test_reusing_an_artifact_of_another_version_says_so(tmp_path, caplog):
 
 
 def test_input_signature_follows_the_bytes_not_the_mtime(tmp_path, monkeypatch):
-    monkeypatch.setattr(runs, "HASH_CACHE", tmp_path / "hashes")
+    monkeypatch.setenv("ISS_CACHE", str(tmp_path / "cache"))
     data = tmp_path / "task"
     data.mkdir()
     (data / "train.jsonl").write_text('{"text": "a"}\n', encoding="utf-8")
     before = runs.file_signature([str(data)])
     os.utime(data / "train.jsonl", ns=(1, 1))  # a re-synced copy: same bytes, new mtime
     assert runs.file_signature([str(data)]) == before
-    assert len(list((tmp_path / "hashes").iterdir())) == 2  # hashed once per (path, size, mtime, inode)
+    assert len(list((tmp_path / "cache" / "file-hashes").iterdir())) == 2  # hashed once per (path, size, mtime, inode)
     (data / "train.jsonl").write_text('{"text": "b"}\n', encoding="utf-8")  # same size, new bytes
     after = runs.file_signature([str(data)])
     assert after[0][1] == before[0][1] and after != before

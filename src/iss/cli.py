@@ -276,6 +276,54 @@ def report(
         console.print(f"report: {summary['html']} ({len(summary['sections'])} sections, {summary['figures']} figures)")
 
 
+@app.command("export")
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder (holds manifest.json).")],
+    archive: Annotated[Path, typer.Argument(help="The .tar.gz to write.")],
+    stages: Annotated[
+        list[str] | None, typer.Option("--stages", help="Stage-name patterns to carry (default: every finished one).")
+    ] = None,
+    skip: Annotated[list[str] | None, typer.Option("--skip", help="Stage-name patterns to leave out.")] = None,
+) -> None:
+    """Pack finished stages (with their fingerprints) into one archive that `iss import` takes elsewhere."""
+    from iss.runs import MANIFEST_FILE, RunFolder
+
+    with _one_line_errors():
+        if not (run_dir / MANIFEST_FILE).is_file():
+            raise IssError(f"{run_dir} is not a run folder (no {MANIFEST_FILE})")
+        names = RunFolder(run_dir).export(archive, stages, skip)
+    print(json.dumps({"archive": str(archive), "stages": names, "bytes": archive.stat().st_size}, indent=2))
+
+
+@app.command("import")
+def import_(
+    archive: Annotated[Path, typer.Argument(help="An archive written by `iss export`.")],
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="The local config: its run folder receives the "
+            "stages, and the keys where the archive's run differs are listed.",
+        ),
+    ] = None,
+    run_dir: RunDirOpt = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Bring an exported run's finished stages into a run folder; the stages this config reaches are reused."""
+    from iss.runs import RunFolder
+
+    with _one_line_errors():
+        if not archive.is_file():
+            raise IssError(f"archive not found: {archive}")
+        settings = _build_config(config, overrides, {"run_dir": run_dir}) if config or run_dir else None
+        if settings is None:
+            raise IssError("say where the stages go: --config CONFIG (its run_dir) or --run-dir DIR")
+        report = RunFolder(settings.run_dir).import_archive(
+            archive, settings.model_dump(mode="json") if config else None
+        )
+    print(json.dumps({"run_dir": settings.run_dir, **report}, indent=2))
+
+
 @app.command("config")
 def show_config(config: ConfigArg = None) -> None:
     """Print the full config (defaults filled in) as YAML, a starting point for your own."""

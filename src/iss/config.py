@@ -129,6 +129,9 @@ class CorpusConfig(_Section):
     )
 
 
+DEFAULT_TOKENIZER_CACHE = "~/.cache/iss/tokenizers"
+
+
 class TokenizerConfig(_Section):
     path: str | None = Field(None, description="Existing tokenizer folder (further pretraining); else train one.")
     vocab_size: int = Field(16_000, ge=100)
@@ -136,10 +139,11 @@ class TokenizerConfig(_Section):
     max_corpus_docs: int = Field(200_000, ge=0, description="Corpus documents streamed into tokenizer training.")
     lowercase: bool = True
     cache_dir: str | None = Field(
-        "~/.cache/iss/tokenizers",
+        DEFAULT_TOKENIZER_CACHE,
         description="WordPiece training is not deterministic across processes, so a tokenizer trained on the same "
         "texts with the same settings is made once, kept here under their content hash and reused: the same config "
-        "gives the same tokenizer, and the same subset, in every run folder. None: always train.",
+        "gives the same tokenizer, and the same subset, in every run folder. Left at its default it moves with "
+        "$ISS_CACHE (then $ISS_CACHE/tokenizers). None: always train.",
     )
 
 

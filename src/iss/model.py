@@ -26,8 +26,9 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from torch import nn
 from transformers import AutoModelForMaskedLM, AutoTokenizer, BertConfig, PreTrainedTokenizerFast
 
-from iss.config import ModelConfig, TokenizerConfig
+from iss.config import DEFAULT_TOKENIZER_CACHE, ModelConfig, TokenizerConfig
 from iss.errors import ConfigError
+from iss.runs import cache_root
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 HEAD_FILE = "task_head.safetensors"
@@ -87,7 +88,8 @@ def cached_tokenizer(
     )
     for text in texts():
         digest.update(text.encode("utf-8", "surrogatepass") + b"\0")
-    folder = Path(cache_dir).expanduser() / digest.hexdigest()[:20]
+    root = cache_root() / "tokenizers" if cache_dir == DEFAULT_TOKENIZER_CACHE else Path(cache_dir).expanduser()
+    folder = root / digest.hexdigest()[:20]
     if (folder / "tokenizer.json").is_file():
         return load_tokenizer(folder), True
     tokenizer = train_tokenizer(texts(), config)

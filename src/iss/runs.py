@@ -7,12 +7,16 @@ when complete, so a killed stage never leaves a folder that looks finished.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
+import io
 import json
 import logging
 import os
 import platform
 import shutil
+import tarfile
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,6 +35,13 @@ from iss.errors import ConfigError
 log = logging.getLogger("iss")
 STAGE_FILE = "stage.json"
 MANIFEST_FILE = "manifest.json"
+EXPORT_FILE = "export.json"  # the first member of an `iss export` archive: what it holds and who made it
+
+
+def cache_root() -> Path:
+    """Where iss keeps what outlives a run folder (trained tokenizers, file digests): ``$ISS_CACHE``, else
+    ``~/.cache/iss``."""
+    return Path(os.environ.get("ISS_CACHE", "~/.cache/iss")).expanduser()
 
 
 def fingerprint(*parts: Any) -> str:
@@ -40,13 +51,10 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-HASH_CACHE = Path("~/.cache/iss/file-hashes")
-
-
 def file_signature(paths: list[str]) -> list[tuple[str, int, str]]:
     """Path, size and SHA-256 of each input file: edited inputs invalidate downstream stages, while a fresh copy of
     the same bytes (a new mtime: a re-synced data folder, a checkout) does not. A digest is cached by (path, size,
-    mtime, inode) under ``HASH_CACHE``, so a large corpus is read once, not at every run."""
+    mtime, inode) under ``cache_root()/file-hashes``, so a large corpus is read once, not at every run."""
     signature = []
     for path in paths:
         for file in sorted(_expand(Path(path))):
@@ -56,11 +64,11 @@ def file_signature(paths: list[str]) -> list[tuple[str, int, str]]:
 
 
 def content_digest(file: Path, cache: Path | None = None) -> str:
-    """SHA-256 of a file's bytes, from the cache (default ``HASH_CACHE``) while the file's (path, size, mtime,
-    inode) are unchanged."""
+    """SHA-256 of a file's bytes, from the cache (default ``cache_root()/file-hashes``) while the file's (path,
+    size, mtime, inode) are unchanged."""
     stat = file.stat()
     key = json.dumps([str(file), stat.st_size, stat.st_mtime_ns, stat.st_ino]).encode()
-    entry = (cache or HASH_CACHE).expanduser() / hashlib.sha256(key).hexdigest()[:32]
+    entry = (cache or cache_root() / "file-hashes").expanduser() / hashlib.sha256(key).hexdigest()[:32]
     if entry.is_file():
         return entry.read_text(encoding="utf-8")
     digest = hashlib.sha256()
@@ -219,6 +227,85 @@ class RunFolder:
         work.mkdir(parents=True, exist_ok=True)
         marker.write_text(stage_fingerprint, encoding="utf-8")
 
+    def finished_stages(self) -> dict[str, dict[str, Any]]:
+        """Every finished stage folder's record (``stage.json``), by stage name."""
+        return {
+            folder.name: json.loads((folder / STAGE_FILE).read_text(encoding="utf-8"))
+            for folder in sorted(self.root.iterdir())
+            if not folder.name.startswith(".") and (folder / STAGE_FILE).is_file()
+        }
+
+    def export(self, archive: str | Path, stages: list[str] | None = None, skip: list[str] | None = None) -> list[str]:
+        """Write finished stages into one ``.tar.gz`` that ``import_archive`` takes on another machine.
+
+        ``stages`` and ``skip`` are shell patterns of stage names (``finetune-*``, ``pretrain-*``): a run that must
+        continue elsewhere carries only what its remaining stages need (say, results and selections, not models).
+        The archive opens with ``export.json``: the iss version, the run's config and every stage's fingerprint.
+        """
+        records = self.finished_stages()
+        chosen = [
+            name
+            for name in records
+            if (not stages or any(fnmatch.fnmatchcase(name, p) for p in stages))
+            and not any(fnmatch.fnmatchcase(name, p) for p in skip or [])
+        ]
+        if not chosen:
+            raise ConfigError(f"{self.root}: no finished stage matches {stages or '*'} (less {skip or 'nothing'})")
+        manifest_path = self.root / MANIFEST_FILE
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.is_file() else {}
+        header = {
+            "iss": __version__,
+            "cache_version": CACHE_VERSION,
+            "config": manifest.get("config"),
+            "stages": {name: records[name]["fingerprint"] for name in chosen},
+        }
+        archive = Path(archive)
+        archive.parent.mkdir(parents=True, exist_ok=True)
+        tmp = archive.with_name(f".{archive.name}.tmp")
+        with tarfile.open(tmp, "w:gz") as tar:
+            blob = json.dumps(header, indent=2).encode()
+            info = tarfile.TarInfo(EXPORT_FILE)
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+            for name in chosen:
+                tar.add(self.root / name, arcname=name)
+        os.replace(tmp, archive)
+        return chosen
+
+    def import_archive(self, archive: str | Path, config: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Bring an ``export`` archive's stages into this run folder, after checking that this code can reuse them.
+
+        Refused when the archive was made under another cache version (its fingerprints can never match here). With
+        the local ``config`` (a dumped IssConfig) the keys where the archive's run differs are reported: stages
+        they reach will not match their fingerprints and are recomputed, the others are reused. A stage this
+        folder already has is kept as it is. Returns what was imported, kept and the differing keys.
+        """
+        with tarfile.open(archive, "r:gz") as tar:
+            header_file = tar.extractfile(EXPORT_FILE) if EXPORT_FILE in tar.getnames() else None
+            if header_file is None:
+                raise ConfigError(f"{archive}: not an iss export archive (no {EXPORT_FILE})")
+            header = json.loads(header_file.read())
+            if header["cache_version"] != CACHE_VERSION:
+                raise ConfigError(
+                    f"{archive}: made by iss {header['iss']}, whose stage fingerprints iss {__version__} never "
+                    "matches; import it with that version, or run the stages again"
+                )
+            kept = [name for name in header["stages"] if (self.root / name).exists()]
+            wanted = [name for name in header["stages"] if name not in kept]
+            with tempfile.TemporaryDirectory(dir=self.root, prefix=".import-") as scratch:
+                members = [m for m in tar.getmembers() if m.name.split("/", 1)[0] in wanted]
+                tar.extractall(scratch, members=members, filter="data")
+                for name in wanted:
+                    os.replace(Path(scratch) / name, self.root / name)
+        results = [
+            StageResult(name, self.root / name, record["fingerprint"], record.get("summary", {}), reused=True)
+            for name, record in self.finished_stages().items()
+            if name in wanted
+        ]
+        self.update_manifest(results, {} if (self.root / MANIFEST_FILE).is_file() else {"config": header["config"]})
+        differing = sorted(_differences(header.get("config") or {}, config)) if config is not None else []
+        return {"imported": wanted, "kept": kept, "config_differs": differing, "made_by": header["iss"]}
+
     def update_manifest(self, results: list[StageResult], extra: dict[str, Any]) -> Path:
         """Merge stage records into ``manifest.json`` (one entry per stage name)."""
         path = self.root / MANIFEST_FILE
@@ -235,3 +322,15 @@ class RunFolder:
         manifest["updated_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         write_json(path, manifest)
         return path
+
+
+def _differences(first: dict[str, Any], second: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested config dumps."""
+    keys = []
+    for key in sorted(set(first) | set(second)):
+        a, b = first.get(key), second.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}")
+    return keys
