@@ -50,6 +50,12 @@ def test_estimate_counts_the_runs_the_config_asks_for(tmp_path, tokenizer, fixed
     ]
     assert mechanism[1] > mechanism[0]
     assert mechanism[2] - mechanism[0] == pytest.approx(2 * (mechanism[1] - mechanism[0]))
+    grid = estimate_run(Pipeline(config.with_overrides({"evaluation.pretrain_seeds": [0, 1]}), False))
+    assert grid.runs == {"influence": 2, "pretraining": 6, "fine-tuning": 21}  # 3 x 2 x 3 + none's 3
+    gate = estimate_run(
+        Pipeline(config.with_overrides({"evaluation.methods": ["tlm", "random-corpus", "none"]}), False)
+    )
+    assert gate.seconds["warm-up"] == 0 and gate.runs["influence"] == 0  # nothing reads a warm-up there
 
 
 def test_packing_prices_full_rows_and_buckets_price_less_padding(tmp_path, tokenizer, fixed_price):
@@ -59,7 +65,7 @@ def test_packing_prices_full_rows_and_buckets_price_less_padding(tmp_path, token
         tokenizer={"path": str(tmp_path / "tok")},
         model={"max_length": 256},  # no ChemProt text truncated, so lengths (and padding) vary
         pretrain={"steps": 10, "batch_size": 4, "objective": "mlm"},
-        evaluation={"methods": ["tlm"]},
+        evaluation={"methods": ["iss"]},  # ISS reads a warm-up
         finetune={"seeds": [0]},
     )
     packed = estimate_run(Pipeline(config.with_overrides({"pretrain.packing": True}), False))
@@ -130,7 +136,7 @@ def test_iss_run_says_the_estimate_before_it_starts_and_keeps_it(monkeypatch, ca
         events.append("estimate")
         return estimate.RunEstimate({"warm-up": 90.0}, {}, {"joint": 1e-6, "task": 1e-6})
 
-    monkeypatch.setattr(cli, "estimate_run", estimated)
+    monkeypatch.setattr(estimate, "estimate_run", estimated)  # the CLI imports it when the command runs
     assert cli._run_all_estimated(Recorder()) == "results"
     assert events == ["estimate", "run_all"]
     said = capsys.readouterr().err.replace("\n", " ")

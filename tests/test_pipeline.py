@@ -20,6 +20,7 @@ from iss.errors import ConfigError
 from iss.model import TaskMLMModel
 from iss.pipeline import HEAD_SAMPLE_SEED_OFFSET, Pipeline
 from iss.runs import RunFolder
+from iss.selection import BudgetError
 
 from .conftest import CHEMPROT, CORPUS, require_shared
 
@@ -211,6 +212,21 @@ def test_an_exported_run_continues_elsewhere_reusing_what_it_carries(tmp_path, t
     monkeypatch.setattr(runs, "CACHE_VERSION", "9.9")
     with pytest.raises(ConfigError, match="whose stage fingerprints"):
         RunFolder(tmp_path / "third").import_archive(archive)
+
+
+def test_a_missing_layer_or_a_budget_over_the_pool_fails_before_warm_up(tmp_path, tokenizer):
+    """Checks the config, the data and the model's config can answer come before the first expensive stage:
+    ISS's select and run_all refuse influence.layer 99 and a budget larger than the pool with no warm-up made."""
+    tokenizer.save_pretrained(str(tmp_path / "tok"))
+    config = _small_config(tmp_path / "run", tokenizer={"path": str(tmp_path / "tok")})
+    with pytest.raises(ConfigError, match=r"influence.layer 99 is out of range: the model has blocks 1..2"):
+        Pipeline(config.with_overrides({"influence.layer": 99}), show_progress=False).select()
+    with pytest.raises(BudgetError, match="larger than the candidate pool"):
+        Pipeline(config.with_overrides({"selection.budget": "99999 docs"}), show_progress=False).select()
+    sweep = config.with_overrides({"evaluation.budgets": ["10 docs", "1e9 tokens"], "evaluation.methods": ["iss"]})
+    with pytest.raises(BudgetError, match="1000000000 tokens is larger"):
+        Pipeline(sweep, show_progress=False).run_all()
+    assert not (tmp_path / "run" / "warmup").exists() and (tmp_path / "run" / "retrieval").is_dir()
 
 
 def test_mismatched_tokenizer_and_model_fail_clearly(tmp_path, tokenizer):

@@ -105,3 +105,17 @@ def test_a_cached_digest_is_used_while_the_file_is_unchanged(tmp_path):
     (entry,) = cache.iterdir()
     entry.write_text("from-cache", encoding="utf-8")
     assert runs.content_digest(file, cache) == "from-cache" != digest  # read from the cache, not rehashed
+
+
+def test_require_shared_fails_under_ci_and_skips_elsewhere(monkeypatch, tmp_path):
+    from _pytest.outcomes import Failed, Skipped
+
+    from . import conftest
+
+    monkeypatch.setattr(conftest, "CORPUS", tmp_path / "absent.jsonl")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(Failed, match="CI=true"):
+        conftest.require_shared()
+    monkeypatch.delenv("CI")
+    with pytest.raises(Skipped, match="shared data not found"):
+        conftest.require_shared()

@@ -155,11 +155,17 @@ def _report(pipeline: Pipeline, result: StageResult, quiet: bool, as_json: bool)
     for column in ("stage", "status", "seconds", "summary"):
         table.add_column(column)
     for name, summary in summaries.items():
-        details = {k: v for k, v in summary.items() if k not in ("path", "reused", "seconds")}
+        # scalars only: curves, source shares and other tables stay in the stage's JSON (--json prints them)
+        details = {
+            k: v
+            for k, v in summary.items()
+            if k not in ("path", "reused", "seconds") and not isinstance(v, list | dict)
+        }
         status = "reused" if summary["reused"] else "ran"
         table.add_row(name, status, str(summary.get("seconds", "")), ", ".join(f"{k}={v}" for k, v in details.items()))
-    console.print(table)
-    console.print(f"output: {result.path}")
+    results = Console()  # the results go to stdout; logs and progress to stderr
+    results.print(table)
+    results.print(f"output: {result.path}")
 
 
 @app.command()

@@ -117,7 +117,7 @@ def probe_seconds_per_token(
     """Seconds per (padded) token of a training step of the run's model on one batch of task texts: with MLM +
     task loss (``joint``), or with the task loss on the parameters fine-tuning trains (``task``)."""
     config = pipeline.config
-    model = pipeline.initial_model(pipeline.task(), tokenizer, config.seed).to(pipeline.device)
+    model = pipeline.initial_model(pipeline.task(), tokenizer, config.seed, fitted_head=False).to(pipeline.device)
     blocks = config.finetune.trainable_blocks if objective == "task" else None
     set_trainable(model, config.model.freeze_embeddings, blocks)
     model.train()
@@ -207,10 +207,13 @@ def estimate_run(pipeline: Pipeline) -> RunEstimate:
             + (checks + 1) * (tokens["dev"] + tokens["test"]) * FORWARD_SHARE
         )
 
-    head_fit = config.model.mlm_head_steps * subset_batch * FORWARD_SHARE  # the encoder runs forward only
+    # the encoder runs forward only, unless the fit trains its top blocks too (a shared base)
+    head_share = 1.0 if config.model.mlm_head_blocks else FORWARD_SHARE
+    head_fit = config.model.mlm_head_steps * subset_batch * head_share
+    warmed_up = bool(influence_runs) or bool(config.evaluation.mechanism_steps)  # nothing else reads the warm-up
     seconds = {
         **({"MLM head fit": head_fit} if head_fit else {}),
-        "warm-up": warmup.epochs * warmup_epoch,
+        "warm-up": warmup.epochs * warmup_epoch if warmed_up else 0.0,
         "influence": len(influence_runs) * (int(pool_lengths.sum()) * INFLUENCE_SHARE + tokens["dev"]),
         "pretraining": pretrain_runs * pretrain_tokens,
         "fine-tuning": finetune_runs * (finetune.epochs * finetune_epoch + evaluation),

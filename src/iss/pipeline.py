@@ -70,6 +70,7 @@ class Pipeline:
         self.device = processes().device(pick_device(config.device))
         self.results: dict[str, StageResult] = {}
         self.frozen_states: dict[str, dict] = {}  # one pretrained model's frozen-block states, shared by its seeds
+        self.pool_lengths: dict[tuple[str, str], np.ndarray] = {}  # token counts of a pool, shared by variants
         self.base_config = config  # what the manifest records: the run's own config, not a variant's
         if not self.show_progress:
             transformers.utils.logging.disable_progress_bar()
@@ -123,7 +124,11 @@ class Pipeline:
         """The same run folder under changed settings (another method, budget or layer), sharing finished
         stages; ``tag`` keeps its selection/pretrain/fine-tune artifacts apart from the default ones."""
         pipeline = Pipeline(self.config.with_overrides(overrides), self.show_progress, tag)
-        pipeline.results, pipeline.base_config = self.results, self.base_config
+        pipeline.results, pipeline.base_config, pipeline.pool_lengths = (
+            self.results,
+            self.base_config,
+            self.pool_lengths,
+        )
         return pipeline
 
     def method_variant(self, name: str, budget: Budget | str | None = None, budget_tag: str = "") -> Pipeline:
@@ -155,14 +160,15 @@ class Pipeline:
         files = [str(file) for file in corpus_files(corpus)]  # hub names and saved datasets resolved
         return {"corpus": fingerprint_dump(corpus), "files": file_signature(files)}
 
-    def initial_model(self, task: TaskData, tokenizer, seed: int) -> TaskMLMModel:
+    def initial_model(self, task: TaskData, tokenizer, seed: int, fitted_head: bool = True) -> TaskMLMModel:
         """A fresh model sized by the config (from scratch) or the local checkpoint (further pretraining), with
-        its fitted MLM head when ``model.mlm_head_steps`` asks for one; a fresh task head either way."""
+        its fitted MLM head when ``model.mlm_head_steps`` asks for one (unless ``fitted_head`` is off: the same
+        architecture, for timing it before the fit runs); a fresh task head either way."""
         config = self.config
         torch.manual_seed(seed)
         if not config.model.path:
             return TaskMLMModel.from_scratch(config.model, tokenizer, len(task.labels))
-        head = self.mlm_head()
+        head = self.mlm_head() if fitted_head else None
         path = head.path / "model" if head else config.model.path
         model = TaskMLMModel.load(path, len(task.labels), config.model.trust_remote_code)
         if model.mlm.config.vocab_size < len(tokenizer):
@@ -171,6 +177,42 @@ class Pipeline:
                 f"{model.mlm.config.vocab_size} embeddings: they do not belong together"
             )
         return model
+
+    # ----------------------------------------------------------------------- checks before spending
+
+    def blocks(self) -> int:
+        """Transformer blocks of the model the run trains: the config's size, or the checkpoint's config."""
+        if not self.config.model.path:
+            return self.config.model.num_layers
+        checkpoint = transformers.AutoConfig.from_pretrained(
+            self.config.model.path, trust_remote_code=self.config.model.trust_remote_code
+        )
+        return checkpoint.num_hidden_layers
+
+    def check_layer(self) -> None:
+        """An influence layer the model does not have fails now, not after warm-up."""
+        layer = self.config.influence.layer
+        if isinstance(layer, int) and not 1 <= layer <= (blocks := self.blocks()):
+            raise ConfigError(f"influence.layer {layer} is out of range: the model has blocks 1..{blocks}")
+
+    def pool_token_counts(self) -> np.ndarray:
+        """Token counts of the BM25 pool's documents (computed once per pool and tokenizer, shared by variants)."""
+        retrieval, tokenizer_stage = self.retrieval(), self.tokenizer()
+        key = (retrieval.fingerprint, tokenizer_stage.fingerprint)
+        if key not in self.pool_lengths:
+            texts = pq.read_table(retrieval.path / "pool.parquet", columns=["text"]).column("text").to_pylist()
+            self.pool_lengths[key] = token_counts(load_tokenizer(tokenizer_stage.path), texts)
+        return self.pool_lengths[key]
+
+    def preflight(self, budgets: list[Budget] | None = None) -> None:
+        """Every check the config, the data and the model's config can answer, made before the first expensive
+        stage: the influence layer exists, and each budget fits the pool (which retrieval makes: a few minutes at
+        most, and the pool is needed anyway)."""
+        if SELECTION[self.config.selection.method].needs_influence or self.config.evaluation.mechanism_steps:
+            self.check_layer()
+        lengths = self.pool_token_counts()
+        for budget in budgets or [self.config.selection.budget]:
+            resolve_budget(budget, lengths)
 
     # ------------------------------------------------------------------------------------------- stages
 
@@ -343,6 +385,7 @@ class Pipeline:
     def influence(self) -> StageResult:
         config = self.config
         influence = config.influence
+        self.check_layer()
         retrieval, warmup, tokenizer_stage = self.retrieval(), self.warmup(), self.tokenizer()
         name = self.influence_name
 
@@ -396,6 +439,8 @@ class Pipeline:
         method = SELECTION[config.selection.method]
         retrieval, tokenizer_stage = self.retrieval(), self.tokenizer()
         upstream = {"retrieval": retrieval.fingerprint, "tokenizer": tokenizer_stage.fingerprint}
+        if method.needs_influence:
+            self.preflight()  # a budget over the pool or a missing layer fails before warm-up and influence
         influence = self.influence() if method.needs_influence else None
         if influence is not None:
             upstream[self.influence_name] = influence.fingerprint
@@ -405,7 +450,7 @@ class Pipeline:
         def body(folder: Path, summary: dict) -> None:
             pool = pq.read_table(retrieval.path / "pool.parquet")
             tokenizer = load_tokenizer(tokenizer_stage.path)
-            pool_lengths = token_counts(tokenizer, pool.column("text").to_pylist())
+            pool_lengths = self.pool_token_counts()
             kind, limit = resolve_budget(config.selection.budget, pool_lengths)
             if method.samples_corpus:
                 pool = self._corpus_sample(kind, limit, float(pool_lengths.mean()))
@@ -673,6 +718,8 @@ class Pipeline:
         config = self.config
         budgets = config.evaluation.budgets or [config.selection.budget]
         sweep = bool(config.evaluation.budgets)
+        for method in (EVALUATED[name] for name in config.evaluation.methods if EVALUATED[name].selection):
+            self.method_variant(method.name).preflight(budgets)
         rows, mechanism, subsets = [], [], []
         for method in (EVALUATED[name] for name in config.evaluation.methods):
             pretrained = method.selection is not None
