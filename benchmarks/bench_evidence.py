@@ -30,6 +30,7 @@ from measure import run_measured
 from iss.config import IssConfig, load_config
 from iss.model import load_tokenizer
 from iss.pipeline import Pipeline
+from iss.plan import RunPlan, finetune_stage, select_stage
 from iss.report import (
     differences_rows,
     markdown,
@@ -38,6 +39,7 @@ from iss.report import (
     precise_losses,
     results_table,
 )
+from iss.selection import source_shares
 from iss.training import unigram_entropy
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -102,10 +104,15 @@ def run_one(
         "pretraining": pretraining_rows(run_dir, manifest),
         "sources": source_rows(run_dir, results.get("subsets", [])),
         "overlap": overlap_rows(run_dir, results.get("subsets", [])),
-        "best_epochs": best_epochs(manifest, [n for n in manifest["stages"] if n.startswith("finetune-")]),
+        "best_epochs": best_epochs(manifest, [run.finetune for run in manifest_plan(manifest).runs]),
         **mlm_head(manifest),
         **results,
     }
+
+
+def manifest_plan(manifest: dict) -> RunPlan:
+    """The run plan of the config a run folder's manifest records: the names of its stages."""
+    return RunPlan(IssConfig.model_validate(manifest["config"]))
 
 
 def design(runs: list[dict], differences: list[dict]) -> dict:
@@ -165,7 +172,8 @@ def refresh(entry: dict, run_dir: Path) -> dict:
     manifest = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
     finetunes = []
     for run in entry["runs"]:
-        name = f"finetune-{run['method']}-seed{run['seed']}"
+        method = None if run["method"] == "none" else run["method"]
+        name = finetune_stage(method, "", run["seed"], run.get("pretrain_seed"))
         if manifest["stages"].get(name, {}).get("summary", {}).get("test") != run["test"]:
             raise SystemExit(f"{run_dir}: stage {name} is not the entry's run (test F1 differs or missing)")
         finetunes.append(name)
@@ -182,12 +190,11 @@ def source_rows(run_dir: Path, subsets: list[dict], shown: int = 4) -> list[dict
     the rest): the positive control can only pass if the pool is more in-domain than a random sample."""
     rows = []
     for name, parquet in subset_files(run_dir, subsets).items():
-        counts = Counter(_column(parquet, "source"))
-        total = sum(counts.values())
-        top = counts.most_common(shown)
-        mix = [f"{source} {count / total:.0%}" for source, count in top]
-        mix.append(f"other {1 - sum(count for _, count in top) / total:.0%}")
-        rows.append({"subset": name, "docs": total, "sources": ", ".join(mix)})
+        sources = _column(parquet, "source")
+        top = list(source_shares(sources).items())[:shown]
+        mix = [f"{source} {share:.0%}" for source, share in top]
+        mix.append(f"other {1 - sum(share for _, share in top):.0%}")
+        rows.append({"subset": name, "docs": len(sources), "sources": ", ".join(mix)})
     return rows
 
 
@@ -216,7 +223,7 @@ def overlap_rows(run_dir: Path, subsets: list[dict]) -> list[dict]:
 def subset_files(run_dir: Path, subsets: list[dict]) -> dict[str, Path]:
     """The BM25 pool's file (named ``POOL``) and each method's selected subset file that the run folder holds."""
     files = {POOL: run_dir / "retrieval" / "pool.parquet"}
-    files |= {row["method"]: run_dir / f"select-{row['method']}" / "subset.parquet" for row in subsets}
+    files |= {row["method"]: run_dir / select_stage(row["method"]) / "subset.parquet" for row in subsets}
     return {name: path for name, path in files.items() if path.exists()}
 
 
@@ -239,15 +246,14 @@ def pretraining_rows(run_dir: Path, manifest: dict) -> list[dict]:
     loss of a model that knows word frequencies only; a curve that stays above it has learned little."""
     tokenizer = load_tokenizer(run_dir / "tokenizer")
     rows = []
-    for name, stage in manifest["stages"].items():
-        if not name.startswith("pretrain-"):
-            continue
-        selection = name.removeprefix("pretrain-").rsplit("-seed", 1)[0]
-        subset = pq.read_table(run_dir / f"select-{selection}" / "subset.parquet", columns=["text"])
-        summary = stage["summary"]
+    plan = manifest_plan(manifest)
+    for name in plan.pretrainings():
+        run = plan.subset_of(name)
+        subset = pq.read_table(run_dir / run.select / "subset.parquet", columns=["text"])
+        summary = manifest["stages"][name]["summary"]
         rows.append(
             {
-                "subset": selection,
+                "subset": run.method + run.tag,
                 "steps": summary["steps"],
                 "final_mlm": summary.get("mlm"),
                 "final_task_mlm": summary.get("task_mlm"),

@@ -18,6 +18,7 @@ import torch
 from measure import run_measured
 
 from iss.config import load_config
+from iss.plan import select_stage
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -48,7 +49,7 @@ def main() -> None:
     lines = ["| method | wall s (cold run folder) | peak RSS GiB | docs selected | stage seconds |",
              "| --- | ---: | ---: | ---: | --- |"]  # fmt: skip
     for row in rows:
-        selected = row["stages"][f"select-{row['method']}"]
+        selected = row["stages"][select_stage(row["method"])]
         stages = ", ".join(f"{name} {seconds}" for name, seconds in row["stage_seconds"].items())
         lines.append(
             f"| {row['method']} | {row['wall_seconds']} | {row['peak_rss_gib']} | {selected['docs']} | {stages} |"

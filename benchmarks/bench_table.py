@@ -19,7 +19,9 @@ from pathlib import Path
 
 from measure import run_measured
 
+from iss.config import load_config
 from iss.estimate import ESTIMATE_FILE, RunEstimate
+from iss.plan import RunPlan
 from iss.report import markdown, results_table
 from iss.runs import MANIFEST_FILE
 
@@ -33,7 +35,8 @@ def run_task(task: str, runs_root: Path) -> dict:
     measured = run_measured(command, f"iss run {task}")
     report = json.loads((run_dir / "results" / "results.json").read_text(encoding="utf-8"))
     manifest = json.loads((run_dir / MANIFEST_FILE).read_text(encoding="utf-8"))
-    estimated = RunEstimate.load(run_dir / ESTIMATE_FILE).against(manifest)
+    plan = RunPlan(load_config(CONFIGS / f"{task}.yaml"))
+    estimated = RunEstimate.load(run_dir / ESTIMATE_FILE).against(manifest, plan)
     return {
         "task": task,
         "wall_seconds": measured.wall_seconds,

@@ -24,6 +24,7 @@ import torch
 from iss.config import IssConfig, load_config
 from iss.estimate import ESTIMATE_FILE, estimate_run
 from iss.pipeline import Pipeline
+from iss.plan import RunPlan
 from iss.runs import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -102,7 +103,7 @@ def main() -> None:
         "estimate_first": first.total,
         "estimate": final.total,
         "wall_seconds": round(time.perf_counter() - start, 1),
-        "seconds_by_kind": final.against(manifest),
+        "seconds_by_kind": final.against(manifest, RunPlan(config)),
         "positive_control": control,
         **results,
     }

@@ -356,7 +356,27 @@ def test_the_large_shared_corpus_streams_from_its_gzip_shards():
     assert len(batch.ids) == 500 and all(len(t) >= 50 for t in batch.texts)  # whole documents, 50+ characters
 
 
-@pytest.mark.parametrize("path", sorted(p.relative_to(REPO) for p in (REPO / "configs").rglob("*.yaml")), ids=str)
+CONFIG_FILES = sorted(p.relative_to(REPO) for p in (REPO / "configs").rglob("*.yaml") if "mixtures" not in p.parts)
+
+
+def test_the_general_mixture_cuts_the_tasks_domains_to_about_five_percent_of_the_large_corpus():
+    """configs/mixtures/general.yaml on the real large corpus: arXiv and biomedical sources ~5 % of the documents
+    read (the paper's general corpus), every other source whole."""
+    large = SHARED / "corpus" / "large"
+    if not large.is_dir():
+        pytest.skip(f"{large} not in this ../shared")
+    config = load_config(REPO / "configs" / "gate" / "chemprot-general.yaml").corpus
+    counts = Counter(source for batch in iter_corpus(config) for source in batch.sources)
+    whole = Counter(
+        source for batch in iter_corpus(config.model_copy(update={"mixture": None})) for source in batch.sources
+    )
+    science = sum(n for source, n in counts.items() if source.startswith(("arxiv_", "bio_")))
+    assert 0.03 < science / sum(counts.values()) < 0.06
+    assert counts["wiki_en"] == whole["wiki_en"] and counts["usenet_20ng"] == whole["usenet_20ng"]
+    assert 0.05 < counts["arxiv_cs"] / whole["arxiv_cs"] < 0.07
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=str)
 def test_bundled_configs_load_and_point_at_shared_data(path):
     require_shared()
     config = load_config(REPO / path)

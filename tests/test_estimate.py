@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 
 from iss import cli, estimate
+from iss.config import IssConfig
 from iss.estimate import estimate_run, padded_tokens
 from iss.pipeline import Pipeline
+from iss.plan import RunPlan
 from iss.training import encoded_lengths
 
 from .test_pipeline import _small_config
@@ -158,7 +160,8 @@ def test_estimate_is_held_against_the_manifests_stage_timings():
             "select-iss": {"summary": {"seconds": 1.0}},
         }
     }
-    rows = predicted.against(manifest)
+    plan = RunPlan(IssConfig(evaluation={"methods": ["iss", "tlm", "none"]}, finetune={"seeds": [0]}))
+    rows = predicted.against(manifest, plan)
     assert rows["pretraining"] == {"estimated": 40.0, "measured": 45.0}
     assert rows["fine-tuning"] == {"estimated": 50.0, "measured": 20.0}
     assert rows["total"] == {"estimated": 100.0, "measured": 77.0}

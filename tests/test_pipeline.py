@@ -179,7 +179,7 @@ def test_a_base_fit_trains_the_top_blocks_on_a_sample_apart_from_the_random_corp
         if not torch.equal(before, after)
     }
     assert changed == {"1"}  # block 2 of 2 (0-based 1) only
-    sample = pipeline._corpus_sample("docs", 32, 0.0, config.seed + HEAD_SAMPLE_SEED_OFFSET)
+    sample = pipeline.corpus_sample("docs", 32, 0.0, config.seed + HEAD_SAMPLE_SEED_OFFSET)
     control = pq.read_table(pipeline.variant({"selection.method": "random-corpus"}).select().path / "subset.parquet")
     shared = set(sample.column("corpus_id").to_pylist()) & set(control.column("corpus_id").to_pylist())
     assert len(shared) < 5  # 32 and 30 of 2,000 documents: ~0.5 by chance, 30 if they were the same draw
@@ -238,6 +238,10 @@ def test_mismatched_tokenizer_and_model_fail_clearly(tmp_path, tokenizer):
         Pipeline(config, show_progress=False).warmup()
     assert not (tmp_path / "run" / "warmup").exists()  # a failed stage leaves no artifact behind
     assert (tmp_path / "run" / "data" / "stage.json").is_file()  # finished stages are kept
+    with_head = config.with_overrides({"model.mlm_head_steps": 5, "evaluation.methods": ["tlm"]})
+    with pytest.raises(ConfigError, match="do not belong together"):
+        Pipeline(with_head, show_progress=False).run_all()  # before the head fit, the first expensive stage
+    assert not (tmp_path / "run" / "mlm-head").exists()
 
 
 def test_hub_loader_reads_a_datasets_source(tmp_path, monkeypatch):

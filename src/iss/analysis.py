@@ -36,6 +36,7 @@ from iss.data import iter_corpus
 from iss.errors import ConfigError
 from iss.methods import display_name
 from iss.model import TaskMLMModel, load_tokenizer, transformer_blocks
+from iss.plan import select_stage
 from iss.report import save_figure, write_rows
 from iss.stats import sample_std
 from iss.training import cls_features
@@ -272,7 +273,7 @@ def analyze_layers(pipeline: Pipeline) -> StageResult:
             {"influence.layer": "last" if last else layer, "selection.method": "iss"}, "" if last else f"@layer{layer}"
         )
         runs = [variant.finetune(seed, pretrain_seed=pretrain) for pretrain, seed in config.seed_pairs()]
-        influence, selected = variant.results[variant.influence_name], variant.results[f"select-iss{variant.tag}"]
+        influence, selected = variant.results[variant.influence_name], variant.results[select_stage("iss", variant.tag)]
         scores = np.array([run.summary["test"] for run in runs]) * 100
         rows.append(
             {

@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from iss._version import __version__
-from iss.config import IssConfig, load_config
+from iss.config import IssConfig, load_config, reference_markdown
 from iss.errors import IssError
 
 if TYPE_CHECKING:
@@ -180,7 +180,6 @@ def select(
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Select the influential subset (runs or reuses every stage the method needs)."""
     _run(
         "select",
         config,
@@ -190,6 +189,11 @@ def select(
         reuse_from,
         **{"selection.method": method, "selection.budget": budget, "run_dir": run_dir, "backend": backend},
     )
+
+
+select.__doc__ = (
+    f"Select a subset with one method ({', '.join(SELECTION_METHOD_NAMES)}); runs or reuses every stage it needs."
+)
 
 
 def _stage_command(stage: str, doc: str, name: str | None = None, group: typer.Typer = app) -> None:
@@ -331,10 +335,30 @@ def import_(
 
 
 @app.command("config")
-def show_config(config: ConfigArg = None) -> None:
+def show_config(
+    config: ConfigArg = None,
+    reference: Annotated[
+        bool, typer.Option("--reference", help="Print every key with its default and meaning (Markdown) instead.")
+    ] = False,
+) -> None:
     """Print the full config (defaults filled in) as YAML, a starting point for your own."""
+    if reference:
+        print(reference_markdown(), end="")
+        return
     with _one_line_errors():
         print(yaml.safe_dump(load_config(config).model_dump(mode="json"), sort_keys=False), end="")
+
+
+def commands_markdown() -> str:
+    """The command table of the README, from the commands registered here (a test keeps the README's copy current)."""
+    rows = ["| command | what it does |", "| --- | --- |"]
+    groups = [("", app), *((f"{group.name} ", group.typer_instance) for group in app.registered_groups)]
+    for prefix, group in groups:
+        for command in group.registered_commands:
+            name = command.name or command.callback.__name__.replace("_", "-")
+            summary = " ".join((command.help or command.callback.__doc__ or "").split("\n\n")[0].split())
+            rows.append(f"| `iss {prefix}{name}` | {summary} |")
+    return "\n".join(rows) + "\n"
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ def fingerprint_dump(section: BaseModel, **dump_options: Any) -> dict[str, Any]:
 class TaskConfig(_Section):
     """Where the labeled end task lives and which columns hold text and label."""
 
-    name: str = "chemprot"
+    name: str = Field("chemprot", description="The task's name in tables and result files.")
     path: str = Field(
         "../shared/data/tasks/chemprot",
         description="Folder with one file per split, a single file, or a Hugging Face dataset name.",
@@ -48,19 +48,23 @@ class TaskConfig(_Section):
         default_factory=lambda: {"train": "train", "dev": "validation", "test": "test"},
         description="Split role -> split name in the `hub` dataset.",
     )
-    text_column: str | list[str] = "text"
-    label_column: str = "label"
+    text_column: str | list[str] = Field(
+        "text", description="Column with the text, or a list of columns joined with a space (AG News title, body)."
+    )
+    label_column: str = Field("label", description="Column with the label (any values; ids follow train's order).")
     splits: dict[str, str] = Field(
         default_factory=lambda: {"train": "train", "dev": "dev", "test": "test"},
         description="Split role -> file stem (or hub split name).",
     )
     max_train: int | None = Field(None, ge=1, description="Keep a seeded sample of this many train rows.")
-    max_dev: int | None = Field(None, ge=1)
-    max_test: int | None = Field(None, ge=1)
+    max_dev: int | None = Field(None, ge=1, description="Keep a seeded sample of this many dev rows.")
+    max_test: int | None = Field(None, ge=1, description="Keep a seeded sample of this many test rows.")
     dev_fraction: float = Field(
         0.1, gt=0, lt=1, description="For single-file tasks: share of rows held out for dev (and again for test)."
     )
-    metric: Literal["micro_f1", "macro_f1"] = "micro_f1"  # the default task, ChemProt, reports micro-F1
+    metric: Literal["micro_f1", "macro_f1"] = Field(
+        "micro_f1", description="The reported test score: micro-F1 (ChemProt, RCT in the paper) or macro-F1 (others)."
+    )
 
     @field_validator("splits")
     @classmethod
@@ -115,8 +119,10 @@ class CorpusConfig(_Section):
     )
     hub_split: str = Field("train", description="Split of a Hugging Face corpus dataset.")
     hub_config: str | None = Field(None, description="Configuration (subset) of a Hugging Face corpus dataset.")
-    text_column: str = "text"
-    source_column: str | None = "source"
+    text_column: str = Field("text", description="Field (column) holding each document's text.")
+    source_column: str | None = Field(
+        "source", description="Field naming each document's source (its file's name where absent); mixtures use it."
+    )
     shard_size: int = Field(50_000, ge=1, description="Documents per shard in streamed stages.")
     max_docs: int | None = Field(None, ge=1, description="Read at most this many documents (quick runs).")
     max_doc_chars: int = Field(
@@ -134,10 +140,10 @@ DEFAULT_TOKENIZER_CACHE = "~/.cache/iss/tokenizers"
 
 class TokenizerConfig(_Section):
     path: str | None = Field(None, description="Existing tokenizer folder (further pretraining); else train one.")
-    vocab_size: int = Field(16_000, ge=100)
-    min_frequency: int = Field(2, ge=1)
+    vocab_size: int = Field(16_000, ge=100, description="WordPiece vocabulary of a tokenizer trained here.")
+    min_frequency: int = Field(2, ge=1, description="Fewest occurrences of a token kept in that vocabulary.")
     max_corpus_docs: int = Field(200_000, ge=0, description="Corpus documents streamed into tokenizer training.")
-    lowercase: bool = True
+    lowercase: bool = Field(True, description="Lowercase text before WordPiece (BERT uncased).")
     cache_dir: str | None = Field(
         DEFAULT_TOKENIZER_CACHE,
         description="WordPiece training is not deterministic across processes, so a tokenizer trained on the same "
@@ -149,10 +155,10 @@ class TokenizerConfig(_Section):
 
 class RetrievalConfig(_Section):
     top_k: int = Field(50, ge=1, description="Documents kept per task training query.")
-    k1: float = Field(1.2, gt=0)
-    b: float = Field(0.75, ge=0, le=1)
-    stopwords: str | None = "en"
-    query_batch_size: int = Field(512, ge=1)
+    k1: float = Field(1.2, gt=0, description="BM25 term-frequency saturation.")
+    b: float = Field(0.75, ge=0, le=1, description="BM25 length normalisation.")
+    stopwords: str | None = Field("en", description="bm25s stopword list for documents and queries (None: keep all).")
+    query_batch_size: int = Field(512, ge=1, description="Queries scored at once against a corpus shard.")
 
 
 class ModelConfig(_Section):
@@ -162,12 +168,12 @@ class ModelConfig(_Section):
     trust_remote_code: bool = Field(
         False, description="Let transformers run Python code shipped with `path` / `tokenizer.path`. Off: never."
     )
-    hidden_size: int = Field(128, ge=8)
-    num_layers: int = Field(2, ge=1)
-    num_heads: int = Field(2, ge=1)
-    intermediate_size: int = Field(512, ge=8)
-    max_length: int = Field(128, ge=8)
-    dropout: float = Field(0.1, ge=0, lt=1)
+    hidden_size: int = Field(128, ge=8, description="Width of a from-scratch BERT (ignored with `path`).")
+    num_layers: int = Field(2, ge=1, description="Transformer blocks of a from-scratch BERT.")
+    num_heads: int = Field(2, ge=1, description="Attention heads of a from-scratch BERT (must divide hidden_size).")
+    intermediate_size: int = Field(512, ge=8, description="Feed-forward width of a from-scratch BERT.")
+    max_length: int = Field(128, ge=8, description="Tokens per text (longer texts are cut) and per packed row.")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout of a from-scratch BERT.")
     freeze_embeddings: bool = Field(
         False,
         description="Keep the word embeddings fixed in every training loop (half of a small pretrained encoder's "
@@ -206,18 +212,18 @@ class ModelConfig(_Section):
 class OptimizerConfig(_Section):
     """AdamW with linear warm-up and decay: what every training loop (warm-up, pretrain, fine-tune) shares."""
 
-    batch_size: int = Field(32, ge=1)
-    learning_rate: float = Field(5e-4, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
-    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    batch_size: int = Field(32, ge=1, description="Texts (or packed rows) per optimizer step, over all processes.")
+    learning_rate: float = Field(5e-4, gt=0, description="Peak AdamW learning rate.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(0.06, ge=0, lt=1, description="Share of the steps spent warming the rate up.")
 
 
 class WarmupConfig(OptimizerConfig):
     """Algorithm 1, line 2: MLM + task loss on the task training set."""
 
-    epochs: float = Field(3, gt=0)
-    mlm_probability: float = Field(0.15, gt=0, lt=1)
-    task_loss_weight: float = Field(1.0, ge=0)
+    epochs: float = Field(3, gt=0, description="Passes over the task's training texts (a fraction is allowed).")
+    mlm_probability: float = Field(0.15, gt=0, lt=1, description="Share of tokens masked for the MLM loss.")
+    task_loss_weight: float = Field(1.0, ge=0, description="Weight of the task loss beside the MLM loss.")
     length_buckets: bool = Field(
         False,
         description="Batch texts of similar length, as fine-tuning does (sorted within seeded pools of 50 batches, "
@@ -237,7 +243,7 @@ class PretrainConfig(OptimizerConfig):
 
     steps: int = Field(300, ge=1, description="Optimizer steps (the same for every method).")
     accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    mlm_probability: float = Field(0.15, gt=0, lt=1)
+    mlm_probability: float = Field(0.15, gt=0, lt=1, description="Share of tokens masked for the MLM loss.")
     objective: Literal["joint", "mlm"] = Field(
         "joint", description="'joint': TLM's objective with task batches (rho1, rho2); 'mlm': subset MLM only."
     )
@@ -258,9 +264,13 @@ class PretrainConfig(OptimizerConfig):
 class FinetuneConfig(OptimizerConfig):
     """Fine-tuning for evaluation: the task loss only; the best dev epoch's test score is reported."""
 
-    learning_rate: float = Field(2e-4, gt=0)
-    epochs: int = Field(3, ge=1)
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    learning_rate: float = Field(2e-4, gt=0, description="Peak AdamW learning rate.")
+    epochs: int = Field(3, ge=1, description="Epochs; dev is scored after each, test once on the best dev epoch.")
+    seeds: list[int] = Field(
+        default_factory=lambda: [0, 1, 2],
+        min_length=1,
+        description="Fine-tuning seeds (see evaluation.pretrain_seeds).",
+    )
     trainable_blocks: int | None = Field(
         None,
         ge=0,
@@ -291,7 +301,9 @@ class InfluenceConfig(_Section):
     """Gradient-matching influence (Eq. 6) at one parameter group, with mini-batch matching (section 3.3)."""
 
     layer: str | int = Field("last", description="'last', 'embeddings', or a 1-based transformer block number.")
-    task_split: Literal["train", "dev"] = "dev"
+    task_split: Literal["train", "dev"] = Field(
+        "dev", description="Task samples whose loss gradients candidates are matched against (the paper: dev)."
+    )
     pool_batch: int = Field(
         1,
         ge=1,
@@ -308,12 +320,14 @@ class InfluenceConfig(_Section):
         1000, ge=1, description="Ranked candidates kept per task unit; their union must cover the budget."
     )
     compute_batch: int = Field(32, ge=1, description="Candidates per forward/backward pass.")
-    mlm_probability: float = Field(0.15, gt=0, lt=1)
+    mlm_probability: float = Field(0.15, gt=0, lt=1, description="Share of a candidate's tokens masked (by its id).")
     shard_units: int = Field(4096, ge=1, description="Candidate units per checkpointed shard (resume point).")
     projection_dim: int | None = Field(
         None, ge=16, description="Randomly project Linear weight gradients to about this many numbers (approximate)."
     )
-    projection: Literal["rademacher", "gaussian"] = "rademacher"
+    projection: Literal["rademacher", "gaussian"] = Field(
+        "rademacher", description="Entries of the random projection matrices."
+    )
     similarity: Literal["dot", "cosine"] = Field(
         "dot",
         description="'dot': the paper's gradient dot product; 'cosine': each sample's gradient normalised first "
@@ -382,7 +396,10 @@ class SelectionConfig(_Section):
         description="iss (influence), tlm (BM25), random (of the pool); controls: random-corpus (random documents "
         "of the whole corpus) and iss-bottom (the pool's least influential candidates).",
     )
-    budget: Budget = Field(default_factory=lambda: Budget(kind="fraction", value=0.2))
+    budget: Budget = Field(
+        default_factory=lambda: Budget(kind="fraction", value=0.2),
+        description="How much to select: '2000 docs', '1e6 tokens' or '20%' of the BM25 pool.",
+    )
 
     @field_validator("budget", mode="before")
     @classmethod
@@ -461,7 +478,7 @@ class AnalysisConfig(_Section):
         10, ge=1, description="A word counts for a label only if this many of the label's train texts hold it."
     )
     tsne_samples: int = Field(2000, ge=10, description="Test texts embedded by t-SNE (a seeded sample if more).")
-    perplexity: float = Field(30.0, gt=0)
+    perplexity: float = Field(30.0, gt=0, description="t-SNE perplexity.")
     layers: list[Literal["embeddings"] | int] | None = Field(
         None, description="Layers compared by `iss analyze layers`; default: embeddings and every block."
     )
@@ -475,7 +492,7 @@ class RayConfig(_Section):
     )
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray (None: all of this machine's).")
     workers: int = Field(2, ge=1, description="Actors scoring shards at once (each holds the model and bank).")
-    cpus_per_worker: float = Field(1.0, gt=0)
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each actor reserves.")
     gpus_per_worker: float = Field(
         0.0, ge=0, description="GPUs per influence actor (> 0: each actor scores its pool shards on its own GPU)."
     )
@@ -484,8 +501,8 @@ class RayConfig(_Section):
 class IssConfig(_Section):
     """The whole job: one section per stage, plus the run folder and the global seed."""
 
-    run_dir: str = "runs/chemprot"
-    seed: int = 0
+    run_dir: str = Field("runs/chemprot", description="The run folder: one folder per finished stage, a manifest.")
+    seed: int = Field(0, description="Seed of data sampling, warm-up, selection and the head fit.")
     device: str = Field("auto", description="'auto' (a GPU if there is one), 'cpu', 'cuda' or 'cuda:N'.")
     precision: Literal["fp32", "bf16"] = Field(
         "fp32",
@@ -604,3 +621,50 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
     for section in ("tokenizer", "model"):
         if isinstance((raw.get(section) or {}).get("path"), str):
             raw[section]["path"] = resolve(raw[section]["path"])
+
+
+def reference_markdown() -> str:
+    """Every config key with its type, default and description, section by section, from the models above: the
+    text of docs/configuration.md (`iss config --reference`; a test keeps that file current)."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from the config models (`iss config --reference > docs/configuration.md`); `iss config CONFIG`",
+        "prints a whole config with its defaults filled in. Keys are set in the YAML file or with",
+        "`--set section.key=value` (YAML values: `--set finetune.seeds=[0,1,2]`, `--set selection.budget='20%'`,",
+        "`--set corpus.mixture.weights='{bio_*: 0.1}'`).",
+        "",
+    ]
+    top = [(name, field) for name, field in IssConfig.model_fields.items() if not _is_section(field.annotation)]
+    lines += _reference_table("", top)
+    for name, field in IssConfig.model_fields.items():
+        if _is_section(field.annotation):
+            section = field.annotation
+            lines += ["", f"## `{name}`", "", _first_line(section.__doc__), ""]
+            lines += _reference_table(f"{name}.", list(section.model_fields.items()))
+            for key, inner in section.model_fields.items():
+                options = get_args(inner.annotation)  # an optional section (corpus.mixture) is listed under its parent
+                nested = [t for t in options if _is_section(t)] if type(None) in options else []
+                if nested:
+                    lines += ["", f"### `{name}.{key}`", "", _first_line(nested[0].__doc__), ""]
+                    lines += _reference_table(f"{name}.{key}.", list(nested[0].model_fields.items()))
+    return "\n".join(lines) + "\n"
+
+
+def _reference_table(prefix: str, fields: list) -> list[str]:
+    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for name, field in fields:
+        default = field.default_factory() if field.default_factory else field.default
+        if isinstance(default, BaseModel):
+            default = default.model_dump(mode="json")
+        text = (field.description or "").replace("|", "\\|").replace("\n", " ")
+        rows.append(f"| `{prefix}{name}` | `{json_default(default)}` | {text} |")
+    return rows
+
+
+def json_default(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("...").strip()
+
+
+def _first_line(doc: str | None) -> str:
+    return " ".join((doc or "").strip().split("\n\n")[0].split())

@@ -21,7 +21,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from iss.methods import EVALUATED, SELECTION
 from iss.model import (
     FrozenBlockFeatures,
     forward_autocast,
@@ -32,6 +31,7 @@ from iss.model import (
     per_sample_task_loss,
     set_trainable,
 )
+from iss.plan import RunPlan
 from iss.runs import write_json
 from iss.training import TrainingBatches, encoded_lengths, task_batch_schedule
 
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 FORWARD_SHARE = 1 / 3  # a forward pass costs about a third of a training step (forward + backward)
 INFLUENCE_SHARE = 2.2 * FORWARD_SHARE  # influence at Table A.1's B_p/B_t vs forward only (bench_influence: 2.21)
-PROBE_STEPS = 3
+PROBE_STEPS = 5  # the fastest counts: a transient load on the machine slows some steps, never speeds one up
 ESTIMATE_FILE = "estimate.json"
 
 
@@ -65,15 +65,16 @@ class RunEstimate:
         saved = json.loads(path.read_text(encoding="utf-8"))
         return cls(saved["seconds"], saved["runs"], saved["seconds_per_token"])
 
-    def against(self, manifest: dict) -> dict[str, dict[str, float]]:
-        """Estimated vs measured seconds per kind of stage, the measured ones summed from a run's manifest
-        (each stage's own timing, kept when a later run reuses it)."""
-        measured = dict.fromkeys(self.seconds, 0.0)
-        for name, record in manifest.get("stages", {}).items():
-            kind = stage_kind(name)
-            if kind in measured:
-                measured[kind] += float(record.get("summary", {}).get("seconds", 0.0))
-        rows = {kind: {"estimated": self.seconds[kind], "measured": measured[kind]} for kind in self.seconds}
+    def against(self, manifest: dict, plan: RunPlan) -> dict[str, dict[str, float]]:
+        """Estimated vs measured seconds per kind of stage, the measured ones summed over the plan's stages in a
+        run's manifest (each stage's own timing, kept when a later run reuses it)."""
+        stages = manifest.get("stages", {})
+        measured = {
+            kind: sum(float(stages.get(name, {}).get("summary", {}).get("seconds", 0.0)) for name in names)
+            for kind, names in plan.stages_by_kind().items()
+            if kind in self.seconds
+        }
+        rows = {kind: {"estimated": self.seconds[kind], "measured": measured.get(kind, 0.0)} for kind in self.seconds}
         rows["total"] = {"estimated": self.total, "measured": sum(measured.values())}
         return rows
 
@@ -84,21 +85,6 @@ class RunEstimate:
             if seconds > 0
         )
         return f"estimated time for a fresh run folder: {self.total / 60:.1f} min on this machine ({parts}; minutes)"
-
-
-STAGE_KINDS = {  # manifest stage-name prefix -> the kind of work it is priced as
-    "mlm-head": "MLM head fit",
-    "warmup": "warm-up",
-    "influence": "influence",
-    "pretrain-": "pretraining",
-    "finetune-": "fine-tuning",
-    "mechanism-": "mechanism check",
-}
-
-
-def stage_kind(name: str) -> str | None:
-    """The kind a manifest stage is priced as (None for the seconds-long stages the estimate leaves out)."""
-    return next((kind for prefix, kind in STAGE_KINDS.items() if name.startswith(prefix)), None)
 
 
 def padded_tokens(lengths: np.ndarray, batches: list[np.ndarray]) -> int:
@@ -144,7 +130,7 @@ def probe_seconds_per_token(
         loss.backward()
         optimizer.step()
         timings.append(time.perf_counter() - start)
-    return float(np.median(timings[1:])) / batch.input_ids.numel()
+    return float(np.min(timings[1:])) / batch.input_ids.numel()
 
 
 def estimate_run(pipeline: Pipeline) -> RunEstimate:
@@ -168,14 +154,11 @@ def estimate_run(pipeline: Pipeline) -> RunEstimate:
     pool_lengths = encoded_lengths(tokenizer, pool, max_length)
     rng = np.random.default_rng(seed)
 
-    names = config.evaluation.methods
-    pretrained = [pipeline.method_variant(name) for name in names if EVALUATED[name].selection is not None]
-    influence_runs = {m.influence_name for m in pretrained if SELECTION[m.config.selection.method].needs_influence}
-    seeds, budgets, pairs = len(config.finetune.seeds), max(1, len(config.evaluation.budgets)), config.seed_pairs()
-    pretrain_runs = len(pretrained) * budgets * len({pretrain for pretrain, _ in pairs})
-    finetune_runs = len(pretrained) * budgets * len(pairs) + (len(names) - len(pretrained)) * seeds
+    plan = RunPlan(config)
+    influence_runs = plan.influence_stages()
+    pretrain_runs, finetune_runs = len(plan.pretrainings()), len(plan.runs)
     # cached frozen blocks are encoded once per pretrained model (its seeds share them), once per seed without one
-    encoded_models = pretrain_runs + (len(names) - len(pretrained)) * seeds
+    encoded_models = pretrain_runs + sum(not run.pretrained for run in plan.runs)
 
     warmup = config.warmup
     warmup_epoch = epoch_tokens(
@@ -201,7 +184,7 @@ def estimate_run(pipeline: Pipeline) -> RunEstimate:
     cache_pass = (int(train_lengths.sum()) + tokens["dev"] + tokens["test"]) * FORWARD_SHARE
     mechanism = 0.0
     if config.evaluation.mechanism_steps:
-        checks = len(pretrained) * config.evaluation.mechanism_repeats  # + one of the warmed-up model alone
+        checks = len(plan.subsets()) * config.evaluation.mechanism_repeats  # + one of the warmed-up model alone
         mechanism = (
             checks * config.evaluation.mechanism_steps * subset_batch
             + (checks + 1) * (tokens["dev"] + tokens["test"]) * FORWARD_SHARE

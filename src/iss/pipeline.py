@@ -8,9 +8,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +19,9 @@ import transformers
 from tqdm.auto import tqdm
 
 from iss.config import Budget, IssConfig, fingerprint_dump
-from iss.data import TaskData, corpus_files, iter_corpus, load_task, read_task, save_task, seeded_hash
+from iss.data import TaskData, corpus_files, iter_corpus, load_task, read_task, save_task
 from iss.distributed import ray_bm25_search
+from iss.engine import StageEngine
 from iss.errors import ConfigError
 from iss.evaluation import finetune as finetune_model
 from iss.evaluation import head_scores
@@ -39,12 +38,22 @@ from iss.model import (
     token_counts,
 )
 from iss.parallel import processes
+from iss.plan import (
+    RunPlan,
+    evaluate_stage,
+    finetune_stage,
+    influence_stage,
+    mechanism_stage,
+    pretrain_stage,
+    select_stage,
+)
 from iss.report import write_results
 from iss.retrieval import BM25Index, collect_pool, hits_table, query_order
-from iss.runs import RunFolder, StageResult, file_signature, fingerprint
+from iss.runs import RunFolder, StageResult, file_signature
 from iss.selection import (
     RankedLists,
-    hits_lists,
+    bm25_lists,
+    corpus_sample,
     resolve_budget,
     round_robin,
     source_shares,
@@ -80,42 +89,10 @@ class Pipeline:
     def stage(
         self, name: str, parts: dict, body: Callable[[Path, dict], None], data_parallel: bool = False
     ) -> StageResult:
-        """Reuse the finished artifact ``name`` if its fingerprint matches ``parts``, else run ``body`` into it.
-
-        Under several processes (:mod:`iss.parallel`) a ``data_parallel`` stage (a training loop) runs on every
-        process, the main one writing the artifact and the others into a scratch folder; any other stage runs on
-        the main process while the others wait. Every process then reads the same finished artifact.
-        """
-        stage_fingerprint = fingerprint(name, parts)
-        known = self.results.get(name)
-        if known is not None and known.fingerprint == stage_fingerprint:
-            return known
-        group = processes()
-        with self.run.lock(name) if group.is_main else nullcontext():  # other runs on this folder wait
-            group.barrier()  # every process looks at the run folder as it is now
-            result = self.run.finished(name, stage_fingerprint)
-            if result is None:
-                log.info("stage %s: running", name)
-                numerics = precision(self.config.precision)
-                if group.is_main:
-                    with self.run.stage(name, stage_fingerprint, parts) as (folder, summary), numerics:
-                        if data_parallel:
-                            group.barrier()  # the work folder is claimed: the others may read its checkpoint
-                        body(folder, summary)
-                elif data_parallel:
-                    with tempfile.TemporaryDirectory() as scratch, numerics:
-                        group.barrier()
-                        body(Path(scratch), {})
-                group.barrier()  # the main process has written the artifact
-                result = self.run.finished(name, stage_fingerprint)
-                assert result is not None
-                result.reused = False
-            else:
-                log.info("stage %s: reusing finished artifact", name)
-        self.results[name] = result
-        if group.is_main:
-            self.run.update_manifest([result], {"config": self.base_config.model_dump(mode="json")})
-        return result
+        """Reuse the finished artifact ``name`` if its fingerprint matches ``parts``, else run ``body`` into it
+        (:class:`iss.engine.StageEngine`); the manifest records the run's own config."""
+        engine = StageEngine(self.run, self.results, lambda: precision(self.config.precision))
+        return engine.run(name, parts, body, data_parallel, {"config": self.base_config.model_dump(mode="json")})
 
     def progress(self, total: int | None, desc: str, unit: str = "doc") -> tqdm:
         return tqdm(total=total, desc=desc, unit=unit, disable=not self.show_progress, leave=False)
@@ -143,14 +120,7 @@ class Pipeline:
 
     @property
     def influence_name(self) -> str:
-        """Influence artifacts of other layers (layer ablation), similarities and mini-batch matchings live beside
-        the per-document one at the last block."""
-        influence = self.config.influence
-        name = "influence" if influence.layer == "last" else f"influence-layer{influence.layer}"
-        if influence.pool_batch > 1 or influence.task_batch > 1:
-            name += f"-bp{influence.pool_batch}-bt{influence.task_batch}"
-            name += "-random" if influence.pool_batch > 1 and influence.pool_grouping == "random" else ""
-        return name if influence.similarity == "dot" else f"{name}-{influence.similarity}"
+        return influence_stage(self.config.influence)
 
     def task(self) -> TaskData:
         return read_task(self.data().path, self.config.task.name)
@@ -180,14 +150,28 @@ class Pipeline:
 
     # ----------------------------------------------------------------------- checks before spending
 
-    def blocks(self) -> int:
-        """Transformer blocks of the model the run trains: the config's size, or the checkpoint's config."""
+    def checkpoint_config(self) -> transformers.PretrainedConfig | None:
+        """The checkpoint's config (``model.path``), read without its weights; None from scratch."""
         if not self.config.model.path:
-            return self.config.model.num_layers
-        checkpoint = transformers.AutoConfig.from_pretrained(
+            return None
+        return transformers.AutoConfig.from_pretrained(
             self.config.model.path, trust_remote_code=self.config.model.trust_remote_code
         )
-        return checkpoint.num_hidden_layers
+
+    def blocks(self) -> int:
+        """Transformer blocks of the model the run trains: the config's size, or the checkpoint's config."""
+        checkpoint = self.checkpoint_config()
+        return self.config.model.num_layers if checkpoint is None else checkpoint.num_hidden_layers
+
+    def check_tokenizer(self) -> None:
+        """A tokenizer with more tokens than the checkpoint has embeddings fails now, not at warm-up."""
+        checkpoint = self.checkpoint_config()
+        tokens = len(load_tokenizer(self.tokenizer().path))
+        if checkpoint is not None and checkpoint.vocab_size < tokens:
+            raise ConfigError(
+                f"tokenizer has {tokens} tokens but model {self.config.model.path} only {checkpoint.vocab_size} "
+                "embeddings: they do not belong together"
+            )
 
     def check_layer(self) -> None:
         """An influence layer the model does not have fails now, not after warm-up."""
@@ -206,8 +190,9 @@ class Pipeline:
 
     def preflight(self, budgets: list[Budget] | None = None) -> None:
         """Every check the config, the data and the model's config can answer, made before the first expensive
-        stage: the influence layer exists, and each budget fits the pool (which retrieval makes: a few minutes at
-        most, and the pool is needed anyway)."""
+        stage: the tokenizer fits the checkpoint, the influence layer exists, and each budget fits the pool (which
+        retrieval makes: a few minutes at most, and the pool is needed anyway)."""
+        self.check_tokenizer()
         if SELECTION[self.config.selection.method].needs_influence or self.config.evaluation.mechanism_steps:
             self.check_layer()
         lengths = self.pool_token_counts()
@@ -318,7 +303,7 @@ class Pipeline:
             # the encoder trains on this sample only with mlm_head_blocks: then it is drawn apart from the
             # random-corpus control's sample (another seed), which would otherwise repeat it
             sample_seed = config.seed + (HEAD_SAMPLE_SEED_OFFSET if config.model.mlm_head_blocks else 0)
-            sample = self._corpus_sample("docs", steps * settings.batch_size, 0.0, sample_seed)
+            sample = self.corpus_sample("docs", steps * settings.batch_size, 0.0, sample_seed)
             sample = sample.column("text").to_pylist()
             update = {"steps": steps, "objective": "mlm", "learning_rate": config.model.mlm_head_learning_rate}
             summary.update(
@@ -453,7 +438,7 @@ class Pipeline:
             pool_lengths = self.pool_token_counts()
             kind, limit = resolve_budget(config.selection.budget, pool_lengths)
             if method.samples_corpus:
-                pool = self._corpus_sample(kind, limit, float(pool_lengths.mean()))
+                pool = self.corpus_sample(kind, limit, float(pool_lengths.mean()))
                 lengths = token_counts(tokenizer, pool.column("text").to_pylist())
             else:
                 lengths = pool_lengths
@@ -462,7 +447,7 @@ class Pipeline:
             candidates = Candidates(
                 corpus_ids,
                 config.seed,
-                bm25=self._bm25_lists(retrieval.path) if method.needs_hits else None,
+                bm25=self.bm25_lists(retrieval.path) if method.needs_hits else None,
                 influence=InfluenceResult.load(influence.path) if influence else None,
                 task_split=config.influence.task_split,
             )
@@ -495,41 +480,20 @@ class Pipeline:
             )
 
         parts = {"selection": fingerprint_dump(config.selection), "seed": config.seed, **upstream}
-        return self.stage(f"select-{method.name}{self.tag}", parts, body)
+        return self.stage(select_stage(method.name, self.tag), parts, body)
 
-    def _corpus_sample(self, kind: str, limit: int, mean_pool_tokens: float, seed: int | None = None) -> pa.Table:
-        """A uniform random sample of the whole corpus, in a seeded random order, large enough for the budget.
-
-        Each document's place in the order is a hash of (seed, corpus id), so the sample does not depend on how
-        the corpus is batched; one streaming pass keeps only the documents with the smallest hashes.
-        """
-        wanted = limit if kind == "docs" else int(4 * limit / max(1.0, mean_pool_tokens)) + 1000
-        keys, ids, texts, sources = np.zeros(0, np.uint64), np.zeros(0, np.int64), [], []
+    def corpus_sample(self, kind: str, limit: int, mean_pool_tokens: float, seed: int | None = None) -> pa.Table:
+        """The run's uniform random sample of the whole corpus (:func:`iss.selection.corpus_sample`)."""
+        seed = self.config.seed if seed is None else seed
         with self.progress(None, "random corpus sample") as bar:
-            for batch in iter_corpus(self.config.corpus):
-                keys = np.concatenate([keys, seeded_hash(batch.ids, self.config.seed if seed is None else seed)])
-                ids = np.concatenate([ids, batch.ids])
-                texts, sources = texts + batch.texts, sources + (batch.sources or [""] * len(batch.texts))
-                keep = np.sort(np.argsort(keys, kind="stable")[:wanted])
-                keys, ids = keys[keep], ids[keep]
-                texts, sources = [texts[i] for i in keep], [sources[i] for i in keep]
-                bar.update(len(batch.ids))
-        order = np.argsort(keys, kind="stable")
-        return pa.table(
-            {
-                "corpus_id": pa.array(ids[order], pa.int64()),
-                "text": [texts[i] for i in order],
-                "source": [sources[i] for i in order],
-                "bm25_score": pa.nulls(len(order), pa.float32()),
-            }
-        )
+            return corpus_sample(self.config.corpus, kind, limit, mean_pool_tokens, seed, bar.update)
 
     def pretrain(self, seed: int | None = None) -> StageResult:
         """Pretrain on the configured method's subset: from scratch (TLM's joint objective) or further."""
         config = self.config
         seed = config.seed if seed is None else seed
         selected, tokenizer_stage, data = self.select(), self.tokenizer(), self.data()
-        name = f"pretrain-{config.selection.method}{self.tag}-seed{seed}"
+        name = pretrain_stage(config.selection.method, self.tag, seed)
 
         def body(folder: Path, summary: dict) -> None:
             task = self.task()
@@ -586,10 +550,7 @@ class Pipeline:
             pretrain_seed = next((p for p, f in config.seed_pairs() if f == seed), fallback)
         tokenizer_stage, data = self.tokenizer(), self.data()
         upstream = self.pretrain(pretrain_seed) if pretrained else None
-        name = f"finetune-{config.selection.method}{self.tag}" if pretrained else "finetune-none"
-        if pretrained and config.evaluation.pretrain_seeds is not None and pretrain_seed != seed:
-            name += f"-pretrain{pretrain_seed}"
-        name += f"-seed{seed}"
+        name = finetune_stage(config.selection.method if pretrained else None, self.tag, seed, pretrain_seed)
 
         def body(folder: Path, summary: dict) -> None:
             task = self.task()
@@ -646,8 +607,7 @@ class Pipeline:
         warmup, tokenizer_stage = self.warmup(), self.tokenizer()
         selected = self.select() if pretrained else None
         steps = config.evaluation.mechanism_steps
-        name = f"mechanism-{config.selection.method}{self.tag}" if pretrained else "mechanism-none"
-        name += f"-repeat{repeat}" if repeat else ""
+        name = mechanism_stage(config.selection.method if pretrained else None, self.tag, repeat)
 
         def body(folder: Path, summary: dict) -> None:
             task = self.task()
@@ -706,7 +666,7 @@ class Pipeline:
                 summary[f"{split}_mean"], summary[f"{split}_std"] = float(np.mean(values)), sample_std(values)
             (folder / "scores.json").write_text(json.dumps({**summary, **scores}, indent=2), encoding="utf-8")
 
-        return self.stage(f"evaluate-{method}{self.tag}", {"runs": [run.fingerprint for run in runs]}, body)
+        return self.stage(evaluate_stage(method, self.tag), {"runs": [run.fingerprint for run in runs]}, body)
 
     def run_all(self) -> StageResult:
         """Select, pretrain, fine-tune and evaluate every configured method over every seed; write the tables:
@@ -716,42 +676,36 @@ class Pipeline:
         With ``evaluation.budgets`` every pretrained method runs once per budget (the paper's Table 5 sweep).
         """
         config = self.config
+        plan = RunPlan(config)
         budgets = config.evaluation.budgets or [config.selection.budget]
-        sweep = bool(config.evaluation.budgets)
-        for method in (EVALUATED[name] for name in config.evaluation.methods if EVALUATED[name].selection):
-            self.method_variant(method.name).preflight(budgets)
+        for method in dict.fromkeys(run.method for run in plan.runs if run.pretrained):
+            self.method_variant(method).preflight(budgets)
         rows, mechanism, subsets = [], [], []
-        for method in (EVALUATED[name] for name in config.evaluation.methods):
-            pretrained = method.selection is not None
-            for budget in budgets if pretrained else [None]:
-                budget_tag = budget.tag if sweep and budget else ""
-                pipeline = self.method_variant(method.name, budget, budget_tag)
-                label = {
-                    "method": method.name,
-                    "budget": str(budget) if budget and sweep else "",
-                    "task": config.task.name,
+        for run in plan.runs:
+            pipeline = self.method_variant(run.method, run.budget, run.tag)
+            label = {"method": run.method, "budget": str(run.budget) if run.budget else "", "task": config.task.name}
+            scores = pipeline.finetune(run.seed, pretrained=run.pretrained, pretrain_seed=run.pretrain_seed)
+            trained = pipeline.pretrain(run.pretrain_seed) if run.pretrained else None
+            rows.append(
+                {
+                    **label,
+                    "pretrain_seed": run.pretrain_seed,
+                    "seed": run.seed,
+                    "test": scores.summary["test"],
+                    "dev": scores.summary["dev"],
+                    "subset_docs": trained.summary["subset_docs"] if trained else 0,
+                    "flops": trained.summary["flops"] if trained else 0,
+                    "fingerprint": scores.fingerprint,
                 }
-                pairs = config.seed_pairs() if pretrained else [(None, seed) for seed in config.finetune.seeds]
-                for pretrain_seed, seed in pairs:
-                    scores = pipeline.finetune(seed, pretrained=pretrained, pretrain_seed=pretrain_seed)
-                    trained = pipeline.pretrain(pretrain_seed) if pretrained else None
-                    rows.append(
-                        {
-                            **label,
-                            "pretrain_seed": pretrain_seed,
-                            "seed": seed,
-                            "test": scores.summary["test"],
-                            "dev": scores.summary["dev"],
-                            "subset_docs": trained.summary["subset_docs"] if trained else 0,
-                            "flops": trained.summary["flops"] if trained else 0,
-                            "fingerprint": scores.fingerprint,
-                        }
-                    )
-                if pretrained:
-                    selected = pipeline.select().summary
-                    subsets.append({**label, **{k: selected[k] for k in ("docs", "tokens", "mean_tokens")}})
-                if config.evaluation.mechanism_steps:
-                    mechanism += [{**label, **row} for row in pipeline.mechanism_rows(pretrained)]
+            )
+        for run in [*plan.subsets(), *[r for r in plan.runs if not r.pretrained][:1]]:
+            pipeline = self.method_variant(run.method, run.budget, run.tag)
+            label = {"method": run.method, "budget": str(run.budget) if run.budget else "", "task": config.task.name}
+            if run.pretrained:
+                selected = pipeline.select().summary
+                subsets.append({**label, **{k: selected[k] for k in ("docs", "tokens", "mean_tokens")}})
+            if config.evaluation.mechanism_steps:
+                mechanism += [{**label, **row} for row in pipeline.mechanism_rows(run.pretrained)]
 
         def body(folder: Path, summary: dict) -> None:
             table = write_results(
@@ -767,13 +721,8 @@ class Pipeline:
         parts["intervals"] = "t over pretraining seeds"  # tables made with bootstrap intervals are made again
         return self.stage("results", parts, body)
 
-    def _bm25_lists(self, retrieval: Path) -> RankedLists:
+    def bm25_lists(self, retrieval: Path) -> RankedLists:
         """TLM's lists: each task training query's BM25 hits, best first."""
-        hits = pq.read_table(retrieval / "hits.parquet")
-        task = self.task()
-        n_queries, top_k = task.splits["train"].num_rows, self.config.retrieval.top_k
-        ids, scores = np.full((n_queries, top_k), -1, np.int64), np.zeros((n_queries, top_k), np.float32)
-        query, rank = hits.column("query").to_numpy(), hits.column("rank").to_numpy()
-        ids[query, rank] = hits.column("corpus_id").to_numpy()
-        scores[query, rank] = hits.column("score").to_numpy()
-        return hits_lists(ids, scores, [f"train:{i}" for i in task.splits["train"].column("id").to_pylist()])
+        train = self.task().splits["train"]
+        names = [f"train:{i}" for i in train.column("id").to_pylist()]
+        return bm25_lists(pq.read_table(retrieval / "hits.parquet"), names, self.config.retrieval.top_k)

@@ -28,9 +28,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import yaml
 
+from iss.config import IssConfig
 from iss.errors import ConfigError
 from iss.influence import InfluenceResult
 from iss.methods import COMPARISONS, display_name
+from iss.plan import RunPlan, influence_stage, select_stage
 from iss.runs import MANIFEST_FILE
 from iss.stats import paired_difference, sample_std
 
@@ -319,7 +321,7 @@ def write_report(run_dir: Path, out: Path | None = None) -> dict:
     sections = [
         _results_section(stages),
         _selection_section(manifest, stages, tmp),
-        _scores_section(stages, tmp),
+        _scores_section(manifest, stages, tmp),
         *_analysis_sections(stages, tmp),
         _timings_section(manifest),
         Section("Config", code=yaml.safe_dump(manifest.get("config", {}), sort_keys=False)),
@@ -351,28 +353,34 @@ def _results_section(stages: dict[str, Path]) -> Section:
     return Section("Results", text="Test F1 x100 at the best dev epoch, mean ± std over seeds.", tables=[("", rows)])
 
 
-def _subsets(stages: dict[str, Path]) -> dict[str, Path]:
+def _plan(manifest: dict) -> RunPlan:
+    """The plan of the run the manifest records (its config), which names every stage the report reads."""
+    return RunPlan(IssConfig.model_validate(manifest.get("config") or {}))
+
+
+def _subsets(manifest: dict, stages: dict[str, Path]) -> dict[str, str]:
+    """Subset label (method and variant) -> its select stage, for the subsets of the run's plan that exist, and the
+    configured method's own (an ``iss select --method X`` outside the plan)."""
+    plan = _plan(manifest)
+    labels = {run.select: run.method + run.tag for run in plan.subsets()}
+    labels.setdefault(select_stage(plan.config.selection.method), plan.config.selection.method)
     return {
-        name.removeprefix("select-"): folder / "subset.parquet"
-        for name, folder in sorted(stages.items())
-        if name.startswith("select-") and (folder / "subset.parquet").exists()
+        label: name for name, label in labels.items() if name in stages and (stages[name] / "subset.parquet").exists()
     }
 
 
 def _selection_section(manifest: dict, stages: dict[str, Path], folder: Path) -> Section:
-    subsets = _subsets(stages)
+    subsets = _subsets(manifest, stages)
     if not subsets:
         return Section("Selection")
     summaries = manifest["stages"]
     sizes = [
-        {
-            "subset": name,
-            **{k: summaries[f"select-{name}"]["summary"].get(k) for k in ("docs", "tokens", "budget", "budget_met")},
-        }
-        for name in subsets
+        {"subset": label, **{k: summaries[name]["summary"].get(k) for k in ("docs", "tokens", "budget", "budget_met")}}
+        for label, name in subsets.items()
     ]
     pool = stages.get("retrieval", Path("-")) / "pool.parquet"
-    tables = {**subsets, **({"BM25 pool": pool} if pool.is_file() else {})}
+    tables = {label: stages[name] / "subset.parquet" for label, name in subsets.items()}
+    tables |= {"BM25 pool": pool} if pool.is_file() else {}
     counts = {
         name: Counter(pq.read_table(path, columns=["source"]).column("source").to_pylist())
         for name, path in tables.items()
@@ -399,8 +407,9 @@ def _selection_section(manifest: dict, stages: dict[str, Path], folder: Path) ->
     )
 
 
-def _scores_section(stages: dict[str, Path], folder: Path) -> Section:
-    influence, selected = stages.get("influence"), stages.get("select-iss")
+def _scores_section(manifest: dict, stages: dict[str, Path], folder: Path) -> Section:
+    config = _plan(manifest).config.with_overrides({"selection.method": "iss"})
+    influence, selected = stages.get(influence_stage(config.influence)), stages.get(select_stage("iss"))
     if not influence or not selected or not InfluenceResult.exists(influence):
         return Section("Influence scores")
     result = InfluenceResult.load(influence)

@@ -13,6 +13,7 @@ import gzip
 import json
 import math
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,10 +22,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from iss.data import iter_corpus, seeded_hash
 from iss.errors import ConfigError
 
 if TYPE_CHECKING:
-    from iss.config import Budget
+    from iss.config import Budget, CorpusConfig
 
 
 class BudgetError(ConfigError):
@@ -107,6 +109,51 @@ def random_lists(pool_ids: np.ndarray, seed: int) -> RankedLists:
     """The random baseline: one chooser whose 'ranking' is a seeded shuffle of the pool."""
     order = np.random.default_rng(seed).permutation(pool_ids.size)
     return RankedLists(order[None, :], None, [[]], [np.array([doc]) for doc in pool_ids])
+
+
+def bm25_lists(hits: pa.Table, query_names: list[str], top_k: int) -> RankedLists:
+    """TLM's lists from the retrieval stage's hits table (query, rank, corpus_id, score): each query's hits, best
+    first."""
+    ids, scores = np.full((len(query_names), top_k), -1, np.int64), np.zeros((len(query_names), top_k), np.float32)
+    query, rank = hits.column("query").to_numpy(), hits.column("rank").to_numpy()
+    ids[query, rank] = hits.column("corpus_id").to_numpy()
+    scores[query, rank] = hits.column("score").to_numpy()
+    return hits_lists(ids, scores, query_names)
+
+
+def corpus_sample(
+    corpus: CorpusConfig,
+    kind: str,
+    limit: int,
+    mean_pool_tokens: float,
+    seed: int,
+    progress: Callable[[int], None] | None = None,
+) -> pa.Table:
+    """A uniform random sample of the whole corpus, in a seeded random order, large enough for the budget.
+
+    Each document's place in the order is a hash of (seed, corpus id), so the sample does not depend on how the
+    corpus is batched; one streaming pass keeps only the documents with the smallest hashes.
+    """
+    wanted = limit if kind == "docs" else int(4 * limit / max(1.0, mean_pool_tokens)) + 1000
+    keys, ids, texts, sources = np.zeros(0, np.uint64), np.zeros(0, np.int64), [], []
+    for batch in iter_corpus(corpus):
+        keys = np.concatenate([keys, seeded_hash(batch.ids, seed)])
+        ids = np.concatenate([ids, batch.ids])
+        texts, sources = texts + batch.texts, sources + (batch.sources or [""] * len(batch.texts))
+        keep = np.sort(np.argsort(keys, kind="stable")[:wanted])
+        keys, ids = keys[keep], ids[keep]
+        texts, sources = [texts[i] for i in keep], [sources[i] for i in keep]
+        if progress:
+            progress(len(batch.ids))
+    order = np.argsort(keys, kind="stable")
+    return pa.table(
+        {
+            "corpus_id": pa.array(ids[order], pa.int64()),
+            "text": [texts[i] for i in order],
+            "source": [sources[i] for i in order],
+            "bm25_score": pa.nulls(len(order), pa.float32()),
+        }
+    )
 
 
 def hits_lists(hit_ids: np.ndarray, hit_scores: np.ndarray, query_names: list[str]) -> RankedLists:
