@@ -346,6 +346,8 @@ def summary_rows(entries: list[dict]) -> list[dict]:
     interval excludes zero: every regime's answer at a glance, before the sections that back it."""
     rows = []
     for entry in sorted(entries, key=lambda e: (e["setting"], e["task"], e.get("variant") or "")):
+        if "stopped" in entry:
+            continue
         found = {row["comparison"]: row for row in entry.get("differences", [])}
         row = {"task": entry["task"], "setting": entry["setting"], "variant": entry.get("variant") or ""}
         control = entry.get("positive_control")
@@ -378,6 +380,9 @@ def render(entries: list[dict]) -> str:
         )
     for entry in entries:
         heading = f"{entry['task']} — {SETTING_TITLES.get(entry['setting'], entry['setting'])}"
+        if "stopped" in entry:  # a regime tried and stopped before it gave a comparison: what it measured, and why
+            parts.append(f"\n## {heading}\n\n`{entry['config']}`: stopped. {entry['stopped']}\n")
+            continue
         command = f"iss run {entry['config']}"
         if entry.get("variant"):
             heading += f", {entry['variant']}"

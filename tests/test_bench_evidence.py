@@ -94,7 +94,7 @@ def test_every_committed_entrys_differences_are_recomputed_from_its_own_per_seed
     differences: the differences must be what the t-interval gives on those rows, for every entry."""
     entries = json.loads((bench_evidence.RESULTS / "evidence.json").read_text(encoding="utf-8"))["entries"]
     assert entries
-    for entry in entries:
+    for entry in (entry for entry in entries if "stopped" not in entry):  # a stopped regime has no runs
         recomputed = {row["comparison"]: row for row in differences_rows(entry["runs"])}
         recorded = {row["comparison"]: row for row in entry["differences"]}
         assert recomputed.keys() == recorded.keys(), entry_key(entry)
