@@ -280,23 +280,26 @@ class RunFolder:
         they reach will not match their fingerprints and are recomputed, the others are reused. A stage this
         folder already has is kept as it is. Returns what was imported, kept and the differing keys.
         """
-        with tarfile.open(archive, "r:gz") as tar:
-            header_file = tar.extractfile(EXPORT_FILE) if EXPORT_FILE in tar.getnames() else None
-            if header_file is None:
-                raise ConfigError(f"{archive}: not an iss export archive (no {EXPORT_FILE})")
-            header = json.loads(header_file.read())
-            if header["cache_version"] != CACHE_VERSION:
-                raise ConfigError(
-                    f"{archive}: made by iss {header['iss']}, whose stage fingerprints iss {__version__} never "
-                    "matches; import it with that version, or run the stages again"
-                )
-            kept = [name for name in header["stages"] if (self.root / name).exists()]
-            wanted = [name for name in header["stages"] if name not in kept]
-            with tempfile.TemporaryDirectory(dir=self.root, prefix=".import-") as scratch:
-                members = [m for m in tar.getmembers() if m.name.split("/", 1)[0] in wanted]
-                tar.extractall(scratch, members=members, filter="data")
-                for name in wanted:
-                    os.replace(Path(scratch) / name, self.root / name)
+        try:
+            with tarfile.open(archive, "r:gz") as tar:
+                header_file = tar.extractfile(EXPORT_FILE) if EXPORT_FILE in tar.getnames() else None
+                if header_file is None:
+                    raise ConfigError(f"{archive}: not an iss export archive (no {EXPORT_FILE})")
+                header = json.loads(header_file.read())
+                if header["cache_version"] != CACHE_VERSION:
+                    raise ConfigError(
+                        f"{archive}: made by iss {header['iss']}, whose stage fingerprints iss {__version__} never "
+                        "matches; import it with that version, or run the stages again"
+                    )
+                kept = [name for name in header["stages"] if (self.root / name).exists()]
+                wanted = [name for name in header["stages"] if name not in kept]
+                with tempfile.TemporaryDirectory(dir=self.root, prefix=".import-") as scratch:
+                    members = [m for m in tar.getmembers() if m.name.split("/", 1)[0] in wanted]
+                    tar.extractall(scratch, members=members, filter="data")
+                    for name in wanted:
+                        os.replace(Path(scratch) / name, self.root / name)
+        except (tarfile.ReadError, EOFError) as error:
+            raise ConfigError(f"{archive}: not an iss export archive ({error})") from None
         results = [
             StageResult(name, self.root / name, record["fingerprint"], record.get("summary", {}), reused=True)
             for name, record in self.finished_stages().items()
