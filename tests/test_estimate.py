@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -36,8 +37,12 @@ def test_estimate_counts_the_runs_the_config_asks_for(tmp_path, tokenizer, fixed
         finetune={"seeds": [0, 1, 2]},
         evaluation={"methods": ["iss", "iss-cosine", "tlm", "none"]},
     )
-    repeated = estimate_run(Pipeline(config, show_progress=False))
-    assert repeated.runs == {"influence": 2, "pretraining": 9, "fine-tuning": 12}  # dot and cosine score apart
+    pipeline = Pipeline(config, show_progress=False)
+    repeated = estimate_run(pipeline)
+    measured = sum(pipeline.results[name].summary["seconds"] for name in ("data", "tokenizer", "retrieval"))
+    assert repeated.seconds["data, tokenizer, retrieval"] == pytest.approx(measured)  # known exactly by now
+    assert repeated.seconds["selection"] == pytest.approx(3 * estimate.Calibration.load().select_seconds)
+    assert repeated.runs == {"influence": 2, "pretraining": 9, "fine-tuning": 12, "selection": 3}  # dot, cosine apart
     once = estimate_run(Pipeline(config.with_overrides({"evaluation.repeat_pretraining": False}), False))
     assert once.runs["pretraining"] == 3
     assert once.seconds["pretraining"] == pytest.approx(repeated.seconds["pretraining"] / 3)
@@ -53,7 +58,7 @@ def test_estimate_counts_the_runs_the_config_asks_for(tmp_path, tokenizer, fixed
     assert mechanism[1] > mechanism[0]
     assert mechanism[2] - mechanism[0] == pytest.approx(2 * (mechanism[1] - mechanism[0]))
     grid = estimate_run(Pipeline(config.with_overrides({"evaluation.pretrain_seeds": [0, 1]}), False))
-    assert grid.runs == {"influence": 2, "pretraining": 6, "fine-tuning": 21}  # 3 x 2 x 3 + none's 3
+    assert grid.runs == {"influence": 2, "pretraining": 6, "fine-tuning": 21, "selection": 3}  # 3 x 2 x 3 + 3
     gate = estimate_run(
         Pipeline(config.with_overrides({"evaluation.methods": ["tlm", "random-corpus", "none"]}), False)
     )
@@ -125,11 +130,17 @@ def test_the_fine_tuning_probe_times_the_cached_path_when_caching(tmp_path, toke
 def test_iss_run_says_the_estimate_before_it_starts_and_keeps_it(monkeypatch, capsys, tmp_path, show_progress):
     events = []
 
+    monkeypatch.setenv("ISS_CACHE", str(tmp_path / "cache"))
+    assert estimate.Calibration.load().select_seconds == 5.0  # nothing measured on this machine yet
+
     class Recorder:
         run = SimpleNamespace(root=tmp_path)
+        config = IssConfig(evaluation={"methods": ["iss", "tlm", "none"]})
 
         def run_all(self):
             events.append("run_all")
+            stages = {name: {"summary": {"seconds": s}} for name, s in (("select-iss", 9.0), ("select-tlm", 3.0))}
+            (tmp_path / "manifest.json").write_text(json.dumps({"stages": stages}), encoding="utf-8")
             return "results"
 
     Recorder.show_progress = show_progress
@@ -144,6 +155,7 @@ def test_iss_run_says_the_estimate_before_it_starts_and_keeps_it(monkeypatch, ca
     said = capsys.readouterr().err.replace("\n", " ")
     assert ("1.5 min on this machine (warm-up 1.5" in said) == show_progress  # --quiet says nothing
     assert estimate.RunEstimate.load(tmp_path / estimate.ESTIMATE_FILE).seconds == {"warm-up": 90.0}
+    assert estimate.Calibration.load().select_seconds == 6.0  # the median of the run's selections, kept
 
 
 def test_estimate_is_held_against_the_manifests_stage_timings():

@@ -226,15 +226,22 @@ def _run_all_estimated(pipeline: Pipeline) -> StageResult:
     """``run_all``, after saying how long a fresh run folder would take on this machine and keeping that in the
     run folder's ``estimate.json`` (see iss.estimate; one process only: the estimate runs stages outside the
     lockstep of several processes)."""
-    from iss.estimate import ESTIMATE_FILE, estimate_run
+    from iss.estimate import ESTIMATE_FILE, Calibration, estimate_run
     from iss.parallel import processes
+    from iss.plan import RunPlan
+    from iss.runs import MANIFEST_FILE
 
-    if not processes().distributed:
-        estimate = estimate_run(pipeline)
-        estimate.save(pipeline.run.root / ESTIMATE_FILE)
-        if pipeline.show_progress:
-            console.print(estimate.describe())
-    return pipeline.run_all()
+    if processes().distributed:
+        return pipeline.run_all()
+    estimate = estimate_run(pipeline)
+    estimate.save(pipeline.run.root / ESTIMATE_FILE)
+    if pipeline.show_progress:
+        console.print(estimate.describe())
+    result = pipeline.run_all()
+    manifest = pipeline.run.root / MANIFEST_FILE
+    if manifest.is_file():  # what this run measured prices the next estimate's selections on this machine
+        Calibration.learn(json.loads(manifest.read_text(encoding="utf-8")), RunPlan(pipeline.config))
+    return result
 
 
 _stage_command(

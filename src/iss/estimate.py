@@ -32,7 +32,7 @@ from iss.model import (
     set_trainable,
 )
 from iss.plan import RunPlan
-from iss.runs import write_json
+from iss.runs import cache_root, write_json
 from iss.training import TrainingBatches, encoded_lengths, task_batch_schedule
 
 if TYPE_CHECKING:
@@ -206,4 +206,40 @@ def estimate_run(pipeline: Pipeline) -> RunEstimate:
     priced = {kind: float(t) * per_token["task" if kind == "fine-tuning" else "joint"] for kind, t in seconds.items()}
     if finetune.cache_frozen_blocks:
         priced["fine-tuning"] += encoded_models * cache_pass * per_token["joint"]
+    # what is not priced per token: the stages the estimate itself needed (measured: their seconds are known by
+    # now) and each selection (calibrated on this machine's earlier runs)
+    stages = plan.stages_by_kind()
+    priced[INPUT_STAGES] = sum(float(pipeline.results[name].summary.get("seconds", 0)) for name in stages[INPUT_STAGES])
+    priced["selection"] = len(stages["selection"]) * Calibration.load().select_seconds
+    runs["selection"] = len(stages["selection"])
     return RunEstimate(priced, runs, per_token)
+
+
+INPUT_STAGES = "data, tokenizer, retrieval"  # the kind of the stages every estimate runs first
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Costs of this machine that no probe prices, measured in finished runs and kept in ``$ISS_CACHE``."""
+
+    select_seconds: float = 5.0  # one selection stage (the pool tokenized, ranked, written); before any run: a guess
+
+    @staticmethod
+    def path() -> Path:
+        return cache_root() / "calibration.json"
+
+    @classmethod
+    def load(cls) -> Calibration:
+        path = cls.path()
+        return cls(**json.loads(path.read_text(encoding="utf-8"))) if path.is_file() else cls()
+
+    @classmethod
+    def learn(cls, manifest: dict, plan: RunPlan) -> Calibration:
+        """The calibration from a finished run's manifest (the median selection stage), saved for later runs."""
+        stages = manifest.get("stages", {})
+        seconds = [stages[name]["summary"].get("seconds", 0.0) for name in plan.stages_by_kind()["selection"]
+                   if name in stages]  # fmt: skip
+        calibration = cls(float(np.median(seconds))) if seconds else cls.load()
+        cls.path().parent.mkdir(parents=True, exist_ok=True)
+        write_json(cls.path(), asdict(calibration))
+        return calibration

@@ -132,6 +132,8 @@ class RunPlan:
             checks = [mechanism_stage(r.method, r.tag, repeat) for r in self.subsets() for repeat in range(repeats)]
             checks.append(mechanism_stage(None))
         return {
+            "data, tokenizer, retrieval": ["data", "tokenizer", "retrieval"],
+            "selection": [run.select for run in self.subsets()],
             "MLM head fit": ["mlm-head"] if self.config.model.mlm_head_steps else [],
             "warm-up": ["warmup"] if self.influence_stages() or checks else [],
             "influence": self.influence_stages(),
