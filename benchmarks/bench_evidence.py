@@ -30,7 +30,7 @@ from measure import run_measured
 from iss.config import IssConfig, load_config
 from iss.model import load_tokenizer
 from iss.pipeline import Pipeline
-from iss.plan import RunPlan, finetune_stage, select_stage
+from iss.plan import RunPlan, select_stage
 from iss.report import (
     differences_rows,
     markdown,
@@ -170,10 +170,13 @@ def refresh(entry: dict, run_dir: Path) -> dict:
     fine-tuning stage of that folder with the same test F1 (a folder partly recomputed since is still fine as long
     as its fine-tunes are the entry's)."""
     manifest = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
+    plan = manifest_plan(manifest)
+    grid = plan.config.evaluation.pretrain_seeds is not None  # else a fine-tune is named by its own seed alone
+    names = {(run.method, run.pretrain_seed if grid else None, run.seed): run.finetune for run in plan.runs}
     finetunes = []
     for run in entry["runs"]:
-        method = None if run["method"] == "none" else run["method"]
-        name = finetune_stage(method, "", run["seed"], run.get("pretrain_seed"))
+        key = (run["method"], run.get("pretrain_seed") if grid else None, run["seed"])
+        name = names.get(key, f"{run['method']} seed {run['seed']}")
         if manifest["stages"].get(name, {}).get("summary", {}).get("test") != run["test"]:
             raise SystemExit(f"{run_dir}: stage {name} is not the entry's run (test F1 differs or missing)")
         finetunes.append(name)

@@ -24,6 +24,16 @@ def test_the_plan_lists_every_fine_tuning_run_with_the_stages_it_rests_on():
     assert plan.influence_stages() == ["influence", "influence-cosine", "influence-bp4-bt8-random"]
 
 
+def test_one_pretraining_per_method_keeps_the_plain_fine_tuning_names():
+    plan = RunPlan(IssConfig(evaluation={"methods": ["tlm"], "repeat_pretraining": False}))
+    assert [(run.pretrain_seed, run.finetune) for run in plan.runs] == [
+        (0, "finetune-tlm-seed0"),
+        (0, "finetune-tlm-seed1"),
+        (0, "finetune-tlm-seed2"),
+    ]
+    assert plan.pretrainings() == ["pretrain-tlm-seed0"]
+
+
 def test_a_budget_sweep_tags_the_pretrained_methods_stages_and_the_kinds_cover_the_estimate():
     plan = RunPlan(_config(budgets=["12.5%", "4000 docs"], mechanism_steps=2, mechanism_repeats=2))
     subsets = [run.select for run in plan.subsets()]

@@ -550,7 +550,10 @@ class Pipeline:
             pretrain_seed = next((p for p, f in config.seed_pairs() if f == seed), fallback)
         tokenizer_stage, data = self.tokenizer(), self.data()
         upstream = self.pretrain(pretrain_seed) if pretrained else None
-        name = finetune_stage(config.selection.method if pretrained else None, self.tag, seed, pretrain_seed)
+        grid = config.evaluation.pretrain_seeds is not None
+        name = finetune_stage(
+            config.selection.method if pretrained else None, self.tag, seed, pretrain_seed if grid else None
+        )
 
         def body(folder: Path, summary: dict) -> None:
             task = self.task()

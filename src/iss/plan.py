@@ -29,8 +29,9 @@ def pretrain_stage(method: str, tag: str, seed: int) -> str:
 
 
 def finetune_stage(method: str | None, tag: str, seed: int, pretrain_seed: int | None = None) -> str:
-    """A fine-tuning run; ``method`` None is no pretraining. A pretraining seed other than the fine-tuning seed (a
-    ``pretrain_seeds`` grid) is named; one equal to it keeps the plain name."""
+    """A fine-tuning run; ``method`` None is no pretraining. ``pretrain_seed`` is given under a ``pretrain_seeds``
+    grid only: a pretraining seed other than the fine-tuning seed is then named, one equal to it keeps the plain
+    name (as do the one-to-one pairs of ``repeat_pretraining``, whose pretraining seed follows from the config)."""
     if method is None:
         return f"finetune-none-seed{seed}"
     pretrained = "" if pretrain_seed is None or pretrain_seed == seed else f"-pretrain{pretrain_seed}"
@@ -65,6 +66,7 @@ class PlannedRun:
     pretrain_seed: int | None  # None: no pretraining (method "none")
     budget: Budget | None = None  # a budget of the sweep; None: selection.budget (or no pretraining)
     tag: str = ""  # the budget's tag in stage names when the run sweeps budgets
+    grid: bool = False  # pretraining seeds x fine-tuning seeds (evaluation.pretrain_seeds): names say both
 
     @property
     def pretrained(self) -> bool:
@@ -80,7 +82,8 @@ class PlannedRun:
 
     @property
     def finetune(self) -> str:
-        return finetune_stage(self.method if self.pretrained else None, self.tag, self.seed, self.pretrain_seed)
+        pretrain_seed = self.pretrain_seed if self.grid else None
+        return finetune_stage(self.method if self.pretrained else None, self.tag, self.seed, pretrain_seed)
 
 
 @dataclass(frozen=True)
@@ -100,7 +103,8 @@ class RunPlan:
                 continue
             for budget in sweep or [None]:
                 tag = budget.tag if budget is not None else ""
-                runs += [PlannedRun(name, seed, pretrain, budget, tag) for pretrain, seed in config.seed_pairs()]
+                grid = config.evaluation.pretrain_seeds is not None
+                runs += [PlannedRun(name, seed, p, budget, tag, grid) for p, seed in config.seed_pairs()]
         return runs
 
     def subsets(self) -> list[PlannedRun]:
