@@ -39,7 +39,9 @@ if TYPE_CHECKING:
     from iss.pipeline import Pipeline
 
 FORWARD_SHARE = 1 / 3  # a forward pass costs about a third of a training step (forward + backward)
-INFLUENCE_SHARE = 2.2 * FORWARD_SHARE  # influence at Table A.1's B_p/B_t vs forward only (bench_influence: 2.21)
+# influence per candidate in forward passes (bench_influence on the default model): 3.41 per document, 2.06 at
+# Table A.1's B_p = 4 / B_t = 8, where a unit's gradient is shared by its documents
+INFLUENCE_SHARE = {"per document": 3.4 * FORWARD_SHARE, "batched": 2.1 * FORWARD_SHARE}
 PROBE_STEPS = 5  # the fastest counts: a transient load on the machine slows some steps, never speeds one up
 ESTIMATE_FILE = "estimate.json"
 
@@ -197,7 +199,11 @@ def estimate_run(pipeline: Pipeline) -> RunEstimate:
     seconds = {
         **({"MLM head fit": head_fit} if head_fit else {}),
         "warm-up": warmup.epochs * warmup_epoch if warmed_up else 0.0,
-        "influence": len(influence_runs) * (int(pool_lengths.sum()) * INFLUENCE_SHARE + tokens["dev"]),
+        "influence": sum(
+            int(pool_lengths.sum()) * INFLUENCE_SHARE["batched" if settings.pool_batch > 1 else "per document"]
+            + tokens["dev"]
+            for settings in plan.influence_settings()
+        ),
         "pretraining": pretrain_runs * pretrain_tokens,
         "fine-tuning": finetune_runs * (finetune.epochs * finetune_epoch + evaluation),
         "mechanism check": mechanism,

@@ -115,14 +115,19 @@ class RunPlan:
         """Every pretraining stage, once."""
         return list(dict.fromkeys(run.pretrain for run in self.runs if run.pretrain))
 
-    def influence_stages(self) -> list[str]:
-        """The influence stages the plan's ISS methods read (cosine and Table A.1 batching score apart)."""
-        names = []
+    def influence_settings(self) -> list[InfluenceConfig]:
+        """The influence settings of each influence stage the plan's ISS methods read (cosine and Table A.1
+        batching score apart; methods that share a stage share its settings)."""
+        settings = {}
         for method in dict.fromkeys(run.method for run in self.runs if run.pretrained):
             evaluated = EVALUATED[method]
             if SELECTION[evaluated.selection].needs_influence:
-                names.append(influence_stage(self.config.with_overrides(evaluated.overrides).influence))
-        return list(dict.fromkeys(names))
+                influence = self.config.with_overrides(evaluated.overrides).influence
+                settings.setdefault(influence_stage(influence), influence)
+        return list(settings.values())
+
+    def influence_stages(self) -> list[str]:
+        return [influence_stage(settings) for settings in self.influence_settings()]
 
     def subset_of(self, pretrain: str) -> PlannedRun:
         """A run of the plan that pretrains with this stage: its method, variant tag and select stage."""
