@@ -138,8 +138,6 @@ def _one_line_errors() -> Iterator[None]:
 
 
 def _report(pipeline: Pipeline, result: StageResult, quiet: bool, as_json: bool) -> None:
-    from rich.table import Table
-
     from iss.parallel import processes
 
     if not processes().is_main:  # under `accelerate launch` one process speaks for all
@@ -151,21 +149,19 @@ def _report(pipeline: Pipeline, result: StageResult, quiet: bool, as_json: bool)
         return
     if quiet:
         return
-    table = Table(title=f"run folder {pipeline.run.root}")
-    for column in ("stage", "status", "seconds", "summary"):
-        table.add_column(column)
-    for name, summary in summaries.items():
-        # scalars only: curves, source shares and other tables stay in the stage's JSON (--json prints them)
-        details = {
-            k: v
-            for k, v in summary.items()
-            if k not in ("path", "reused", "seconds") and not isinstance(v, list | dict)
-        }
-        status = "reused" if summary["reused"] else "ran"
-        table.add_row(name, status, str(summary.get("seconds", "")), ", ".join(f"{k}={v}" for k, v in details.items()))
-    results = Console()  # the results go to stdout; logs and progress to stderr
-    results.print(table)
-    results.print(f"output: {result.path}")
+    ran = [r for r in pipeline.results.values() if not r.reused]
+    seconds = sum(float(r.summary.get("seconds", 0)) for r in ran)
+    # short: what the command made, not every stage (`--json` and the run folder's manifest hold them all)
+    details = {k: v for k, v in result.summary.items() if k != "seconds" and not isinstance(v, list | dict)}
+    results = Console(soft_wrap=True)  # the results go to stdout; logs and progress to stderr
+    results.print(f"{result.name}: " + ", ".join(f"{k}={v}" for k, v in details.items()), markup=False)
+    scores = result.path / "results.md"
+    if scores.is_file():  # `iss run`: the score table (the differences and subsets follow it in the file)
+        results.print(scores.read_text(encoding="utf-8").split("\n\n###")[0])
+    results.print(
+        f"{len(ran)} stages ran ({seconds:.0f} s), {len(pipeline.results) - len(ran)} reused; output: {result.path}",
+        markup=False,
+    )
 
 
 @app.command()
