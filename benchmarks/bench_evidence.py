@@ -399,6 +399,8 @@ def render(entries: list[dict]) -> str:
         parts.append(f"\n## {heading}\n")
         if "superseded" in entry:
             parts.append(f"\n**{entry['superseded'][0].upper()}{entry['superseded'][1:]}.**\n")
+        if "control_note" in entry:
+            parts.append(f"\n**The control as it was drawn:** {entry['control_note']}\n")
         elif "seeds" in entry:
             seeds, control = entry["seeds"], entry["positive_control"]
             parts.append(

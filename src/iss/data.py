@@ -255,8 +255,18 @@ class MixtureFilter:
             return np.ones(len(ids), bool)
         by_file = self.mixture.by == "file"
         shares = np.array([self.share(file.name if by_file else source) for source in sources], float)
-        draws = seeded_hash(np.asarray(ids, np.int64), self.mixture.seed) / np.float64(2**64)
-        return (shares >= 1) | (draws < shares)
+        return (shares >= 1) | (mixture_draws(np.asarray(ids, np.int64), self.mixture.seed) < shares)
+
+
+MIXTURE_STREAM = 0x6D6978747572  # "mixture": the mixture's draws come from a stream of their own
+
+
+def mixture_draws(ids: np.ndarray, seed: int) -> np.ndarray:
+    """A uniform draw in [0, 1) per document id for the mixture's shares. It must not be ``seeded_hash(ids,
+    seed)`` itself: the random-corpus sample keeps the documents of smallest ``seeded_hash(ids, run seed)``, and with
+    the same stream the documents a share keeps (the smallest hashes) would be exactly the ones the sample takes
+    first, so the sample would come out with the whole corpus's source shares instead of the mixture's."""
+    return seeded_hash(seeded_hash(ids, MIXTURE_STREAM), seed) / np.float64(2**64)
 
 
 def _format(file: Path) -> str:
