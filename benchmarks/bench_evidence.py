@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import yaml
 from measure import run_measured
 
-from iss.config import IssConfig, load_config
+from iss.config import IssConfig, load_config, recorded_config
 from iss.model import load_tokenizer
 from iss.pipeline import Pipeline
 from iss.plan import RunPlan, select_stage
@@ -112,7 +112,7 @@ def run_one(
 
 def manifest_plan(manifest: dict) -> RunPlan:
     """The run plan of the config a run folder's manifest records: the names of its stages."""
-    return RunPlan(IssConfig.model_validate(manifest["config"]))
+    return RunPlan(recorded_config(manifest["config"]))
 
 
 def design(runs: list[dict], differences: list[dict]) -> dict:

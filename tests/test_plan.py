@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from iss.config import IssConfig
+from iss.config import IssConfig, recorded_config
 from iss.plan import RunPlan, finetune_stage, influence_stage, mechanism_stage
 
 
@@ -52,3 +52,11 @@ def test_stage_names_come_from_one_builder():
     assert mechanism_stage("tlm", "@layer1", 2) == "mechanism-tlm@layer1-repeat2"
     settings = IssConfig().influence.model_copy(update={"layer": 1, "similarity": "cosine"})
     assert influence_stage(settings) == "influence-layer1-cosine"
+
+
+def test_a_config_recorded_by_an_older_version_still_gives_its_plan():
+    """A manifest's config may hold keys this version dropped (evaluation.bootstrap): the plan reads the rest."""
+    recorded = IssConfig(evaluation={"methods": ["tlm", "none"]}).model_dump(mode="json")
+    recorded["evaluation"]["bootstrap"] = 10000
+    plan = RunPlan(recorded_config(recorded))
+    assert [run.finetune for run in plan.runs][:2] == ["finetune-tlm-seed0", "finetune-tlm-seed1"]

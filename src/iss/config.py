@@ -566,6 +566,23 @@ def load_config(path: str | Path | None = None) -> IssConfig:
     return validate(raw, str(path))
 
 
+def recorded_config(data: dict[str, Any]) -> IssConfig:
+    """The config a run folder's manifest recorded, read by this version: keys an older version had and this one
+    dropped (``evaluation.bootstrap``) are left out, so old run folders stay readable (reports, plans)."""
+
+    def known(model: type[BaseModel], values: dict[str, Any]) -> dict[str, Any]:
+        kept = {}
+        for key, value in values.items():
+            field = model.model_fields.get(key)
+            if field is None:
+                continue
+            sections = [t for t in (field.annotation, *get_args(field.annotation)) if _is_section(t)]
+            kept[key] = known(sections[0], value) if sections and isinstance(value, dict) else value
+        return kept
+
+    return IssConfig.model_validate(known(IssConfig, data))
+
+
 def validate(data: dict[str, Any], where: str) -> IssConfig:
     """``IssConfig`` from parsed data; a mistake is one :class:`ConfigError` naming ``where`` (the file), each
     wrong key with its dotted path and, for an unknown key, the nearest known one."""

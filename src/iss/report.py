@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import yaml
 
-from iss.config import IssConfig
+from iss.config import recorded_config
 from iss.errors import ConfigError
 from iss.influence import InfluenceResult
 from iss.methods import COMPARISONS, display_name
@@ -355,7 +355,7 @@ def _results_section(stages: dict[str, Path]) -> Section:
 
 def _plan(manifest: dict) -> RunPlan:
     """The plan of the run the manifest records (its config), which names every stage the report reads."""
-    return RunPlan(IssConfig.model_validate(manifest.get("config") or {}))
+    return RunPlan(recorded_config(manifest.get("config") or {}))
 
 
 def _subsets(manifest: dict, stages: dict[str, Path]) -> dict[str, str]:
