@@ -138,15 +138,10 @@ class Pipeline:
         torch.manual_seed(seed)
         if not config.model.path:
             return TaskMLMModel.from_scratch(config.model, tokenizer, len(task.labels))
+        self.check_tokenizer(len(tokenizer))  # before the head fit too
         head = self.mlm_head() if fitted_head else None
         path = head.path / "model" if head else config.model.path
-        model = TaskMLMModel.load(path, len(task.labels), config.model.trust_remote_code)
-        if model.mlm.config.vocab_size < len(tokenizer):
-            raise ConfigError(
-                f"tokenizer has {len(tokenizer)} tokens but model {config.model.path} only "
-                f"{model.mlm.config.vocab_size} embeddings: they do not belong together"
-            )
-        return model
+        return TaskMLMModel.load(path, len(task.labels), config.model.trust_remote_code)
 
     # ----------------------------------------------------------------------- checks before spending
 
@@ -163,10 +158,9 @@ class Pipeline:
         checkpoint = self.checkpoint_config()
         return self.config.model.num_layers if checkpoint is None else checkpoint.num_hidden_layers
 
-    def check_tokenizer(self) -> None:
-        """A tokenizer with more tokens than the checkpoint has embeddings fails now, not at warm-up."""
+    def check_tokenizer(self, tokens: int) -> None:
+        """A tokenizer of ``tokens`` tokens and a checkpoint with fewer embeddings do not belong together."""
         checkpoint = self.checkpoint_config()
-        tokens = len(load_tokenizer(self.tokenizer().path))
         if checkpoint is not None and checkpoint.vocab_size < tokens:
             raise ConfigError(
                 f"tokenizer has {tokens} tokens but model {self.config.model.path} only {checkpoint.vocab_size} "
@@ -192,7 +186,7 @@ class Pipeline:
         """Every check the config, the data and the model's config can answer, made before the first expensive
         stage: the tokenizer fits the checkpoint, the influence layer exists, and each budget fits the pool (which
         retrieval makes: a few minutes at most, and the pool is needed anyway)."""
-        self.check_tokenizer()
+        self.check_tokenizer(len(load_tokenizer(self.tokenizer().path)))
         if SELECTION[self.config.selection.method].needs_influence or self.config.evaluation.mechanism_steps:
             self.check_layer()
         lengths = self.pool_token_counts()
