@@ -26,9 +26,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import yaml
 from measure import run_measured
+from transformers import AutoTokenizer
 
 from iss.config import IssConfig, load_config, recorded_config
-from iss.model import load_tokenizer
 from iss.pipeline import Pipeline
 from iss.plan import RunPlan, select_stage
 from iss.report import (
@@ -247,7 +247,7 @@ def variant_dir(run_dir: Path, label: str) -> Path:
 def pretraining_rows(run_dir: Path, manifest: dict) -> list[dict]:
     """Per pretrained subset: the MLM loss at the end (and its curve) against the subset's unigram level, the
     loss of a model that knows word frequencies only; a curve that stays above it has learned little."""
-    tokenizer = load_tokenizer(run_dir / "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(str(run_dir / "tokenizer"))  # counting tokens only
     rows = []
     plan = manifest_plan(manifest)
     for name in plan.pretrainings():

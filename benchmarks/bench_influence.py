@@ -37,11 +37,11 @@ from iss.config import IssConfig, load_config
 from iss.gradients import autograd_gradient
 from iss.influence import InfluenceScorer
 from iss.model import (
-    TaskMLMModel,
-    load_tokenizer,
-    masked_batch,
+    TaskModel,
+    candidate_batch,
     parameter_group,
-    per_sample_mlm_loss,
+    per_sample_lm_loss,
+    precision,
 )
 from iss.pipeline import Pipeline
 from iss.retrieval import BM25Index
@@ -57,7 +57,7 @@ class Setup:
 
     config: IssConfig
     pipeline: Pipeline
-    model: TaskMLMModel
+    model: TaskModel
     group: torch.nn.Module
     tokenizer: object
     pool_texts: list[str]
@@ -66,17 +66,23 @@ class Setup:
     task_labels: np.ndarray
 
     @classmethod
-    def load(cls, config: IssConfig, limit: int | None) -> Setup:
+    def load(
+        cls, config: IssConfig, limit: int | None, untrained: bool = False, bank_limit: int | None = None
+    ) -> Setup:
+        """With ``untrained`` the checkpoint with a fresh task head stands in for the warmed-up model (speed does
+        not depend on the weights; a 135 M model's warm-up is hours on CPU); ``bank_limit`` caps the task bank."""
         pipeline = Pipeline(config, show_progress=False)
-        retrieval, warmup = pipeline.retrieval(), pipeline.warmup()
-        tokenizer = load_tokenizer(pipeline.tokenizer().path)
-        model = TaskMLMModel.load(warmup.path / "model").eval()
+        retrieval, task = pipeline.retrieval(), pipeline.task()
+        tokenizer = pipeline.read_tokenizer()
+        if untrained:
+            model = pipeline.initial_model(task, tokenizer, config.seed).eval()
+        else:
+            model = TaskModel.load(pipeline.warmup().path / "model").eval()
         _, group = parameter_group(model, config.influence.layer)
         pool = pq.read_table(retrieval.path / "pool.parquet", columns=["corpus_id", "text"])
         # A seeded shuffle, so the first N candidates the slower methods time are a random sample of the pool.
         order = np.random.default_rng(config.seed).permutation(pool.num_rows)[:limit]
         pool = pool.take(order)
-        task = pipeline.task()
         split = config.influence.task_split
         return cls(
             config,
@@ -86,13 +92,14 @@ class Setup:
             tokenizer,
             pool.column("text").to_pylist(),
             pool.column("corpus_id").to_numpy(),
-            task.texts(split),
-            task.label_ids(split),
+            task.texts(split)[:bank_limit],
+            task.label_ids(split)[:bank_limit],
         )
 
     def candidates(self, start: int, stop: int):
         influence = self.config.influence
-        return masked_batch(
+        return candidate_batch(
+            self.model,
             self.tokenizer,
             self.pool_texts[start:stop],
             self.pool_keys[start:stop],
@@ -127,7 +134,7 @@ def run_forward(setup: Setup, n: int) -> dict:
     def forward() -> None:
         with torch.no_grad():
             for _, batch in setup.batches(n):
-                per_sample_mlm_loss(setup.model, batch)
+                per_sample_lm_loss(setup.model, batch)
 
     _, seconds = _timed(forward)
     return {"docs": n, "seconds": seconds}
@@ -179,9 +186,9 @@ def run_loop(setup: Setup, n: int) -> dict:
         for _, batch in setup.batches(n):
             for row in range(batch.input_ids.shape[0]):
                 single = type(batch)(
-                    batch.input_ids[row : row + 1], batch.attention_mask[row : row + 1], batch.mlm_labels[row : row + 1]
+                    batch.input_ids[row : row + 1], batch.attention_mask[row : row + 1], batch.lm_labels[row : row + 1]
                 )
-                rows.append(autograd_gradient(setup.model, setup.group, per_sample_mlm_loss, single) @ flat_bank.T)
+                rows.append(autograd_gradient(setup.model, setup.group, per_sample_lm_loss, single) @ flat_bank.T)
         return torch.stack(rows)
 
     return _time_baseline(setup, n, loop)
@@ -220,7 +227,7 @@ def run_vmap(setup: Setup, n: int) -> dict:
                 setup.model.encoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
             handle.remove()
             hidden, mask = captured["args"][0], captured["args"][1]
-            masked = batch.mlm_labels != -100
+            masked = batch.lm_labels != -100
             width = int(masked.sum(1).max())
             positions = torch.zeros(len(masked), width, dtype=torch.long)
             targets = torch.zeros(len(masked), width, dtype=torch.long)
@@ -228,7 +235,7 @@ def run_vmap(setup: Setup, n: int) -> dict:
             for row in range(len(masked)):
                 where = masked[row].nonzero()[:, 0]
                 positions[row, : len(where)] = where
-                targets[row, : len(where)] = batch.mlm_labels[row, where]
+                targets[row, : len(where)] = batch.lm_labels[row, where]
                 weights[row, : len(where)] = 1
             grads_by_name = per_sample(params, hidden, mask, positions, targets, weights)
             flat = torch.cat([grads_by_name[name].reshape(len(masked), -1) for name in params], dim=1)
@@ -305,9 +312,9 @@ def run_pretrain(setup: Setup, docs: int, steps: int) -> dict:
 def child(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     config = load_config(args.config).with_overrides({"run_dir": str(args.run_dir)})
-    setup = Setup.load(config, args.limit)
+    setup = Setup.load(config, args.limit, args.untrained, args.bank_limit)
     n = len(setup.pool_texts)
-    results = {
+    methods = {
         "forward": lambda: run_forward(setup, n),
         "iss": lambda: run_iss(setup, n),
         "iss-defaults": lambda: run_iss(setup, n, setup.config.influence.task_batch, setup.config.influence.pool_batch),
@@ -317,7 +324,9 @@ def child(args: argparse.Namespace) -> None:
         "projection": lambda: run_projection(setup, min(n, args.projection_docs), args.projection_dims),
         "bm25": lambda: run_bm25(setup),
         "pretrain": lambda: run_pretrain(setup, min(n, args.pretrain_docs), args.pretrain_steps),
-    }[args.child]()
+    }
+    with precision(config.precision):  # as the pipeline's stages run
+        results = methods[args.child]()
     print(json.dumps(results))
 
 
@@ -332,8 +341,11 @@ def run_child(args: argparse.Namespace, method: str) -> dict:
         "--run-dir",
         str(args.run_dir),
     ]
+    if args.untrained:
+        command.append("--untrained")
     for flag in (
-        "limit", "vmap_docs", "loop_docs", "projection_docs", "matched_task_batch", "pretrain_docs", "pretrain_steps"
+        "bank_limit", "limit", "vmap_docs", "loop_docs", "projection_docs", "matched_task_batch", "pretrain_docs",
+        "pretrain_steps",
     ):  # fmt: skip
         if getattr(args, flag) is not None:
             command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
@@ -445,13 +457,17 @@ def main() -> None:
     parser.add_argument("--projection-dims", type=int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--pretrain-docs", type=int, default=4000, help="Pool candidates the pretraining row uses.")
     parser.add_argument("--pretrain-steps", type=int, default=40)
+    parser.add_argument("--untrained", action="store_true", help="Time the checkpoint itself, without warm-up.")
+    parser.add_argument("--bank-limit", type=int, help="Task samples in the bank (default: the whole split).")
+    parser.add_argument("--output", type=Path, help="JSON path (default: results/influence_<task>[_<setting>].json).")
     parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args)
         return
     config = load_config(args.config).with_overrides({"run_dir": str(args.run_dir)})
-    Pipeline(config).warmup()  # build (or reuse) the stages every method reads
+    if not args.untrained:
+        Pipeline(config).warmup()  # build (or reuse) the stages every method reads
     Pipeline(config).retrieval()
     runs = {}
     for method in args.methods:
@@ -468,6 +484,7 @@ def main() -> None:
     report = {
         "config": str(args.config),
         "layer": str(config.influence.layer),
+        "precision": config.precision,
         "machine": machine,
         "runs": runs,
         "ratios": ratios(runs),
@@ -475,7 +492,9 @@ def main() -> None:
     report["table"] = lines
     RESULTS.mkdir(exist_ok=True)
     setting = "" if args.config.parent.name == "configs" else f"_{args.config.parent.name}"  # configs/further/...
-    (RESULTS / f"influence_{config.task.name}{setting}.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    output = args.output or RESULTS / f"influence_{config.task.name}{setting}.json"
+    report["untrained"], report["bank_limit"] = args.untrained, args.bank_limit
+    output.write_text(json.dumps(report, indent=2), encoding="utf-8")
 
 
 if __name__ == "__main__":

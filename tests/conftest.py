@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from iss.config import ModelConfig, TokenizerConfig
-from iss.model import TaskMLMModel, train_tokenizer
+from iss.model import TaskModel, train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -56,10 +56,10 @@ def tokenizer(chemprot_texts, corpus_texts):
 
 
 @pytest.fixture()
-def tiny_model(tokenizer) -> TaskMLMModel:
+def tiny_model(tokenizer) -> TaskModel:
     torch.manual_seed(0)
     config = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_length=64)
-    return TaskMLMModel.from_scratch(config, tokenizer, num_labels=5).eval()
+    return TaskModel.from_scratch(config, tokenizer, num_labels=5).eval()
 
 
 def iss_command(*args: str) -> subprocess.CompletedProcess:

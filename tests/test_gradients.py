@@ -13,11 +13,11 @@ from iss.gradients import GroupGradients, autograd_gradient
 from iss.influence import InfluenceScorer
 from iss.model import (
     Batch,
-    TaskMLMModel,
+    TaskModel,
+    candidate_batch,
     labelled_batch,
-    masked_batch,
     parameter_group,
-    per_sample_mlm_loss,
+    per_sample_lm_loss,
     per_sample_task_loss,
     precision,
 )
@@ -45,7 +45,7 @@ def _grads(model, layer, tokenizer, chemprot_texts, corpus_texts, layout: str) -
         pool_texts, pool_keys, task_texts, task_labels = _pool_and_task(chemprot_texts, corpus_texts)
         grads.choose_low_rank(
             labelled_batch(tokenizer, task_texts, task_labels, MAX_LENGTH),
-            masked_batch(tokenizer, pool_texts, pool_keys, 0.15, SEED, MAX_LENGTH),
+            candidate_batch(model, tokenizer, pool_texts, pool_keys, 0.15, SEED, MAX_LENGTH),
         )
     return grads
 
@@ -54,7 +54,7 @@ def _rows(batch: Batch, members) -> Batch:
     return Batch(
         batch.input_ids[members],
         batch.attention_mask[members],
-        None if batch.mlm_labels is None else batch.mlm_labels[members],
+        None if batch.lm_labels is None else batch.lm_labels[members],
         None if batch.labels is None else batch.labels[members],
     )
 
@@ -65,10 +65,10 @@ def _rows(batch: Batch, members) -> Batch:
 def test_per_sample_gradients_equal_autograd(tiny_model, tokenizer, chemprot_texts, corpus_texts, layer, layout):
     pool_texts, pool_keys, task_texts, task_labels = _pool_and_task(chemprot_texts, corpus_texts)
     grads = _grads(tiny_model, layer, tokenizer, chemprot_texts, corpus_texts, layout)
-    pool_batch = masked_batch(tokenizer, pool_texts, pool_keys, 0.15, SEED, MAX_LENGTH)
+    pool_batch = candidate_batch(tiny_model, tokenizer, pool_texts, pool_keys, 0.15, SEED, MAX_LENGTH)
     task_batch = labelled_batch(tokenizer, task_texts, task_labels, MAX_LENGTH)
 
-    for loss_fn, batch in ((per_sample_mlm_loss, pool_batch), (per_sample_task_loss, task_batch)):
+    for loss_fn, batch in ((per_sample_lm_loss, pool_batch), (per_sample_task_loss, task_batch)):
         fast = grads.flatten(grads.compute(loss_fn, batch))
         for row in range(batch.input_ids.shape[0]):
             reference = autograd_gradient(tiny_model, grads.group, loss_fn, _rows(batch, [row]))
@@ -98,7 +98,7 @@ def test_gradients_on_random_inputs_equal_autograd(tiny_model, tokenizer, layer,
     grads = GroupGradients(tiny_model, group)
     grads.low_rank = set(grads.linears) if layout == "low_rank" else set()
     mlm_batch, task_batch = _random_batches(len(tokenizer))
-    for loss_fn, batch in ((per_sample_mlm_loss, mlm_batch), (per_sample_task_loss, task_batch)):
+    for loss_fn, batch in ((per_sample_lm_loss, mlm_batch), (per_sample_task_loss, task_batch)):
         fast = grads.flatten(grads.compute(loss_fn, batch))
         for row in range(len(batch.input_ids)):
             reference = autograd_gradient(tiny_model, group, loss_fn, _rows(batch, [row]))
@@ -124,7 +124,7 @@ def test_cost_rule_factors_the_last_blocks_position_wise_layers(tiny_model, toke
     assert not names & {"key", "value"}
 
 
-def _roberta_model(tokenizer) -> TaskMLMModel:
+def _roberta_model(tokenizer) -> TaskModel:
     torch.manual_seed(0)
     config = RobertaConfig(
         vocab_size=len(tokenizer),
@@ -136,7 +136,7 @@ def _roberta_model(tokenizer) -> TaskMLMModel:
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
-    return TaskMLMModel(AutoModelForMaskedLM.from_config(config, attn_implementation="eager"), 5).eval()
+    return TaskModel(AutoModelForMaskedLM.from_config(config, attn_implementation="eager"), 5).eval()
 
 
 @pytest.mark.parametrize("architecture", ["bert", "roberta"])
@@ -154,9 +154,9 @@ def test_attention_key_value_gradients_are_one_row_per_head_and_exact(
     attention = group.attention.self
     assert grads.heads == {attention.key: attention.num_attention_heads, attention.value: attention.num_attention_heads}
     task_batch = labelled_batch(tokenizer, task_texts, task_labels, MAX_LENGTH)
-    pool_batch = masked_batch(tokenizer, pool_texts, pool_keys, 0.5, SEED, MAX_LENGTH)
+    pool_batch = candidate_batch(model, tokenizer, pool_texts, pool_keys, 0.5, SEED, MAX_LENGTH)
     position = {m: i for i, m in enumerate(m for m in grads.modules if m in grads.low_rank)}
-    for loss_fn, batch in ((per_sample_task_loss, task_batch), (per_sample_mlm_loss, pool_batch)):
+    for loss_fn, batch in ((per_sample_task_loss, task_batch), (per_sample_lm_loss, pool_batch)):
         features = grads.compute(loss_fn, batch)
         rows = features.low_rank[position[attention.key]].owner.bincount(minlength=len(batch.input_ids))
         tokens = batch.attention_mask.sum(1)
@@ -198,10 +198,10 @@ def test_scorer_scores_equal_autograd_dot_products(
     assert [sorted(keys) for keys in result.pool_units] == [sorted(pool_keys[u].tolist()) for u in unit_groups]
 
     task_all = labelled_batch(tokenizer, task_texts, task_labels, MAX_LENGTH)
-    pool_all = masked_batch(tokenizer, pool_texts, pool_keys, 0.15, SEED, MAX_LENGTH)
+    pool_all = candidate_batch(tiny_model, tokenizer, pool_texts, pool_keys, 0.15, SEED, MAX_LENGTH)
     group = scorer.grads.group
     task_refs = [autograd_gradient(tiny_model, group, per_sample_task_loss, _rows(task_all, g)) for g in task_groups]
-    unit_refs = [autograd_gradient(tiny_model, group, per_sample_mlm_loss, _rows(pool_all, g)) for g in unit_groups]
+    unit_refs = [autograd_gradient(tiny_model, group, per_sample_lm_loss, _rows(pool_all, g)) for g in unit_groups]
     expected = (torch.stack(unit_refs) @ torch.stack(task_refs).T).numpy()  # [pool units, task units]
 
     for task_unit in range(len(task_groups)):
@@ -217,13 +217,13 @@ def test_projection_is_the_kronecker_projection_of_the_exact_gradient(
     tiny_model, tokenizer, chemprot_texts, corpus_texts, kind
 ):
     pool_texts, pool_keys, _, _ = _pool_and_task(chemprot_texts, corpus_texts)
-    batch = masked_batch(tokenizer, pool_texts, pool_keys, 0.15, SEED, MAX_LENGTH)
+    batch = candidate_batch(tiny_model, tokenizer, pool_texts, pool_keys, 0.15, SEED, MAX_LENGTH)
     exact_grads = _grads(tiny_model, "last", tokenizer, chemprot_texts, corpus_texts, "dense")
-    exact = exact_grads.flatten(exact_grads.compute(per_sample_mlm_loss, batch))
+    exact = exact_grads.flatten(exact_grads.compute(per_sample_lm_loss, batch))
 
     projected_grads = _grads(tiny_model, "last", tokenizer, chemprot_texts, corpus_texts, "dense")
     projected_grads.project(512, kind, seed=3)
-    projected = projected_grads.compute(per_sample_mlm_loss, batch).dense
+    projected = projected_grads.compute(per_sample_lm_loss, batch).dense
     assert projected.shape[1] < exact.shape[1] / 4
 
     # Rebuild the projected features from the exact gradients: P_out^T G P_in per Linear, the rest unchanged.
@@ -241,7 +241,7 @@ def test_projection_is_the_kronecker_projection_of_the_exact_gradient(
 
     again = _grads(tiny_model, "last", tokenizer, chemprot_texts, corpus_texts, "dense")
     again.project(512, kind, seed=3)
-    assert torch.equal(again.compute(per_sample_mlm_loss, batch).dense, projected)
+    assert torch.equal(again.compute(per_sample_lm_loss, batch).dense, projected)
 
 
 class _Killed(Exception):
@@ -275,7 +275,7 @@ def test_scorer_resumes_from_last_finished_shard(tiny_model, tokenizer, chemprot
 def test_tied_embeddings_are_refused(tokenizer):
     from transformers import BertConfig, BertForMaskedLM
 
-    from iss.model import TaskMLMModel
+    from iss.model import TaskModel
 
     tied = BertForMaskedLM(
         BertConfig(
@@ -288,9 +288,9 @@ def test_tied_embeddings_are_refused(tokenizer):
         )
     )
     with pytest.raises(ConfigError, match="untied"):
-        parameter_group(TaskMLMModel(tied, 3), "embeddings")
+        parameter_group(TaskModel(tied, 3), "embeddings")
     with pytest.raises(ConfigError, match="out of range"):
-        parameter_group(TaskMLMModel(tied, 3), 5)
+        parameter_group(TaskModel(tied, 3), 5)
 
 
 @pytest.mark.parametrize(("layer", "layout"), [("last", "auto"), ("last", "low_rank"), ("embeddings", "dense")])
@@ -309,10 +309,10 @@ def test_cosine_scores_equal_autograd_cosines(tiny_model, tokenizer, chemprot_te
 
     group = scorer.grads.group
     task_all = labelled_batch(tokenizer, task_texts, task_labels, MAX_LENGTH)
-    pool_all = masked_batch(tokenizer, pool_texts, pool_keys, 0.15, SEED, MAX_LENGTH)
+    pool_all = candidate_batch(tiny_model, tokenizer, pool_texts, pool_keys, 0.15, SEED, MAX_LENGTH)
     task_refs = unit([autograd_gradient(tiny_model, group, per_sample_task_loss, _rows(task_all, [i]))
                       for i in range(len(task_texts))])  # fmt: skip
-    pool_refs = unit([autograd_gradient(tiny_model, group, per_sample_mlm_loss, _rows(pool_all, [i]))
+    pool_refs = unit([autograd_gradient(tiny_model, group, per_sample_lm_loss, _rows(pool_all, [i]))
                       for i in range(len(pool_texts))])  # fmt: skip
     cosines = pool_refs @ task_refs.T
     expected = torch.stack(
@@ -327,10 +327,10 @@ def test_cosine_scores_equal_autograd_cosines(tiny_model, tokenizer, chemprot_te
 
 def test_gradient_norms_from_factors_equal_explicit_norms(tiny_model, tokenizer, chemprot_texts, corpus_texts):
     pool_texts, pool_keys, _, _ = _pool_and_task(chemprot_texts, corpus_texts)
-    batch = masked_batch(tokenizer, pool_texts, pool_keys, 0.15, SEED, MAX_LENGTH)
+    batch = candidate_batch(tiny_model, tokenizer, pool_texts, pool_keys, 0.15, SEED, MAX_LENGTH)
     for layout in ("low_rank", "dense"):
         grads = _grads(tiny_model, "last", tokenizer, chemprot_texts, corpus_texts, layout)
-        features = grads.compute(per_sample_mlm_loss, batch)
+        features = grads.compute(per_sample_lm_loss, batch)
         torch.testing.assert_close(features.norms(), grads.flatten(features).norm(dim=1), rtol=1e-4, atol=1e-6)
         normalised = grads.flatten(features.normalised())
         torch.testing.assert_close(normalised.norm(dim=1), torch.ones(len(pool_texts)), rtol=1e-4, atol=1e-5)
@@ -347,7 +347,7 @@ def test_bf16_autocast_scores_track_fp32_and_accumulate_in_float32(tiny_model, t
             scorer.fit(task_texts, task_labels, candidate_probe=pool_texts)
             assert scorer.bank.dense.dtype == torch.float32
             seen: list[torch.dtype] = []
-            handle = tiny_model.mlm_head.register_forward_hook(
+            handle = tiny_model.lm_head.register_forward_hook(
                 lambda module, args, out, seen=seen: seen.append(out.dtype)
             )
             result = scorer.score(pool_texts, pool_keys)

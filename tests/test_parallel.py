@@ -16,7 +16,7 @@ import yaml
 from safetensors.torch import load_file
 
 from iss.config import ModelConfig
-from iss.model import TaskMLMModel, labelled_batch, mask_tokens, per_sample_mlm_loss, per_sample_task_loss
+from iss.model import TaskModel, labelled_batch, mask_tokens, per_sample_lm_loss, per_sample_task_loss
 from iss.parallel import Processes
 
 from .conftest import iss_command
@@ -24,12 +24,12 @@ from .test_faults import _kill_when
 from .test_pipeline import _small_config
 
 
-def _gradients(model: TaskMLMModel, tokenizer, texts: list[str], group: Processes, total_rows: np.ndarray) -> dict:
+def _gradients(model: TaskModel, tokenizer, texts: list[str], group: Processes, total_rows: np.ndarray) -> dict:
     model.zero_grad(set_to_none=True)
     rows = group.share(total_rows)
     batch = labelled_batch(tokenizer, [texts[i] for i in rows], np.zeros(len(rows), np.int64), 48)
     batch = mask_tokens(batch, tokenizer, 0.15, 0, rows.tolist())
-    loss = group.mean(per_sample_mlm_loss(model, batch), total_rows)
+    loss = group.mean(per_sample_lm_loss(model, batch), total_rows)
     loss = loss + group.mean(per_sample_task_loss(model, batch), total_rows)
     loss.backward()
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
@@ -38,7 +38,7 @@ def _gradients(model: TaskMLMModel, tokenizer, texts: list[str], group: Processe
 def test_the_shares_of_a_global_batch_sum_to_its_gradient(tokenizer, corpus_texts):
     torch.manual_seed(0)
     config = ModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_length=48, dropout=0)
-    model = TaskMLMModel.from_scratch(config, tokenizer, num_labels=3)
+    model = TaskModel.from_scratch(config, tokenizer, num_labels=3)
     rows = np.array([5, 17, 2, 40, 33, 8, 21])  # 7 rows: shares of 4 and 3
     whole = _gradients(model, tokenizer, corpus_texts, Processes(), rows)
     shares = [_gradients(model, tokenizer, corpus_texts, Processes(rank, 2), rows) for rank in (0, 1)]

@@ -18,7 +18,7 @@ from iss import runs
 from iss.config import IssConfig, TaskConfig
 from iss.data import DataError, iter_corpus, load_task
 from iss.errors import ConfigError
-from iss.model import TaskMLMModel
+from iss.model import TaskModel
 from iss.pipeline import HEAD_SAMPLE_SEED_OFFSET, Pipeline
 from iss.runs import RunFolder
 from iss.selection import BudgetError
@@ -149,9 +149,9 @@ def test_a_fitted_mlm_head_leaves_the_encoder_alone_and_every_model_starts_from_
     assert not torch.equal(*moved)
 
     loaded = []
-    load = TaskMLMModel.load.__func__
+    load = TaskModel.load.__func__
     monkeypatch.setattr(
-        TaskMLMModel, "load", classmethod(lambda cls, path, *a: loaded.append(Path(path)) or load(cls, path, *a))
+        TaskModel, "load", classmethod(lambda cls, path, *a: loaded.append(Path(path)) or load(cls, path, *a))
     )
     pipeline.warmup(), pipeline.pretrain(), pipeline.finetune(0, pretrained=False)
     assert loaded.count(head.path / "model") == 3 and Path(config.model.path) not in loaded

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from iss.config import OptimizerConfig, load_config
-from iss.model import TaskMLMModel
+from iss.model import TaskModel
 from iss.training import LoopSettings, train_loop
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "iss"
@@ -35,17 +35,17 @@ def test_every_torch_load_is_weights_only():
 
 def test_checkpoint_with_custom_code_is_refused_unless_trusted(tiny_model, tmp_path):
     folder = tmp_path / "model"
-    tiny_model.mlm.save_pretrained(str(folder))
+    tiny_model.lm.save_pretrained(str(folder))
     config = json.loads((folder / "config.json").read_text())
     config["auto_map"] = {"AutoConfig": "modeling_evil.EvilConfig", "AutoModelForMaskedLM": "modeling_evil.EvilModel"}
     (folder / "config.json").write_text(json.dumps(config))
     (folder / "modeling_evil.py").write_text(EVIL_MODULE)
     # a known architecture: the library's own class is used and the shipped code is ignored
-    assert type(TaskMLMModel.load(folder, num_labels=2).mlm).__name__ == "BertForMaskedLM"
+    assert type(TaskModel.load(folder, num_labels=2).lm).__name__ == "BertForMaskedLM"
     # an architecture only the shipped code defines: refused
     (folder / "config.json").write_text(json.dumps({**config, "model_type": "evil-bert"}))
     with pytest.raises(ValueError, match="trust_remote_code"):
-        TaskMLMModel.load(folder, num_labels=2)
+        TaskModel.load(folder, num_labels=2)
     assert not list(tmp_path.rglob("code-ran"))  # the shipped module was never imported
 
 

@@ -12,7 +12,8 @@ from iss import evaluation, training
 from iss.config import FinetuneConfig, ModelConfig, PretrainConfig, fingerprint_dump
 from iss.data import TaskData
 from iss.evaluation import f1
-from iss.model import FrozenBlockFeatures, PackedDocuments, TaskMLMModel, encode, set_trainable
+from iss.family import FAMILIES
+from iss.model import FrozenBlockFeatures, PackedDocuments, TaskModel, encode, set_trainable
 from iss.training import TrainingBatches, pretrain, task_batch_schedule
 
 
@@ -40,19 +41,19 @@ def _task(chemprot_texts) -> TaskData:
     return TaskData("chemprot", {"train": table, "dev": table}, labels)
 
 
-def _fresh(tokenizer, n_labels: int) -> TaskMLMModel:
+def _fresh(tokenizer, n_labels: int) -> TaskModel:
     torch.manual_seed(0)
     config = ModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_length=48)
-    return TaskMLMModel.from_scratch(config, tokenizer, n_labels)
+    return TaskModel.from_scratch(config, tokenizer, n_labels)
 
 
 class _Killed(Exception):
     pass
 
 
-def _die_at_encoder_call(model: TaskMLMModel, call: int) -> None:
+def _die_at_encoder_call(model: TaskModel, call: int) -> None:
     """Make the ``call``-th forward pass of the encoder raise, as a kill mid-run would stop it."""
-    original, calls = model.encoder.forward, {"n": 0}
+    original, calls = model.base.forward, {"n": 0}
 
     def dying_forward(*args, **kwargs):
         calls["n"] += 1
@@ -60,7 +61,7 @@ def _die_at_encoder_call(model: TaskMLMModel, call: int) -> None:
             raise _Killed
         return original(*args, **kwargs)
 
-    model.encoder.forward = dying_forward
+    model.base.forward = dying_forward
 
 
 def test_pretraining_resumed_after_a_kill_ends_with_the_same_weights(tokenizer, chemprot_texts, corpus_texts, tmp_path):
@@ -143,7 +144,7 @@ def test_length_buckets_cover_every_row_once_and_pad_less():
 
 def test_packed_rows_hold_every_document_in_order_with_no_padding_but_the_last(tokenizer, corpus_texts):
     texts = corpus_texts[:50]
-    packed = PackedDocuments.pack(tokenizer, texts, max_length=32)
+    packed = PackedDocuments.pack(tokenizer, texts, max_length=32, family=FAMILIES["encoder"])
     assert (packed.input_ids[:, 0] == tokenizer.cls_token_id).all()
     assert (packed.lengths[:-1] == 32).all() and 1 < packed.lengths[-1] <= 32
     stream = np.concatenate([row[1:length] for row, length in zip(packed.input_ids, packed.lengths, strict=True)])
@@ -235,7 +236,7 @@ def test_top_blocks_on_cached_frozen_states_give_the_full_models_logits_and_grad
     logits and the top block's gradients equal those of the whole model with the lower blocks frozen."""
     torch.manual_seed(0)
     config = ModelConfig(hidden_size=32, num_layers=3, num_heads=2, intermediate_size=64, max_length=48)
-    model = TaskMLMModel.from_scratch(config, tokenizer, 4).eval()
+    model = TaskModel.from_scratch(config, tokenizer, 4).eval()
     set_trainable(model, trainable_blocks=1)
     texts = [" ".join(text.split()[: 3 + 5 * i]) for i, (text, _) in enumerate(chemprot_texts[:6])]
     targets = torch.tensor([0, 1, 2, 3, 0, 1])
@@ -262,7 +263,7 @@ def test_fine_tuning_on_cached_frozen_blocks_equals_the_plain_run_without_dropou
     results, weights = [], []
     for cache in (False, True):
         torch.manual_seed(0)
-        model = TaskMLMModel.from_scratch(config, tokenizer, len(task.labels))
+        model = TaskModel.from_scratch(config, tokenizer, len(task.labels))
         initial = {n: p.detach().clone() for n, p in model.named_parameters()}
         set_trainable(model, trainable_blocks=1)
         settings = FinetuneConfig(epochs=2, batch_size=8, learning_rate=1e-3, trainable_blocks=1, seeds=[0])
@@ -283,14 +284,14 @@ def test_seeds_of_one_pretrained_model_share_its_frozen_states(tokenizer, chempr
     task.splits["test"] = task.splits["dev"]
     config = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_length=48)
     torch.manual_seed(0)
-    pretrained = TaskMLMModel.from_scratch(config, tokenizer, len(task.labels)).state_dict()
+    pretrained = TaskModel.from_scratch(config, tokenizer, len(task.labels)).state_dict()
     settings = FinetuneConfig(epochs=2, batch_size=8, learning_rate=1e-3, trainable_blocks=1, cache_frozen_blocks=True)
     encoded = []
     original = evaluation.FrozenBlockFeatures.encode
     monkeypatch.setattr(evaluation.FrozenBlockFeatures, "encode", lambda *a: encoded.append(1) or original(*a))
 
     def run(seed: int, states: dict | None) -> dict:
-        model = TaskMLMModel.from_scratch(config, tokenizer, len(task.labels))
+        model = TaskModel.from_scratch(config, tokenizer, len(task.labels))
         model.load_state_dict(pretrained)
         set_trainable(model, trainable_blocks=1)
         return evaluation.finetune(

@@ -35,11 +35,11 @@ from iss.config import CorpusConfig
 from iss.data import iter_corpus
 from iss.errors import ConfigError
 from iss.methods import display_name
-from iss.model import TaskMLMModel, load_tokenizer, transformer_blocks
+from iss.model import TaskModel, transformer_blocks
 from iss.plan import select_stage
 from iss.report import save_figure, write_rows
 from iss.stats import sample_std
-from iss.training import cls_features
+from iss.training import pooled_features
 
 if TYPE_CHECKING:
     from iss.pipeline import Pipeline
@@ -210,14 +210,14 @@ def analyze_tsne(pipeline: Pipeline) -> StageResult:
         texts, labels = task.texts(split), task.label_ids(split)
         keep = np.sort(np.random.default_rng(seed).permutation(len(texts))[: settings.tsne_samples])
         texts, labels = [texts[i] for i in keep], labels[keep]
-        tokenizer = load_tokenizer(tokenizer_stage.path)
+        tokenizer = pipeline.read_tokenizer(tokenizer_stage.path)
         models = {"untrained": pipeline.initial_model(task, tokenizer, seed)}
-        models.update({name: TaskMLMModel.load(stage.path / "model") for name, stage in pretrained.items()})
+        models.update({name: TaskModel.load(stage.path / "model") for name, stage in pretrained.items()})
         points, separation, columns = {}, {}, {"model": [], "x": [], "y": [], "label_id": []}
         bar = pipeline.progress(len(models), "features + t-SNE", unit="model")
         for name, model in models.items():
             model = model.to(pipeline.device)
-            features = cls_features(model, tokenizer, texts, config.model.max_length, pipeline.device).numpy()
+            features = pooled_features(model, tokenizer, texts, config.model.max_length, pipeline.device).numpy()
             points[name] = tsne_embed(features, settings.perplexity, seed)
             bar.update()
             separation[name] = label_separation(features, labels)
@@ -264,7 +264,7 @@ def analyze_layers(pipeline: Pipeline) -> StageResult:
     """Figure 3 / Table 7: one ISS selection per layer, each pretrained and fine-tuned over the seeds."""
     config = pipeline.config
     warmup = pipeline.warmup()
-    n_blocks = len(transformer_blocks(TaskMLMModel.load(warmup.path / "model")))
+    n_blocks = len(transformer_blocks(TaskModel.load(warmup.path / "model")))
     layers = config.analysis.layers or ["embeddings", *range(1, n_blocks + 1)]
     rows, fingerprints = [], []
     for layer in layers:

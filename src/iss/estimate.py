@@ -25,9 +25,8 @@ from iss.model import (
     FrozenBlockFeatures,
     forward_autocast,
     labelled_batch,
-    load_tokenizer,
-    mask_tokens,
-    per_sample_mlm_loss,
+    language_batch,
+    per_sample_lm_loss,
     per_sample_task_loss,
     set_trainable,
 )
@@ -112,7 +111,7 @@ def probe_seconds_per_token(
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     rows = np.arange(min(len(texts), config.warmup.batch_size))
     batch = labelled_batch(tokenizer, [texts[i] for i in rows], labels[rows], config.model.max_length)
-    batch = mask_tokens(batch, tokenizer, 0.15, config.seed, rows.tolist()).to(pipeline.device)
+    batch = language_batch(model, tokenizer, batch, 0.15, config.seed, rows).to(pipeline.device)
     cache = FrozenBlockFeatures(model, blocks) if objective == "task" and config.finetune.cache_frozen_blocks else None
     if cache:  # fine-tuning's steps then run the top blocks on cached states
         batch_texts = [texts[i] for i in rows]
@@ -128,7 +127,7 @@ def probe_seconds_per_token(
             else:
                 loss = per_sample_task_loss(model, batch).mean()
             if objective == "joint":
-                loss = loss + per_sample_mlm_loss(model, batch).mean()
+                loss = loss + per_sample_lm_loss(model, batch).mean()
         loss.backward()
         optimizer.step()
         timings.append(time.perf_counter() - start)
@@ -138,7 +137,7 @@ def probe_seconds_per_token(
 def estimate_run(pipeline: Pipeline) -> RunEstimate:
     """Price ``pipeline.run_all()`` for a fresh run folder; reads the retrieval stage's pool (runs it if needed)."""
     config = pipeline.config
-    tokenizer = load_tokenizer(pipeline.tokenizer().path)
+    tokenizer = pipeline.read_tokenizer()
     task, seed, max_length = pipeline.task(), config.seed, config.model.max_length
     train, labels = task.texts("train"), task.label_ids("train")
     per_token = {

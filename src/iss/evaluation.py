@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerFast
 
 from iss.config import FinetuneConfig
 from iss.data import TaskData
-from iss.model import FrozenBlockFeatures, TaskMLMModel, labelled_batch, per_sample_task_loss
+from iss.model import FrozenBlockFeatures, TaskModel, labelled_batch, per_sample_task_loss
 from iss.parallel import processes
 from iss.training import LoopSettings, TrainingBatches, task_logits, train_loop
 
@@ -29,7 +29,7 @@ def f1(labels: np.ndarray, predictions: np.ndarray, metric: Metric) -> float:
 
 
 def finetune(
-    model: TaskMLMModel,
+    model: TaskModel,
     tokenizer: PreTrainedTokenizerFast,
     task: TaskData,
     config: FinetuneConfig,
@@ -103,7 +103,7 @@ def finetune(
 
 
 def head_scores(
-    model: TaskMLMModel,
+    model: TaskModel,
     tokenizer: PreTrainedTokenizerFast,
     task: TaskData,
     split: str,

@@ -1,10 +1,11 @@
 """Per-sample gradients at one parameter group, from one batched forward + backward, and their dot products.
 
-The per-sample gradient of a Linear layer is the sum over tokens of outer(grad_output, input); of a LayerNorm,
-the sums of grad_output * normalised input and of grad_output; of an Embedding, grad_output scattered onto the
-rows of the token ids. Forward hooks keep each module's input and output, ``torch.autograd.grad`` gives the
-gradient of the summed per-sample losses w.r.t. those outputs (rows of a batch do not interact, so row i of
-that gradient is sample i's own), and the formulas above turn them into per-sample parameter gradients.
+The per-sample gradient of a Linear layer (or GPT-2's Conv1D, its transpose) is the sum over tokens of
+outer(grad_output, input); of a LayerNorm or RMSNorm, the sums of grad_output * normalised input (and of
+grad_output for a bias); of an Embedding, grad_output scattered onto the rows of the token ids. Forward hooks
+keep each module's input and output, ``torch.autograd.grad`` gives the gradient of the summed per-sample losses
+w.r.t. those outputs (rows of a batch do not interact, so row i of that gradient is sample i's own), and the
+formulas above turn them into per-sample parameter gradients.
 Only the chosen group's parameters require grad, so backward never goes below it.
 
 Embedding gradients touch only the rows of the tokens a sample contains, so they are kept as sparse matrices;
@@ -23,19 +24,20 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from iss.errors import ConfigError
 from iss.model import (
     Batch,
-    TaskMLMModel,
+    TaskModel,
     forward_autocast,
-    per_sample_mlm_loss,
+    per_sample_lm_loss,
     per_sample_task_loss,
 )
 
 log = logging.getLogger("iss")
-LossFn = Callable[[TaskMLMModel, Batch], torch.Tensor]
-SUPPORTED = (nn.Linear, nn.LayerNorm, nn.Embedding)
+LossFn = Callable[[TaskModel, Batch], torch.Tensor]
+LINEAR = (nn.Linear, Conv1D)  # Conv1D (GPT-2) is a Linear layer with its weight stored as [in, out]
 RANK_ONE_TOLERANCE = 1e-5  # relative residual under which a head's gradient block counts as rank one
 
 
@@ -290,15 +292,13 @@ class GroupGradients:
     projected (``project``); everything else is exact.
     """
 
-    def __init__(self, model: TaskMLMModel, group: nn.Module) -> None:
+    def __init__(self, model: TaskModel, group: nn.Module) -> None:
         self.model = model
         self.group = group
         self.modules = [m for m in group.modules() if any(True for _ in m.parameters(recurse=False))]
         for module in self.modules:
-            if not isinstance(module, SUPPORTED):
+            if not isinstance(module, (*LINEAR, nn.Embedding)) and _norm_kind(module) is None:
                 raise ConfigError(f"per-sample gradients are not supported for {type(module).__name__} parameters")
-            if isinstance(module, nn.LayerNorm) and module.weight is None:
-                raise ConfigError("LayerNorm without affine parameters has nothing to differentiate")
         self.low_rank: set[nn.Module] = set()
         self.heads = _attention_heads(group)
         self.projections: dict[nn.Module, Projection] = {}
@@ -306,8 +306,8 @@ class GroupGradients:
         self._batch_size = 0
 
     @property
-    def linears(self) -> list[nn.Linear]:
-        return [m for m in self.modules if isinstance(m, nn.Linear)]
+    def linears(self) -> list[nn.Module]:
+        return [m for m in self.modules if isinstance(m, LINEAR)]
 
     def project(self, dim: int, kind: str, seed: int) -> None:
         """Randomly project Linear weight gradients to about ``dim`` numbers in all, shared out by size."""
@@ -316,9 +316,7 @@ class GroupGradients:
         for index, module in enumerate(self.linears):
             share = max(1, round(dim * module.weight.numel() / total))
             if share < module.weight.numel():
-                self.projections[module] = Projection.draw(
-                    module.out_features, module.in_features, share, kind, [seed, index]
-                )
+                self.projections[module] = Projection.draw(*_shape(module), share, kind, [seed, index])
         self.low_rank -= set(self.projections)
 
     def choose_low_rank(self, task_batch: Batch, pool_batch: Batch, task_group_size: int = 1) -> None:
@@ -329,20 +327,19 @@ class GroupGradients:
         task unit of B_t samples has B_t times as many.
         """
         task_rows = self._rows_per_sample(per_sample_task_loss, task_batch)
-        pool_rows = self._rows_per_sample(per_sample_mlm_loss, pool_batch)
+        pool_rows = self._rows_per_sample(per_sample_lm_loss, pool_batch)
         self.low_rank = {
             m
             for m in self.linears
             if m not in self.projections
-            and task_rows[m] * task_group_size * pool_rows[m] * (m.in_features + m.out_features)
-            < m.in_features * m.out_features
+            and task_rows[m] * task_group_size * pool_rows[m] * sum(_shape(m)) < m.weight.numel()
         }
 
     def _rows_per_sample(self, loss_fn: LossFn, batch: Batch) -> dict[nn.Module, float]:
         return {
             module: self._factors(module, inputs, grad).owner.numel() / grad.shape[0]
             for module, inputs, grad in self._backward(loss_fn, batch)
-            if isinstance(module, nn.Linear)
+            if isinstance(module, LINEAR)
         }
 
     def _factors(self, module: nn.Module, inputs: torch.Tensor, grad: torch.Tensor) -> LowRank:
@@ -428,7 +425,7 @@ class GroupGradients:
                 continue
             for name, parameter in module.named_parameters(recurse=False):
                 if name == "weight" and module in self.low_rank:
-                    pieces[parameter] = next(low_rank).to_dense()
+                    pieces[parameter] = _weight_order(module, next(low_rank).to_dense())
                 else:
                     pieces[parameter] = features.dense[:, offset : offset + parameter.numel()]
                     offset += parameter.numel()
@@ -436,31 +433,68 @@ class GroupGradients:
 
 
 def _attention_heads(group: nn.Module) -> dict[nn.Module, int]:
-    """The key and value projections of the group's self-attention modules (BERT, RoBERTa and their kin name
-    them ``key`` and ``value`` beside ``num_attention_heads``), each with its number of heads."""
+    """The key and value projections of the group's self-attention modules, each with its number of heads:
+    BERT and its kin name them ``key`` and ``value`` beside ``num_attention_heads``; Llama and its kin
+    ``k_proj`` and ``v_proj``, one head each per query head only without grouped-query attention (shared
+    key/value heads are read by several query heads, so their blocks are not rank one)."""
     heads = {}
     for module in group.modules():
         count = getattr(module, "num_attention_heads", None)
-        for name in ("key", "value"):
+        names = ("key", "value")
+        config = getattr(module, "config", None)
+        if count is None and getattr(module, "num_key_value_groups", None) == 1 and config is not None:
+            count, names = config.num_attention_heads, ("k_proj", "v_proj")
+        for name in names:
             projection = getattr(module, name, None)
             if isinstance(count, int) and isinstance(projection, nn.Linear) and projection.out_features % count == 0:
                 heads[projection] = count
     return heads
 
 
+def _shape(module: nn.Module) -> tuple[int, int]:
+    """(out, in) features of a Linear or Conv1D."""
+    return (module.out_features, module.in_features) if isinstance(module, nn.Linear) else module.weight.shape[::-1]
+
+
+def _weight_order(module: nn.Module, flat: torch.Tensor) -> torch.Tensor:
+    """[n, out * in] per-sample weight gradients in the parameter's own layout ([in, out] for Conv1D)."""
+    if isinstance(module, nn.Linear):
+        return flat
+    out_features, in_features = _shape(module)
+    return flat.reshape(-1, out_features, in_features).transpose(1, 2).reshape(flat.shape[0], -1)
+
+
+def _norm_kind(module: nn.Module) -> str | None:
+    """'layer' or 'rms' for a normalisation layer with a weight (torch's, or a model's own RMSNorm class), else None."""
+    if getattr(module, "weight", None) is None:
+        return None
+    if isinstance(module, nn.LayerNorm):
+        return "layer"
+    if isinstance(module, nn.RMSNorm) or type(module).__name__.endswith("RMSNorm"):
+        return "rms"
+    return None
+
+
+def _normalised(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """The input as the norm scales it, before its weight (and bias)."""
+    if _norm_kind(module) == "layer":
+        return nn.functional.layer_norm(inputs, module.normalized_shape, eps=module.eps)
+    eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps", None) or torch.finfo(inputs.dtype).eps
+    return inputs * torch.rsqrt(inputs.pow(2).mean(-1, keepdim=True) + eps)
+
+
 def _dense_grads(module: nn.Module, inputs: torch.Tensor, grad: torch.Tensor, weight: bool) -> list[torch.Tensor]:
-    """Per-sample [B, numel] gradients of a Linear or LayerNorm, in ``named_parameters`` order (the weight
-    left out when it is kept elsewhere)."""
+    """Per-sample [B, numel] gradients of a Linear, Conv1D, LayerNorm or RMSNorm, in ``named_parameters`` order
+    (the weight left out when it is kept elsewhere)."""
     batch = grad.shape[0]
     grad = grad.reshape(batch, -1, grad.shape[-1])
     inputs = inputs.reshape(batch, -1, inputs.shape[-1])
     parts = []
-    if weight and isinstance(module, nn.Linear):
-        parts.append(torch.einsum("bto,bti->boi", grad, inputs).reshape(batch, -1))
+    if weight and isinstance(module, LINEAR):
+        parts.append(_weight_order(module, torch.einsum("bto,bti->boi", grad, inputs).reshape(batch, -1)))
     elif weight:
-        normalised = nn.functional.layer_norm(inputs, module.normalized_shape, eps=module.eps)
-        parts.append((grad * normalised).sum(1))
-    if module.bias is not None:
+        parts.append((grad * _normalised(module, inputs)).sum(1))
+    if getattr(module, "bias", None) is not None:
         parts.append(grad.sum(1))
     return parts
 
@@ -482,7 +516,7 @@ def _embedding_grads(module: nn.Embedding, ids: torch.Tensor, grad: torch.Tensor
     return sp.csr_matrix((summed.numpy().ravel(), cols, indptr), shape=(batch, module.num_embeddings * dim))
 
 
-def autograd_gradient(model: TaskMLMModel, group: nn.Module, loss_fn: LossFn, batch: Batch) -> torch.Tensor:
+def autograd_gradient(model: TaskModel, group: nn.Module, loss_fn: LossFn, batch: Batch) -> torch.Tensor:
     """Plain autograd of the batch-mean loss, each row run alone and unpadded, flattened in parameter order.
 
     The slow reference the hook path is checked against (tests) and timed against (benchmarks).
@@ -495,7 +529,7 @@ def autograd_gradient(model: TaskMLMModel, group: nn.Module, loss_fn: LossFn, ba
             single = Batch(
                 batch.input_ids[row : row + 1, :length],
                 batch.attention_mask[row : row + 1, :length],
-                None if batch.mlm_labels is None else batch.mlm_labels[row : row + 1, :length],
+                None if batch.lm_labels is None else batch.lm_labels[row : row + 1, :length],
                 None if batch.labels is None else batch.labels[row : row + 1],
             )
             losses.append(loss_fn(model, single))

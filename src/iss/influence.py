@@ -32,13 +32,13 @@ from iss.config import InfluenceConfig, RayConfig
 from iss.gradients import GradientFeatures, GroupGradients, LowRank, group_mean_scores
 from iss.model import (
     Batch,
-    TaskMLMModel,
+    TaskModel,
+    candidate_batch,
     current_precision,
     labelled_batch,
     load_tokenizer,
-    masked_batch,
     parameter_group,
-    per_sample_mlm_loss,
+    per_sample_lm_loss,
     per_sample_task_loss,
 )
 from iss.topk import TopK, TopKCheckpoint
@@ -163,7 +163,7 @@ class InfluenceScorer:
 
     def __init__(
         self,
-        model: TaskMLMModel,
+        model: TaskModel,
         tokenizer: PreTrainedTokenizerFast,
         settings: InfluenceConfig | None = None,
         *,
@@ -194,12 +194,11 @@ class InfluenceScorer:
         settings: InfluenceConfig | None = None,
         **options: Any,
     ) -> InfluenceScorer:
-        """A scorer over a saved iss model (``TaskMLMModel.save``) and tokenizer (default: the model folder)."""
+        """A scorer over a saved iss model (``TaskModel.save``) and tokenizer (default: the model folder)."""
         tokenizer_path = tokenizer_path or model_path
-        model = TaskMLMModel.load(str(model_path))
-        return cls(
-            model, load_tokenizer(tokenizer_path), settings, paths=(str(model_path), str(tokenizer_path)), **options
-        )
+        model = TaskModel.load(str(model_path))
+        tokenizer = load_tokenizer(tokenizer_path, model.family)
+        return cls(model, tokenizer, settings, paths=(str(model_path), str(tokenizer_path)), **options)
 
     @classmethod
     def from_recipe(cls, recipe: ScorerRecipe, bank: GradientFeatures) -> InfluenceScorer:
@@ -232,12 +231,12 @@ class InfluenceScorer:
     # ----------------------------------------------------------------- the influence formula, in one place
 
     @staticmethod
-    def candidate_loss(model: TaskMLMModel, batch: Batch) -> torch.Tensor:
-        """A candidate's loss: its MLM loss (what pretraining on it would descend)."""
-        return per_sample_mlm_loss(model, batch)
+    def candidate_loss(model: TaskModel, batch: Batch) -> torch.Tensor:
+        """A candidate's loss: its language-modelling loss, MLM or next-token (what pretraining on it descends)."""
+        return per_sample_lm_loss(model, batch)
 
     @staticmethod
-    def task_loss(model: TaskMLMModel, batch: Batch) -> torch.Tensor:
+    def task_loss(model: TaskModel, batch: Batch) -> torch.Tensor:
         """A task sample's loss: the classification loss of the task head."""
         return per_sample_task_loss(model, batch)
 
@@ -283,9 +282,9 @@ class InfluenceScorer:
             probe_texts = (candidate_probe or texts)[probe]
             self.grads.choose_low_rank(
                 labelled_batch(self.tokenizer, texts[probe], labels[probe], self.max_length).to(self.device),
-                masked_batch(
-                    self.tokenizer, probe_texts, np.arange(len(probe_texts)), settings.mlm_probability, self.seed,
-                    self.max_length,
+                candidate_batch(
+                    self.model, self.tokenizer, probe_texts, np.arange(len(probe_texts)), settings.mlm_probability,
+                    self.seed, self.max_length,
                 ).to(self.device),
                 settings.task_batch,
             )  # fmt: skip
@@ -393,8 +392,8 @@ class InfluenceScorer:
         pending: list[tuple[np.ndarray, np.ndarray]] = []
         for first, rows, local in _group_chunks(shard, settings.compute_batch):
             first += shard_start
-            batch = masked_batch(
-                self.tokenizer, [texts[i] for i in rows], ids[rows], settings.mlm_probability, self.seed,
+            batch = candidate_batch(
+                self.model, self.tokenizer, [texts[i] for i in rows], ids[rows], settings.mlm_probability, self.seed,
                 self.max_length,
             )  # fmt: skip
             pending.append((self.candidate_scores(batch, local).cpu().numpy(), np.arange(first, first + len(local))))

@@ -1,9 +1,11 @@
-"""Tokenizer and model: a WordPiece tokenizer, and any masked LM with a classification head on [CLS].
+"""Tokenizer and model: a WordPiece tokenizer, and any masked or causal LM with a classification head.
 
-:class:`TaskMLMModel` wraps an ``AutoModelForMaskedLM`` (a fresh BERT in the from-scratch setting, a local
-checkpoint when further pretraining) and adds a linear task head, so one object gives both the MLM loss used
-on corpus samples and the task loss used on end-task samples. It saves as a normal masked-LM folder
-(safetensors) plus ``task_head.safetensors``, so the encoder stays loadable by ``AutoModelForMaskedLM``.
+:class:`TaskModel` wraps an ``AutoModelForMaskedLM`` (a fresh BERT in the from-scratch setting, a checkpoint
+when further pretraining) or an ``AutoModelForCausalLM`` (Llama, GPT-2 and their kin, also from a GGUF file)
+and adds a linear task head, so one object gives both the language-modelling loss used on corpus samples and
+the task loss used on end-task samples. What differs between the two families lives in :mod:`iss.family`.
+It saves as a normal transformers folder (safetensors) plus ``task_head.safetensors``, so the language model
+stays loadable by transformers alone.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer, BertConfig, PreTra
 
 from iss.config import DEFAULT_TOKENIZER_CACHE, ModelConfig, TokenizerConfig
 from iss.errors import ConfigError
+from iss.family import FAMILIES, IGNORE, Checkpoint, Family, Layout, family_of
 from iss.runs import cache_root
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -103,30 +106,34 @@ def cached_tokenizer(
     return tokenizer, False
 
 
-def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerFast:
-    """Load a tokenizer folder; it must be able to mask (MLM) and pad. Code shipped with it runs only if trusted."""
-    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    if tokenizer.mask_token_id is None or tokenizer.pad_token_id is None:
-        raise ConfigError(f"{path}: tokenizer has no mask or pad token, so it cannot be used for MLM")
-    return tokenizer
+def load_tokenizer(path: str | Path, family: Family, trust_remote_code: bool = False) -> PreTrainedTokenizerFast:
+    """Load a tokenizer (a folder, hub name or GGUF file) ready for ``family``: an encoder's must mask and pad, a
+    causal LM's pads with its end-of-text token if it has no pad token. Code shipped with it runs only if trusted."""
+    checkpoint = Checkpoint.at(path)
+    tokenizer = AutoTokenizer.from_pretrained(
+        checkpoint.source, trust_remote_code=trust_remote_code, **checkpoint.options()
+    )
+    return family.prepare_tokenizer(tokenizer, str(path))
 
 
 # ----------------------------------------------------------------------------------------------- model
 
 
-class TaskMLMModel(nn.Module):
-    """A masked LM plus a linear classifier on the first ([CLS]) hidden state."""
+class TaskModel(nn.Module):
+    """A language model plus a linear classifier on its pooled state ([CLS], or a causal LM's last real token)."""
 
-    def __init__(self, mlm: nn.Module, num_labels: int, dropout: float = 0.1) -> None:
+    def __init__(self, lm: nn.Module, num_labels: int, dropout: float = 0.1, family: Family | None = None) -> None:
         super().__init__()
-        self.mlm = mlm
-        hidden = mlm.config.hidden_size
+        self.lm = lm
+        self.family = family or family_of(lm.config, type(lm).__name__)
+        self.layout = Layout(lm.base_model)
+        hidden = lm.config.hidden_size
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(hidden, num_labels)
         self.num_labels = num_labels
 
     @classmethod
-    def from_scratch(cls, config: ModelConfig, tokenizer: PreTrainedTokenizerFast, num_labels: int) -> TaskMLMModel:
+    def from_scratch(cls, config: ModelConfig, tokenizer: PreTrainedTokenizerFast, num_labels: int) -> TaskModel:
         """A fresh BERT sized by the config; input and output embeddings are untied so each group is its own."""
         bert_config = BertConfig(
             vocab_size=len(tokenizer),
@@ -145,77 +152,83 @@ class TaskMLMModel(nn.Module):
         )
 
     @classmethod
-    def load(cls, folder: str | Path, num_labels: int | None = None, trust_remote_code: bool = False) -> TaskMLMModel:
-        """Load a saved model, or a plain masked-LM checkpoint (a fresh head with ``num_labels`` outputs).
+    def load(
+        cls,
+        path: str | Path,
+        num_labels: int | None = None,
+        trust_remote_code: bool = False,
+        family: Family | None = None,
+    ) -> TaskModel:
+        """Load a saved model, or a plain checkpoint (a folder, hub name or GGUF file) with a fresh head of
+        ``num_labels`` outputs. The family is the saved one, else ``family``, else the checkpoint's.
 
-        Weights come from safetensors (or, for old .bin checkpoints, transformers' ``torch.load(weights_only=True)``,
-        which unpickles no code); Python code shipped with the folder runs only if trusted.
+        Weights come from safetensors or GGUF (or, for old .bin checkpoints, transformers'
+        ``torch.load(weights_only=True)``, which unpickles no code); code shipped with a folder runs only if trusted.
         """
-        folder = Path(folder)
-        mlm = AutoModelForMaskedLM.from_pretrained(
-            str(folder), attn_implementation="eager", trust_remote_code=trust_remote_code
+        checkpoint, folder = Checkpoint.at(path), Path(path)
+        saved = json.loads((folder / TASK_FILE).read_text(encoding="utf-8")) if (folder / TASK_FILE).is_file() else {}
+        if "family" in saved:
+            family = FAMILIES[saved["family"]]
+        family = family or family_of(checkpoint.config(trust_remote_code), str(path))
+        lm = family.auto_class.from_pretrained(
+            checkpoint.source, attn_implementation="eager", trust_remote_code=trust_remote_code, **checkpoint.options()
         )
-        head_path = folder / HEAD_FILE
-        if head_path.is_file():
-            saved = json.loads((folder / TASK_FILE).read_text(encoding="utf-8"))
+        if (folder / HEAD_FILE).is_file():
             if num_labels is not None and num_labels != saved["num_labels"]:
                 raise ConfigError(f"{folder}: head has {saved['num_labels']} labels, the task has {num_labels}")
-            model = cls(mlm, saved["num_labels"], saved.get("dropout", 0.1))
-            model.classifier.load_state_dict(load_file(str(head_path)))
+            model = cls(lm, saved["num_labels"], saved.get("dropout", 0.1), family)
+            model.classifier.load_state_dict(load_file(str(folder / HEAD_FILE)))
             return model
         if num_labels is None:
             raise ConfigError(f"{folder}: no task head saved; pass num_labels to add a fresh one")
-        return cls(mlm, num_labels)
+        return cls(lm, num_labels, family=family)
 
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        self.mlm.save_pretrained(str(folder), safe_serialization=True)
+        self.lm.save_pretrained(str(folder), safe_serialization=True)
         save_file({k: v.contiguous() for k, v in self.classifier.state_dict().items()}, str(folder / HEAD_FILE))
-        task = {"num_labels": self.num_labels, "dropout": self.dropout.p}
+        task = {"num_labels": self.num_labels, "dropout": self.dropout.p, "family": self.family.name}
         (folder / TASK_FILE).write_text(json.dumps(task), encoding="utf-8")
 
     @property
-    def encoder(self) -> nn.Module:
-        """The transformer under the MLM head (``bert`` for BERT, ``roberta`` for RoBERTa)."""
-        return self.mlm.base_model
+    def base(self) -> nn.Module:
+        """The transformer under the LM head (``bert`` for BERT, ``model`` for Llama, ``transformer`` for GPT-2)."""
+        return self.lm.base_model
 
     @property
-    def mlm_head(self) -> nn.Module:
-        """The module mapping hidden states to vocabulary logits (``cls`` for BERT, ``lm_head`` for RoBERTa)."""
-        heads = [m for m in self.mlm.children() if m is not self.mlm.base_model]
+    def lm_head(self) -> nn.Module:
+        """The module mapping hidden states to vocabulary logits (``cls`` for BERT, ``lm_head`` for the rest)."""
+        heads = [m for m in self.lm.children() if m is not self.lm.base_model]
         if len(heads) != 1:
-            raise ConfigError(f"{type(self.mlm).__name__}: expected one MLM head next to the encoder")
+            raise ConfigError(f"{type(self.lm).__name__}: expected one LM head next to the transformer")
         return heads[0]
 
-    def masked_logits(self, batch: Batch) -> torch.Tensor:
-        """Vocabulary logits at the masked positions only ([n_masked, vocab]): the head is the costliest
-        layer of a small model, and unmasked positions carry no MLM loss."""
-        hidden = self.encoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-        return self.mlm_head(hidden[batch.mlm_labels != -100])
+    def lm_logits(self, batch: Batch) -> torch.Tensor:
+        """Vocabulary logits at the positions with a target only ([n_targets, vocab]): the head is the costliest
+        layer of a small model, and (for MLM) unmasked positions carry no loss."""
+        hidden = self.base(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        return self.lm_head(hidden[batch.lm_labels != IGNORE])
 
-    def cls_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The first ([CLS]) hidden state: what the classifier reads and what t-SNE plots."""
-        return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, 0]
+    def pooled_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The state the classifier reads ([CLS], or a causal LM's last real token) and t-SNE plots."""
+        hidden = self.base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.family.pool(hidden, attention_mask)
 
     def task_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.dropout(self.cls_hidden(input_ids, attention_mask)))
+        return self.classifier(self.dropout(self.pooled_hidden(input_ids, attention_mask)))
 
 
-def transformer_blocks(model: TaskMLMModel) -> nn.ModuleList:
-    encoder = getattr(model.encoder, "encoder", None)
-    blocks = getattr(encoder, "layer", None)
-    if not isinstance(blocks, nn.ModuleList):
-        raise ConfigError(f"{type(model.mlm).__name__}: cannot find its transformer blocks (encoder.layer)")
-    return blocks
+def transformer_blocks(model: TaskModel) -> nn.ModuleList:
+    return model.layout.blocks
 
 
-def parameter_group(model: TaskMLMModel, layer: str | int) -> tuple[str, nn.Module]:
+def parameter_group(model: TaskModel, layer: str | int) -> tuple[str, nn.Module]:
     """The module whose parameters influence is measured at: 'embeddings', 'last' or block i (1-based)."""
     if layer == "embeddings":
-        if model.mlm.get_output_embeddings() is not None and _tied(model):
+        if model.lm.get_output_embeddings() is not None and _tied(model):
             raise ConfigError("layer 'embeddings' needs untied input/output embeddings; choose a block instead")
-        return "embeddings", model.encoder.embeddings
+        return "embeddings", model.layout.embeddings
     blocks = transformer_blocks(model)
     index = len(blocks) if layer == "last" else int(layer)
     if not 1 <= index <= len(blocks):
@@ -223,7 +236,7 @@ def parameter_group(model: TaskMLMModel, layer: str | int) -> tuple[str, nn.Modu
     return f"block{index}", blocks[index - 1]
 
 
-def set_trainable(model: TaskMLMModel, freeze_embeddings: bool = False, trainable_blocks: int | None = None) -> None:
+def set_trainable(model: TaskModel, freeze_embeddings: bool = False, trainable_blocks: int | None = None) -> None:
     """Choose what a training loop may change: everything, all but the word embeddings, or (fine-tuning with
     ``trainable_blocks``) only the top blocks and the task head. Frozen parameters get no gradient, so backward
     stops where the trainable part begins."""
@@ -231,22 +244,22 @@ def set_trainable(model: TaskMLMModel, freeze_embeddings: bool = False, trainabl
         parameter.requires_grad_(True)
     if trainable_blocks is not None:
         blocks = transformer_blocks(model)
-        frozen = [model.encoder.embeddings, *blocks[: max(0, len(blocks) - trainable_blocks)]]
+        frozen = [model.layout.embeddings, *blocks[: max(0, len(blocks) - trainable_blocks)]]
         for parameter in itertools.chain.from_iterable(m.parameters() for m in frozen):
             parameter.requires_grad_(False)
     if freeze_embeddings:
-        model.mlm.get_input_embeddings().weight.requires_grad_(False)
+        model.lm.get_input_embeddings().weight.requires_grad_(False)
 
 
-def set_head_trainable(model: TaskMLMModel, blocks: int = 0) -> None:
-    """Only the MLM head (and the top ``blocks`` transformer blocks) may change: fitting a fresh head to a fixed
+def set_head_trainable(model: TaskModel, blocks: int = 0) -> None:
+    """Only the LM head (and the top ``blocks`` transformer blocks) may change: fitting a fresh head to a fixed
     encoder, or adapting a shared base with it. A decoder tied to the input embeddings stays fixed with them, so
     with ``blocks`` = 0 the encoder is exactly the checkpoint's afterwards."""
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    embeddings = model.mlm.get_input_embeddings().weight
+    embeddings = model.lm.get_input_embeddings().weight
     top_blocks = list(transformer_blocks(model))[::-1][:blocks]
-    trainable = [model.mlm_head, *top_blocks]
+    trainable = [model.lm_head, *top_blocks]
     for parameter in itertools.chain.from_iterable(m.parameters() for m in trainable):
         parameter.requires_grad_(parameter is not embeddings)
 
@@ -259,7 +272,7 @@ class FrozenBlockFeatures:
     a fixed feature extractor), they leave each step the top blocks and the head only.
     """
 
-    def __init__(self, model: TaskMLMModel, trainable_blocks: int) -> None:
+    def __init__(self, model: TaskModel, trainable_blocks: int) -> None:
         self.model = model
         blocks = transformer_blocks(model)
         frozen = max(0, len(blocks) - trainable_blocks)
@@ -282,17 +295,24 @@ class FrozenBlockFeatures:
             batch = encode(tokenizer, [texts[i] for i in rows], max_length).to(device)
             lengths = batch.attention_mask.sum(1)
             with forward_autocast(device):
-                hidden = _run_blocks(self.lower, self.model.encoder.embeddings(input_ids=batch.input_ids), lengths)
+                hidden = self._run(self.lower, self.model.layout.embed(batch.input_ids), lengths)
             for row, state, length in zip(rows, hidden.float().cpu(), lengths.tolist(), strict=True):
                 states[row] = state[:length].clone()
         self.model.train(training)
         return states
 
     def logits(self, states: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-        """Task logits of cached states (padded to the longest) through the top blocks, [CLS] and the head."""
+        """Task logits of cached states (padded to the longest) through the top blocks, the final norm (where the
+        model has one), the pooled position and the head."""
         hidden = nn.utils.rnn.pad_sequence(states, batch_first=True).to(device)
         lengths = torch.tensor([len(state) for state in states], device=device)
-        return self.model.classifier(self.model.dropout(_run_blocks(self.top, hidden, lengths)[:, 0]))
+        hidden = self.model.layout.final_norm(self._run(self.top, hidden, lengths))
+        mask = (torch.arange(hidden.shape[1], device=device)[None, :] < lengths[:, None]).long()
+        return self.model.classifier(self.model.dropout(self.model.family.pool(hidden, mask)))
+
+    def _run(self, blocks: Iterable[nn.Module], hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        bias = self.model.family.attention_bias(lengths, hidden.shape[1], hidden.dtype)
+        return self.model.layout.run(blocks, hidden, bias)
 
     @torch.no_grad()
     def predict(self, states: list[torch.Tensor], device: torch.device, batch_size: int) -> torch.Tensor:
@@ -303,16 +323,6 @@ class FrozenBlockFeatures:
             with forward_autocast(device):
                 logits[torch.from_numpy(rows)] = self.logits([states[i] for i in rows], device).float().cpu()
         return logits
-
-
-def _run_blocks(blocks: Iterable[nn.Module], hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Transformer blocks over padded rows of these real lengths, with the additive mask eager attention takes."""
-    padding = torch.arange(hidden.shape[1], device=hidden.device)[None, :] >= lengths[:, None]
-    additive = padding[:, None, None, :].to(hidden.dtype) * torch.finfo(hidden.dtype).min
-    for block in blocks:
-        output = block(hidden, attention_mask=additive)
-        hidden = output[0] if isinstance(output, tuple) else output  # a tuple before transformers 5
-    return hidden
 
 
 def token_counts(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> np.ndarray:
@@ -327,9 +337,9 @@ def length_sorted(lengths: Sequence[int] | np.ndarray, batch_size: int) -> Itera
         yield order[start : start + batch_size]
 
 
-def _tied(model: TaskMLMModel) -> bool:
-    output = model.mlm.get_output_embeddings()
-    return output.weight.data_ptr() == model.encoder.embeddings.word_embeddings.weight.data_ptr()
+def _tied(model: TaskModel) -> bool:
+    output = model.lm.get_output_embeddings()
+    return output.weight.data_ptr() == model.lm.get_input_embeddings().weight.data_ptr()
 
 
 # ------------------------------------------------------------------------------------------- batching
@@ -337,18 +347,18 @@ def _tied(model: TaskMLMModel) -> bool:
 
 @dataclass
 class Batch:
-    """Token ids and attention mask for a batch of texts, plus MLM targets when masked."""
+    """Token ids and attention mask for a batch of texts, plus language-modelling targets and task labels."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
-    mlm_labels: torch.Tensor | None = None
+    lm_labels: torch.Tensor | None = None
     labels: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> Batch:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device)
 
-        return Batch(move(self.input_ids), move(self.attention_mask), move(self.mlm_labels), move(self.labels))
+        return Batch(move(self.input_ids), move(self.attention_mask), move(self.lm_labels), move(self.labels))
 
 
 def encode(tokenizer: PreTrainedTokenizerFast, texts: list[str], max_length: int) -> Batch:
@@ -358,27 +368,31 @@ def encode(tokenizer: PreTrainedTokenizerFast, texts: list[str], max_length: int
 
 @dataclass(frozen=True)
 class PackedDocuments:
-    """Documents packed into full rows for MLM: one token stream (each document followed by [SEP]) cut into
-    rows of ``max_length`` that start with [CLS]. Only the last row is padded; no document is truncated."""
+    """Documents packed into full rows: one token stream (each document followed by the family's separator,
+    [SEP] or end-of-text) cut into rows of ``max_length`` that start with [CLS] (encoders; nothing for causal
+    LMs). Only the last row is padded; no document is truncated."""
 
     input_ids: np.ndarray  # [rows, max_length], padded with the tokenizer's pad id
     lengths: np.ndarray  # [rows] real tokens per row
 
     @classmethod
-    def pack(cls, tokenizer: PreTrainedTokenizerFast, texts: list[str], max_length: int) -> PackedDocuments:
-        if max_length < 2:
-            raise ConfigError(f"packing needs max_length >= 2 ([CLS] and one token), got {max_length}")
+    def pack(
+        cls, tokenizer: PreTrainedTokenizerFast, texts: list[str], max_length: int, family: Family
+    ) -> PackedDocuments:
+        prefix, separator = family.packing_tokens(tokenizer)
+        if max_length < len(prefix) + 1:
+            raise ConfigError(f"packing needs max_length >= {len(prefix) + 1}, got {max_length}")
         documents = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        sep, width = tokenizer.sep_token_id, max_length - 1
-        stream = np.fromiter(itertools.chain.from_iterable([*doc, sep] for doc in documents), dtype=np.int64)
+        width = max_length - len(prefix)
+        stream = np.fromiter(itertools.chain.from_iterable([*doc, separator] for doc in documents), dtype=np.int64)
         rows = max(1, -(-len(stream) // width))
         input_ids = np.full((rows, max_length), tokenizer.pad_token_id, dtype=np.int64)
-        input_ids[:, 0] = tokenizer.cls_token_id
+        input_ids[:, : len(prefix)] = prefix
         body = np.full(rows * width, tokenizer.pad_token_id, dtype=np.int64)
         body[: len(stream)] = stream
-        input_ids[:, 1:] = body.reshape(rows, width)
+        input_ids[:, len(prefix) :] = body.reshape(rows, width)
         lengths = np.full(rows, max_length, dtype=np.int64)
-        lengths[-1] = 1 + len(stream) - (rows - 1) * width
+        lengths[-1] = len(prefix) + len(stream) - (rows - 1) * width
         return cls(input_ids, lengths)
 
     def __len__(self) -> int:
@@ -401,7 +415,7 @@ def mask_tokens(
     influence score does not depend on batch order. Every row gets at least one masked token.
     """
     input_ids = batch.input_ids.clone()
-    labels = torch.full_like(input_ids, -100)
+    labels = torch.full_like(input_ids, IGNORE)
     special = set(tokenizer.all_special_ids)
     vocab_size = len(tokenizer)
     for row, key in enumerate(keys):
@@ -424,7 +438,8 @@ def mask_tokens(
     return Batch(input_ids, batch.attention_mask, labels, batch.labels)
 
 
-def masked_batch(
+def candidate_batch(
+    model: TaskModel,
     tokenizer: PreTrainedTokenizerFast,
     texts: list[str],
     keys: np.ndarray,
@@ -432,8 +447,16 @@ def masked_batch(
     seed: int,
     max_length: int,
 ) -> Batch:
-    """Encoded and masked candidate documents (the MLM side of influence)."""
-    return mask_tokens(encode(tokenizer, texts, max_length), tokenizer, probability, seed, keys.tolist())
+    """Encoded candidate documents with their language-modelling targets (the corpus side of influence)."""
+    return language_batch(model, tokenizer, encode(tokenizer, texts, max_length), probability, seed, keys)
+
+
+def language_batch(
+    model: TaskModel, tokenizer: PreTrainedTokenizerFast, batch: Batch, probability: float, seed: int, keys: Iterable
+) -> Batch:
+    """``batch`` with the targets of the model's language-modelling loss: masked tokens (MLM, one RNG per row
+    keyed by ``keys``) or the next tokens (causal)."""
+    return model.family.language_targets(batch, tokenizer, probability, seed, [int(k) for k in keys])
 
 
 def labelled_batch(
@@ -445,16 +468,16 @@ def labelled_batch(
     return batch
 
 
-def per_sample_mlm_loss(model: TaskMLMModel, batch: Batch) -> torch.Tensor:
-    """Mean MLM cross-entropy over each row's masked tokens: shape [batch]."""
-    masked = batch.mlm_labels != -100
-    token_loss = nn.functional.cross_entropy(model.masked_logits(batch), batch.mlm_labels[masked], reduction="none")
+def per_sample_lm_loss(model: TaskModel, batch: Batch) -> torch.Tensor:
+    """Mean language-modelling cross-entropy over each row's target tokens: shape [batch]."""
+    masked = batch.lm_labels != IGNORE
+    token_loss = nn.functional.cross_entropy(model.lm_logits(batch), batch.lm_labels[masked], reduction="none")
     rows = masked.nonzero()[:, 0]
     totals = torch.zeros(masked.shape[0], dtype=token_loss.dtype, device=token_loss.device)
     return totals.index_add(0, rows, token_loss) / masked.sum(1).clamp(min=1)
 
 
-def per_sample_task_loss(model: TaskMLMModel, batch: Batch) -> torch.Tensor:
+def per_sample_task_loss(model: TaskModel, batch: Batch) -> torch.Tensor:
     """Classification cross-entropy per row: shape [batch]."""
     logits = model.task_logits(batch.input_ids, batch.attention_mask)
     return nn.functional.cross_entropy(logits, batch.labels, reduction="none")

@@ -9,6 +9,7 @@ import itertools
 import json
 import logging
 from collections.abc import Callable, Iterator
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +26,11 @@ from iss.engine import StageEngine
 from iss.errors import ConfigError
 from iss.evaluation import finetune as finetune_model
 from iss.evaluation import head_scores
+from iss.family import Checkpoint, Family, resolve_family
 from iss.influence import InfluenceResult, InfluenceScorer
 from iss.methods import EVALUATED, SELECTION, Candidates
 from iss.model import (
-    TaskMLMModel,
+    TaskModel,
     cached_tokenizer,
     load_tokenizer,
     pick_device,
@@ -97,6 +99,18 @@ class Pipeline:
     def progress(self, total: int | None, desc: str, unit: str = "doc") -> tqdm:
         return tqdm(total=total, desc=desc, unit=unit, disable=not self.show_progress, leave=False)
 
+    @cached_property
+    def family(self) -> Family:
+        """The model family (encoder or causal), as configured or read from the checkpoint's config."""
+        model = self.config.model
+        checkpoint = Checkpoint.at(model.path) if model.path else None
+        return resolve_family(model.family, checkpoint, model.trust_remote_code)
+
+    def read_tokenizer(self, path: str | Path | None = None):
+        """The run's tokenizer (the tokenizer stage's, or the one at ``path``), ready for the model's family."""
+        path = path or self.tokenizer().path
+        return load_tokenizer(path, self.family, self.config.model.trust_remote_code)
+
     def variant(self, overrides: dict, tag: str = "") -> Pipeline:
         """The same run folder under changed settings (another method, budget or layer), sharing finished
         stages; ``tag`` keeps its selection/pretrain/fine-tune artifacts apart from the default ones."""
@@ -130,18 +144,18 @@ class Pipeline:
         files = [str(file) for file in corpus_files(corpus)]  # hub names and saved datasets resolved
         return {"corpus": fingerprint_dump(corpus), "files": file_signature(files)}
 
-    def initial_model(self, task: TaskData, tokenizer, seed: int, fitted_head: bool = True) -> TaskMLMModel:
+    def initial_model(self, task: TaskData, tokenizer, seed: int, fitted_head: bool = True) -> TaskModel:
         """A fresh model sized by the config (from scratch) or the local checkpoint (further pretraining), with
         its fitted MLM head when ``model.mlm_head_steps`` asks for one (unless ``fitted_head`` is off: the same
         architecture, for timing it before the fit runs); a fresh task head either way."""
         config = self.config
         torch.manual_seed(seed)
         if not config.model.path:
-            return TaskMLMModel.from_scratch(config.model, tokenizer, len(task.labels))
+            return TaskModel.from_scratch(config.model, tokenizer, len(task.labels))
         self.check_tokenizer(len(tokenizer))  # before the head fit too
         head = self.mlm_head() if fitted_head else None
         path = head.path / "model" if head else config.model.path
-        return TaskMLMModel.load(path, len(task.labels), config.model.trust_remote_code)
+        return TaskModel.load(path, len(task.labels), config.model.trust_remote_code, self.family)
 
     # ----------------------------------------------------------------------- checks before spending
 
@@ -149,9 +163,7 @@ class Pipeline:
         """The checkpoint's config (``model.path``), read without its weights; None from scratch."""
         if not self.config.model.path:
             return None
-        return transformers.AutoConfig.from_pretrained(
-            self.config.model.path, trust_remote_code=self.config.model.trust_remote_code
-        )
+        return Checkpoint.at(self.config.model.path).config(self.config.model.trust_remote_code)
 
     def blocks(self) -> int:
         """Transformer blocks of the model the run trains: the config's size, or the checkpoint's config."""
@@ -159,12 +171,21 @@ class Pipeline:
         return self.config.model.num_layers if checkpoint is None else checkpoint.num_hidden_layers
 
     def check_tokenizer(self, tokens: int) -> None:
-        """A tokenizer of ``tokens`` tokens and a checkpoint with fewer embeddings do not belong together."""
+        """A tokenizer of ``tokens`` tokens and a checkpoint with fewer embeddings do not belong together; nor
+        rows longer than the checkpoint's context (learned or rotary positions end there)."""
         checkpoint = self.checkpoint_config()
-        if checkpoint is not None and checkpoint.vocab_size < tokens:
+        if checkpoint is None:
+            return
+        if checkpoint.vocab_size < tokens:
             raise ConfigError(
                 f"tokenizer has {tokens} tokens but model {self.config.model.path} only {checkpoint.vocab_size} "
                 "embeddings: they do not belong together"
+            )
+        context = getattr(checkpoint, "max_position_embeddings", None) or getattr(checkpoint, "n_positions", None)
+        if context is not None and self.config.model.max_length > context:
+            raise ConfigError(
+                f"model.max_length {self.config.model.max_length} is longer than {self.config.model.path}'s context "
+                f"({context} tokens); longer texts are cut at model.max_length"
             )
 
     def check_layer(self) -> None:
@@ -179,14 +200,14 @@ class Pipeline:
         key = (retrieval.fingerprint, tokenizer_stage.fingerprint)
         if key not in self.pool_lengths:
             texts = pq.read_table(retrieval.path / "pool.parquet", columns=["text"]).column("text").to_pylist()
-            self.pool_lengths[key] = token_counts(load_tokenizer(tokenizer_stage.path), texts)
+            self.pool_lengths[key] = token_counts(self.read_tokenizer(tokenizer_stage.path), texts)
         return self.pool_lengths[key]
 
     def preflight(self, budgets: list[Budget] | None = None) -> None:
         """Every check the config, the data and the model's config can answer, made before the first expensive
         stage: the tokenizer fits the checkpoint, the influence layer exists, and each budget fits the pool (which
         retrieval makes: a few minutes at most, and the pool is needed anyway)."""
-        self.check_tokenizer(len(load_tokenizer(self.tokenizer().path)))
+        self.check_tokenizer(len(self.read_tokenizer()))
         if SELECTION[self.config.selection.method].needs_influence or self.config.evaluation.mechanism_steps:
             self.check_layer()
         lengths = self.pool_token_counts()
@@ -215,7 +236,7 @@ class Pipeline:
 
         def body(folder: Path, summary: dict) -> None:
             if config.tokenizer.path:
-                tokenizer = load_tokenizer(config.tokenizer.path, config.model.trust_remote_code)
+                tokenizer = self.read_tokenizer(config.tokenizer.path)
             else:
                 task = self.task()
 
@@ -290,9 +311,9 @@ class Pipeline:
 
         def body(folder: Path, summary: dict) -> None:
             task = self.task()
-            tokenizer = load_tokenizer(tokenizer_stage.path)
+            tokenizer = self.read_tokenizer(tokenizer_stage.path)
             torch.manual_seed(config.seed)
-            model = TaskMLMModel.load(config.model.path, len(task.labels), config.model.trust_remote_code)
+            model = TaskModel.load(config.model.path, len(task.labels), config.model.trust_remote_code, self.family)
             set_head_trainable(model, config.model.mlm_head_blocks)
             # the encoder trains on this sample only with mlm_head_blocks: then it is drawn apart from the
             # random-corpus control's sample (another seed), which would otherwise repeat it
@@ -307,7 +328,7 @@ class Pipeline:
                 )
             )  # fmt: skip
             summary["sample_docs"] = len(sample)
-            model.mlm.save_pretrained(str(folder / "model"), safe_serialization=True)  # no task head: each run's own
+            model.lm.save_pretrained(str(folder / "model"), safe_serialization=True)  # no task head: each run's own
 
         parts = {
             "model": fingerprint_dump(config.model),
@@ -332,9 +353,9 @@ class Pipeline:
 
         def body(folder: Path, summary: dict) -> None:
             task = self.task()
-            tokenizer = load_tokenizer(tokenizer_stage.path)
+            tokenizer = self.read_tokenizer(tokenizer_stage.path)
             model = self.initial_model(task, tokenizer, config.seed)
-            set_trainable(model, config.model.freeze_embeddings)
+            set_trainable(model, config.model.freeze_embeddings, config.warmup.trainable_blocks)
             summary.update(
                 warmup_train(
                     model,
@@ -428,7 +449,7 @@ class Pipeline:
 
         def body(folder: Path, summary: dict) -> None:
             pool = pq.read_table(retrieval.path / "pool.parquet")
-            tokenizer = load_tokenizer(tokenizer_stage.path)
+            tokenizer = self.read_tokenizer(tokenizer_stage.path)
             pool_lengths = self.pool_token_counts()
             kind, limit = resolve_budget(config.selection.budget, pool_lengths)
             if method.samples_corpus:
@@ -491,10 +512,10 @@ class Pipeline:
 
         def body(folder: Path, summary: dict) -> None:
             task = self.task()
-            tokenizer = load_tokenizer(tokenizer_stage.path)
+            tokenizer = self.read_tokenizer(tokenizer_stage.path)
             subset = pq.read_table(selected.path / "subset.parquet", columns=["text"]).column("text").to_pylist()
             model = self.initial_model(task, tokenizer, seed)
-            set_trainable(model, config.model.freeze_embeddings)
+            set_trainable(model, config.model.freeze_embeddings, config.pretrain.trainable_blocks)
             checkpoint = self.run.work_dir(name) / "checkpoint"
             summary.update(
                 pretrain_model(
@@ -510,7 +531,7 @@ class Pipeline:
                     self.show_progress,
                 )
             )
-            parameters = sum(p.numel() for p in model.mlm.parameters())
+            parameters = sum(p.numel() for p in model.lm.parameters())
             summary.update({"subset_docs": len(subset), "parameters": parameters})
             summary["unigram_mlm_level"] = round(unigram_entropy(tokenizer, subset), 4)  # the curve must beat it
             summary["flops"] = 6 * summary["tokens"] * parameters
@@ -551,11 +572,11 @@ class Pipeline:
 
         def body(folder: Path, summary: dict) -> None:
             task = self.task()
-            tokenizer = load_tokenizer(tokenizer_stage.path)
+            tokenizer = self.read_tokenizer(tokenizer_stage.path)
             if upstream is None:
                 model = self.initial_model(task, tokenizer, seed)
             else:
-                model = TaskMLMModel.load(upstream.path / "model", num_labels=len(task.labels))
+                model = TaskModel.load(upstream.path / "model", num_labels=len(task.labels))
             set_trainable(model, config.model.freeze_embeddings, config.finetune.trainable_blocks)
             result = finetune_model(
                 model,
@@ -608,8 +629,8 @@ class Pipeline:
 
         def body(folder: Path, summary: dict) -> None:
             task = self.task()
-            tokenizer = load_tokenizer(tokenizer_stage.path)
-            model = TaskMLMModel.load(warmup.path / "model", num_labels=len(task.labels))
+            tokenizer = self.read_tokenizer(tokenizer_stage.path)
+            model = TaskModel.load(warmup.path / "model", num_labels=len(task.labels))
             if selected is not None:
                 subset = pq.read_table(selected.path / "subset.parquet", columns=["text"]).column("text").to_pylist()
                 set_trainable(model, config.model.freeze_embeddings)

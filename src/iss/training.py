@@ -26,13 +26,13 @@ from iss.data import TaskData
 from iss.errors import DataError
 from iss.model import (
     PackedDocuments,
-    TaskMLMModel,
+    TaskModel,
     encode,
     forward_autocast,
     labelled_batch,
+    language_batch,
     length_sorted,
-    mask_tokens,
-    per_sample_mlm_loss,
+    per_sample_lm_loss,
     per_sample_task_loss,
     token_counts,
 )
@@ -56,7 +56,7 @@ class LoopSettings:
 
 
 def train_loop(
-    model: TaskMLMModel,
+    model: TaskModel,
     settings: LoopSettings,
     step_loss: StepLoss,
     seed: int,
@@ -224,7 +224,7 @@ class TrainingBatches:
 
 
 def warmup_train(
-    model: TaskMLMModel,
+    model: TaskModel,
     tokenizer: PreTrainedTokenizerFast,
     task: TaskData,
     config: WarmupConfig,
@@ -245,9 +245,9 @@ def warmup_train(
         everyone = batches(step)
         rows = group.share(everyone)
         batch = labelled_batch(tokenizer, [texts[i] for i in rows], labels[rows], max_length)
-        batch = mask_tokens(batch, tokenizer, config.mlm_probability, seed, (step * len(texts) + rows).tolist())
+        batch = language_batch(model, tokenizer, batch, config.mlm_probability, seed, step * len(texts) + rows)
         batch = batch.to(device)
-        mlm_loss = group.mean(per_sample_mlm_loss(model, batch), everyone)
+        mlm_loss = group.mean(per_sample_lm_loss(model, batch), everyone)
         task_loss = group.mean(per_sample_task_loss(model, batch), everyone)
         return mlm_loss + config.task_loss_weight * task_loss, {"mlm": mlm_loss.item(), "task": task_loss.item()}
 
@@ -267,7 +267,7 @@ def task_batch_schedule(micro_batches: int, rho1: int, objective: str = "joint")
 
 
 def pretrain(
-    model: TaskMLMModel,
+    model: TaskModel,
     tokenizer: PreTrainedTokenizerFast,
     subset_texts: list[str],
     task: TaskData,
@@ -291,7 +291,7 @@ def pretrain(
     micro_batches = config.steps * config.accumulation
     is_task = task_batch_schedule(micro_batches, config.rho1, config.objective)
     position = np.where(is_task, np.cumsum(is_task) - 1, np.cumsum(~is_task) - 1)
-    packed = PackedDocuments.pack(tokenizer, subset_texts, max_length) if config.packing else None
+    packed = PackedDocuments.pack(tokenizer, subset_texts, max_length, model.family) if config.packing else None
     subset_rows = len(packed) if packed is not None else len(subset_texts)
     model.to(device)
 
@@ -310,8 +310,8 @@ def pretrain(
         else:
             batch = packed.batch(rows) if packed else encode(tokenizer, [subset_texts[i] for i in rows], max_length)
             keys = 2 * (rows * micro_batches + index) + 1
-        batch = mask_tokens(batch, tokenizer, config.mlm_probability, seed, keys.tolist()).to(device)
-        mlm_loss = group.mean(per_sample_mlm_loss(model, batch), everyone)
+        batch = language_batch(model, tokenizer, batch, config.mlm_probability, seed, keys).to(device)
+        mlm_loss = group.mean(per_sample_lm_loss(model, batch), everyone)
         if not is_task[index]:
             return mlm_loss, {"mlm": mlm_loss.item()}
         task_loss = group.mean(per_sample_task_loss(model, batch), everyone)
@@ -349,28 +349,28 @@ def unigram_entropy(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> flo
 
 
 @torch.inference_mode()
-def cls_features(
-    model: TaskMLMModel,
+def pooled_features(
+    model: TaskModel,
     tokenizer: PreTrainedTokenizerFast,
     texts: list[str],
     max_length: int,
     device: torch.device,
     batch_size: int = 128,
 ) -> torch.Tensor:
-    """[CLS] hidden states of ``texts`` in eval mode, [len(texts), hidden], on the CPU."""
+    """Pooled hidden states ([CLS] or last token) of ``texts`` in eval mode, [len(texts), hidden], on the CPU."""
     model.eval()
-    features = torch.zeros(len(texts), model.mlm.config.hidden_size)
+    features = torch.zeros(len(texts), model.lm.config.hidden_size)
     for rows in length_sorted(token_counts(tokenizer, texts), batch_size):
         batch = encode(tokenizer, [texts[i] for i in rows], max_length).to(device)
         with forward_autocast(device):
-            hidden = model.cls_hidden(batch.input_ids, batch.attention_mask)
+            hidden = model.pooled_hidden(batch.input_ids, batch.attention_mask)
         features[torch.from_numpy(rows)] = hidden.float().cpu()
     return features
 
 
 @torch.inference_mode()
 def task_logits(
-    model: TaskMLMModel,
+    model: TaskModel,
     tokenizer: PreTrainedTokenizerFast,
     texts: list[str],
     max_length: int,
@@ -378,12 +378,12 @@ def task_logits(
     batch_size: int = 128,
 ) -> torch.Tensor:
     """[len(texts), labels] logits of the task head in eval mode, on the CPU."""
-    features = cls_features(model, tokenizer, texts, max_length, device, batch_size)
+    features = pooled_features(model, tokenizer, texts, max_length, device, batch_size)
     return model.classifier(features.to(device)).float().cpu()
 
 
 def accuracy(
-    model: TaskMLMModel,
+    model: TaskModel,
     tokenizer: PreTrainedTokenizerFast,
     task: TaskData,
     split: str,
