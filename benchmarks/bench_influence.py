@@ -39,6 +39,7 @@ from iss.influence import InfluenceScorer
 from iss.model import (
     TaskModel,
     candidate_batch,
+    forward_autocast,
     parameter_group,
     per_sample_lm_loss,
     precision,
@@ -134,7 +135,8 @@ def run_forward(setup: Setup, n: int) -> dict:
     def forward() -> None:
         with torch.no_grad():
             for _, batch in setup.batches(n):
-                per_sample_lm_loss(setup.model, batch)
+                with forward_autocast(batch.input_ids.device):  # the config's precision, as iss's forward runs
+                    per_sample_lm_loss(setup.model, batch)
 
     _, seconds = _timed(forward)
     return {"docs": n, "seconds": seconds}

@@ -31,6 +31,8 @@ def test_the_readme_stays_short_and_its_example_config_is_valid():
     config = validate(yaml.safe_load(text), "README example")
     assert config.evaluation.pretrain_seeds == [0, 1, 2] and config.corpus.mixture.exclude == ["wiki_*"]
     assert all(Path(p).exists() for p in (config.task.path, *config.corpus.paths, config.model.path))
+    causal = validate(yaml.safe_load(re.findall(r"```yaml\n(.*?)```", section, re.S)[1]), "README causal example")
+    assert causal.model.path == causal.tokenizer.path and causal.warmup.trainable_blocks == 2
 
 
 def test_the_config_reference_is_current_and_every_key_says_what_it_does():
