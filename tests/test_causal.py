@@ -195,14 +195,15 @@ def test_bf16_scores_track_fp32_on_a_causal_model(causal_tokenizer, chemprot_tex
 
 def test_a_tiny_llama_runs_the_pipeline_end_to_end(tmp_path, causal_tokenizer):
     """ISS on a causal LM: BM25 pool, warm-up, per-document influence, continued causal-LM pretraining on the
-    subset, fine-tuning with cached lower blocks; and a context shorter than model.max_length is refused first."""
+    subset joint with task batches (TLM's objective), fine-tuning with cached lower blocks; and a context shorter
+    than model.max_length is refused first."""
     causal_tokenizer.save_pretrained(str(tmp_path / "tok"))
     _causal_lm("llama", len(causal_tokenizer)).save_pretrained(str(tmp_path / "llama"))
     config = _small_config(
         tmp_path / "run",
         tokenizer={"path": str(tmp_path / "tok")},
         model={"path": str(tmp_path / "llama")},
-        pretrain={"steps": 3, "batch_size": 8, "objective": "mlm", "packing": True, "save_every": 0},
+        pretrain={"steps": 4, "batch_size": 8, "objective": "joint", "rho1": 2, "packing": True, "save_every": 0},
         finetune={"epochs": 1, "seeds": [0], "trainable_blocks": 1, "cache_frozen_blocks": True},
         evaluation={"methods": ["iss", "tlm", "none"], "mechanism_steps": 0},
     )
@@ -212,7 +213,9 @@ def test_a_tiny_llama_runs_the_pipeline_end_to_end(tmp_path, causal_tokenizer):
     assert set(average) == {"ISS", "TLM (BM25)", "no pretraining"}
     assert all(0 <= value <= 100 for value in average.values())
     pretrained = TaskModel.load(pipeline.pretrain().path / "model")
-    assert pretrained.family.name == "causal" and np.isfinite(pipeline.pretrain().summary["mlm"])
+    summary = pipeline.pretrain().summary
+    assert pretrained.family.name == "causal" and summary["task_micro_batches"] == 2
+    assert np.isfinite(summary["mlm"]) and np.isfinite(summary["task"])
     too_long = Pipeline(config.with_overrides({"model.max_length": 128}), show_progress=False)
     with pytest.raises(ConfigError, match="context"):
         too_long.preflight()
