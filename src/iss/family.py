@@ -9,6 +9,7 @@ other module branches on the family.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 from collections.abc import Iterable
@@ -53,10 +54,21 @@ class Checkpoint:
         return {"gguf_file": self.gguf_file} if self.gguf_file else {}
 
     def config(self, trust_remote_code: bool = False) -> PretrainedConfig:
-        try:
-            return AutoConfig.from_pretrained(self.source, trust_remote_code=trust_remote_code, **self.options())
-        except (ValueError, RuntimeError, NotImplementedError) as error:  # e.g. a GGUF quantisation it cannot read
-            raise ConfigError(f"{self.source}/{self.gguf_file or ''}: transformers cannot read it: {error}") from error
+        """The checkpoint's config, read once per process and file version (a GGUF file's header takes seconds to
+        parse, and every variant of a run asks for it). Treat it as read-only."""
+        file = Path(self.source) / (self.gguf_file or "config.json")
+        stamp = (file.stat().st_mtime_ns, file.stat().st_size) if file.is_file() else None
+        return _read_config(self, trust_remote_code, stamp)
+
+
+@functools.cache
+def _read_config(checkpoint: Checkpoint, trust_remote_code: bool, stamp: tuple | None) -> PretrainedConfig:
+    options = checkpoint.options()
+    try:
+        return AutoConfig.from_pretrained(checkpoint.source, trust_remote_code=trust_remote_code, **options)
+    except (ValueError, RuntimeError, NotImplementedError) as error:  # e.g. a GGUF quantisation it cannot read
+        where = f"{checkpoint.source}/{checkpoint.gguf_file or ''}"
+        raise ConfigError(f"{where}: transformers cannot read it: {error}") from error
 
 
 def _package_file(path: str) -> Path:
