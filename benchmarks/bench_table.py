@@ -20,7 +20,7 @@ from pathlib import Path
 from measure import run_measured
 
 from iss.config import load_config
-from iss.estimate import ESTIMATE_FILE, RunEstimate
+from iss.estimate import ESTIMATE_FILE, FORECAST_FILE, RunEstimate
 from iss.plan import RunPlan
 from iss.report import markdown, results_table
 from iss.runs import MANIFEST_FILE
@@ -37,6 +37,9 @@ def run_task(task: str, runs_root: Path) -> dict:
     manifest = json.loads((run_dir / MANIFEST_FILE).read_text(encoding="utf-8"))
     plan = RunPlan(load_config(CONFIGS / f"{task}.yaml"))
     estimated = RunEstimate.load(run_dir / ESTIMATE_FILE).against(manifest, plan)
+    forecast = RunEstimate.load(run_dir / FORECAST_FILE).against(manifest, plan)
+    for kind, row in estimated.items():  # what it said before any stage, beside what it said with the pool
+        row["forecast"] = forecast.get(kind, {}).get("estimated", 0.0)
     return {
         "task": task,
         "wall_seconds": measured.wall_seconds,
@@ -67,13 +70,13 @@ def main() -> None:
         "| --- | ---: | ---: |",
         *[f"| {r['task']} | {r['wall_seconds']} | {r['peak_rss_gib']} |" for r in per_task],
         "",
-        "The estimate `iss run` prints before its long stages (its run folder's estimate.json) against the",
-        "stages it prices, as the manifest timed them (seconds; data, tokenizer, retrieval and selection excluded):",
+        "The estimates `iss run` prints, before any stage (pool forecast: estimate-forecast.json) and once the pool",
+        "exists (estimate.json), against the stages they price as the manifest timed them (seconds):",
         "",
-        "| task | stage | estimated s | measured s | measured / estimated |",
-        "| --- | --- | ---: | ---: | ---: |",
+        "| task | stage | forecast s | estimated s | measured s | measured / estimated |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
         *[
-            f"| {r['task']} | {kind} | {row['estimated']:.1f} | {row['measured']:.1f} | "
+            f"| {r['task']} | {kind} | {row['forecast']:.1f} | {row['estimated']:.1f} | {row['measured']:.1f} | "
             f"{row['measured'] / row['estimated']:.2f} |"
             for r in per_task
             for kind, row in r["estimate_seconds"].items()

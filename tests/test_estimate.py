@@ -6,6 +6,7 @@ import json
 from types import SimpleNamespace
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from iss import cli, estimate
@@ -38,16 +39,17 @@ def test_estimate_counts_the_runs_the_config_asks_for(tmp_path, tokenizer, fixed
         evaluation={"methods": ["iss", "iss-cosine", "tlm", "none"]},
     )
     pipeline = Pipeline(config, show_progress=False)
-    repeated = estimate_run(pipeline)
+    repeated = estimate_run(pipeline, with_pool=True)
     measured = sum(pipeline.results[name].summary["seconds"] for name in ("data", "tokenizer", "retrieval"))
     assert repeated.seconds["data, tokenizer, retrieval"] == pytest.approx(measured)  # known exactly by now
     assert repeated.seconds["selection"] == pytest.approx(3 * estimate.Calibration.load().select_seconds)
     assert repeated.runs == {"influence": 2, "pretraining": 9, "fine-tuning": 12, "selection": 3}  # dot, cosine apart
-    once = estimate_run(Pipeline(config.with_overrides({"evaluation.repeat_pretraining": False}), False))
+    once = estimate_run(Pipeline(config.with_overrides({"evaluation.repeat_pretraining": False}), False), True)
     assert once.runs["pretraining"] == 3
     assert once.seconds["pretraining"] == pytest.approx(repeated.seconds["pretraining"] / 3)
     assert once.seconds["fine-tuning"] == pytest.approx(repeated.seconds["fine-tuning"])
     assert "min on this machine" in repeated.describe() and repeated.total == sum(repeated.seconds.values())
+    assert "with the BM25 pool" in repeated.describe() and not repeated.forecast
     checked = config.with_overrides({"evaluation.mechanism_steps": 2})
     mechanism = [
         estimate_run(Pipeline(checked.with_overrides({"evaluation.mechanism_repeats": r}), False)).seconds[
@@ -121,21 +123,24 @@ def test_the_fine_tuning_probe_times_the_cached_path_when_caching(tmp_path, toke
     monkeypatch.setattr(estimate.FrozenBlockFeatures, "logits", lambda *a: calls.append(1) or original(*a))
     task = pipeline.task()
     seconds = estimate.probe_seconds_per_token(
-        pipeline, tokenizer, task.texts("train"), task.label_ids("train"), "task"
+        pipeline, task, tokenizer, task.texts("train"), task.label_ids("train"), "task"
     )
     assert seconds > 0 and len(calls) == estimate.PROBE_STEPS + 1
 
 
 @pytest.mark.parametrize("show_progress", [True, False])
-def test_iss_run_says_the_estimate_before_it_starts_and_keeps_it(monkeypatch, capsys, tmp_path, show_progress):
+def test_iss_run_says_the_estimate_before_any_stage_and_again_with_the_pool(
+    monkeypatch, capsys, tmp_path, show_progress
+):
     events = []
-
     monkeypatch.setenv("ISS_CACHE", str(tmp_path / "cache"))
-    assert estimate.Calibration.load().select_seconds == 5.0  # nothing measured on this machine yet
 
     class Recorder:
         run = SimpleNamespace(root=tmp_path)
         config = IssConfig(evaluation={"methods": ["iss", "tlm", "none"]})
+
+        def retrieval(self):
+            events.append("retrieval")
 
         def run_all(self):
             events.append("run_all")
@@ -145,17 +150,54 @@ def test_iss_run_says_the_estimate_before_it_starts_and_keeps_it(monkeypatch, ca
 
     Recorder.show_progress = show_progress
 
-    def estimated(pipeline):
-        events.append("estimate")
-        return estimate.RunEstimate({"warm-up": 90.0}, {}, {"joint": 1e-6, "task": 1e-6})
+    def estimated(pipeline, with_pool=False, seconds_per_token=None):
+        events.append(f"estimate with_pool={with_pool}")
+        assert with_pool == (seconds_per_token is not None)  # the probes run once
+        warm_up = 120.0 if with_pool else 90.0
+        return estimate.RunEstimate({"warm-up": warm_up}, {}, {"joint": 1e-6, "task": 1e-6}, forecast=not with_pool)
 
-    monkeypatch.setattr(estimate, "estimate_run", estimated)  # the CLI imports it when the command runs
+    def learn(pipeline, manifest):
+        events.append("calibrate")
+        return estimate.Calibration.learn(manifest, RunPlan(pipeline.config))
+
+    monkeypatch.setattr(estimate, "estimate_run", estimated)  # the CLI imports them when the command runs
+    monkeypatch.setattr(estimate, "learn_from_run", learn)
     assert cli._run_all_estimated(Recorder()) == "results"
-    assert events == ["estimate", "run_all"]
+    assert events == ["estimate with_pool=False", "retrieval", "estimate with_pool=True", "run_all", "calibrate"]
     said = capsys.readouterr().err.replace("\n", " ")
-    assert ("1.5 min on this machine (warm-up 1.5" in said) == show_progress  # --quiet says nothing
-    assert estimate.RunEstimate.load(tmp_path / estimate.ESTIMATE_FILE).seconds == {"warm-up": 90.0}
+    assert ("before any stage, pool forecast): 1.5 min" in said) == show_progress  # --quiet says nothing
+    assert ("(with the BM25 pool): 2.0 min" in said) == show_progress
+    assert estimate.RunEstimate.load(tmp_path / estimate.FORECAST_FILE).seconds == {"warm-up": 90.0}
+    assert estimate.RunEstimate.load(tmp_path / estimate.ESTIMATE_FILE).seconds == {"warm-up": 120.0}
     assert estimate.Calibration.load().select_seconds == 6.0  # the median of the run's selections, kept
+
+
+def test_before_any_stage_the_pool_is_forecast_and_one_run_calibrates_it(tmp_path, tokenizer, fixed_price, monkeypatch):
+    """Nothing runs before the first estimate; after one run on a corpus the forecast has the pool's real size, a
+    mean length near the real one, and the input stages priced by what they took."""
+    monkeypatch.setenv("ISS_CACHE", str(tmp_path / "cache"))
+    tokenizer.save_pretrained(str(tmp_path / "tok"))
+    config = _small_config(tmp_path / "run", tokenizer={"path": str(tmp_path / "tok")})
+    pipeline = Pipeline(config, show_progress=False)
+    first = estimate_run(pipeline)
+    assert pipeline.results == {} and not (tmp_path / "run" / "manifest.json").exists()  # no stage ran
+    assert first.forecast and first.unpriced == (estimate.INPUT_STAGES,) and "not priced yet" in first.describe()
+
+    pipeline.tokenizer(), pipeline.retrieval()
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text(encoding="utf-8"))
+    calibration = estimate.learn_from_run(pipeline, manifest)
+    summary = pipeline.retrieval().summary
+    assert calibration.pool_share == pytest.approx(summary["pool_docs"] / summary["hits"])
+    again = Pipeline(config, show_progress=False)
+    second = estimate_run(again)
+    inputs = sum(manifest["stages"][name]["summary"]["seconds"] for name in ("data", "tokenizer", "retrieval"))
+    assert second.unpriced == () and second.seconds[estimate.INPUT_STAGES] == pytest.approx(inputs)
+    calibrated = estimate.Calibration.load().for_corpus(estimate.corpus_key(again))
+    forecast = estimate.forecast_pool_lengths(again, tokenizer, len(pipeline.task().texts("train")), calibrated)
+    pool = pq.read_table(pipeline.retrieval().path / "pool.parquet", columns=["text"]).column("text").to_pylist()
+    real = encoded_lengths(tokenizer, pool, config.model.max_length)
+    assert len(forecast) == len(real)
+    assert forecast.mean() == pytest.approx(real.mean(), rel=0.25)
 
 
 def test_estimate_is_held_against_the_manifests_stage_timings():

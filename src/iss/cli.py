@@ -219,24 +219,29 @@ _stage_command("evaluate", "Fine-tune once per seed (finetune.seeds); mean and s
 
 
 def _run_all_estimated(pipeline: Pipeline) -> StageResult:
-    """``run_all``, after saying how long a fresh run folder would take on this machine and keeping that in the
-    run folder's ``estimate.json`` (see iss.estimate; one process only: the estimate runs stages outside the
-    lockstep of several processes)."""
-    from iss.estimate import ESTIMATE_FILE, Calibration, estimate_run
+    """``run_all``, after saying how long a fresh run folder would take on this machine: before any stage runs
+    (the pool forecast), and again once retrieval has made the pool, kept in the run folder's ``estimate.json``
+    (see iss.estimate; one process only: the estimate runs outside the lockstep of several processes). A finished
+    run calibrates the next estimates on this machine."""
+    from iss.estimate import ESTIMATE_FILE, FORECAST_FILE, estimate_run, learn_from_run
     from iss.parallel import processes
-    from iss.plan import RunPlan
     from iss.runs import MANIFEST_FILE
 
     if processes().distributed:
         return pipeline.run_all()
-    estimate = estimate_run(pipeline)
+    forecast = estimate_run(pipeline)
+    forecast.save(pipeline.run.root / FORECAST_FILE)
+    if pipeline.show_progress:
+        console.print(forecast.describe())
+    pipeline.retrieval()
+    estimate = estimate_run(pipeline, with_pool=True, seconds_per_token=forecast.seconds_per_token)
     estimate.save(pipeline.run.root / ESTIMATE_FILE)
     if pipeline.show_progress:
         console.print(estimate.describe())
     result = pipeline.run_all()
     manifest = pipeline.run.root / MANIFEST_FILE
-    if manifest.is_file():  # what this run measured prices the next estimate's selections on this machine
-        Calibration.learn(json.loads(manifest.read_text(encoding="utf-8")), RunPlan(pipeline.config))
+    if manifest.is_file():
+        learn_from_run(pipeline, json.loads(manifest.read_text(encoding="utf-8")))
     return result
 
 

@@ -1,4 +1,4 @@
-"""How long ``iss run`` will take, said before its long stages start.
+"""How long ``iss run`` will take, said before any stage runs, and again once the BM25 pool exists.
 
 Every stage's work is counted in the tokens its batches really hold (padding included, with the run's own
 batching: length buckets, packing, task/subset micro-batch schedule), and priced by probes of this machine: a
@@ -7,13 +7,19 @@ and with the task loss alone on the fine-tuned parameters (fine-tuning). Forward
 stage's candidate pass) is priced relative to a training step with factors measured by
 ``benchmarks/bench_influence.py``. It is an estimate for a fresh run folder: stages that are already finished
 are reused and cost nothing.
+
+Before any stage the pool is a forecast (:func:`forecast_pool_lengths`): its size from the BM25 hits the config
+asks for, its lengths from the corpus's first documents, both scaled by what this machine's earlier runs
+measured (:class:`Calibration`); after retrieval the real pool replaces it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,6 +27,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from iss.data import TaskData, iter_corpus, load_task
 from iss.model import (
     FrozenBlockFeatures,
     forward_autocast,
@@ -29,6 +36,7 @@ from iss.model import (
     per_sample_lm_loss,
     per_sample_task_loss,
     set_trainable,
+    token_counts,
 )
 from iss.plan import RunPlan
 from iss.runs import cache_root, write_json
@@ -43,6 +51,8 @@ FORWARD_SHARE = 1 / 3  # a forward pass costs about a third of a training step (
 INFLUENCE_SHARE = {"per document": 3.4 * FORWARD_SHARE, "batched": 2.1 * FORWARD_SHARE}
 PROBE_STEPS = 5  # the fastest counts: a transient load on the machine slows some steps, never speeds one up
 ESTIMATE_FILE = "estimate.json"
+FORECAST_FILE = "estimate-forecast.json"  # the estimate made before any stage ran
+CORPUS_HEAD_DOCS = 1000  # the corpus's first documents, whose lengths stand for the pool's before it exists
 
 
 @dataclass(frozen=True)
@@ -51,7 +61,9 @@ class RunEstimate:
 
     seconds: dict[str, float]
     runs: dict[str, int]
-    seconds_per_token: dict[str, float]  # per training objective: "joint" (MLM + task) and "task"
+    seconds_per_token: dict[str, float]  # per training objective: "joint" (LM + task) and "task"
+    forecast: bool = False  # the pool forecast, not measured (before retrieval)
+    unpriced: tuple[str, ...] = ()  # kinds of stage nothing measured yet prices (a corpus never read here)
 
     @property
     def total(self) -> float:
@@ -59,12 +71,16 @@ class RunEstimate:
 
     def save(self, path: Path) -> None:
         """``estimate.json`` in the run folder: what was predicted, to hold against the manifest's timings."""
+        path.parent.mkdir(parents=True, exist_ok=True)  # before any stage the run folder may not exist yet
         write_json(path, {**asdict(self), "total": self.total})
 
     @classmethod
     def load(cls, path: Path) -> RunEstimate:
         saved = json.loads(path.read_text(encoding="utf-8"))
-        return cls(saved["seconds"], saved["runs"], saved["seconds_per_token"])
+        return cls(
+            saved["seconds"], saved["runs"], saved["seconds_per_token"], saved.get("forecast", False),
+            tuple(saved.get("unpriced", ())),
+        )  # fmt: skip
 
     def against(self, manifest: dict, plan: RunPlan) -> dict[str, dict[str, float]]:
         """Estimated vs measured seconds per kind of stage, the measured ones summed over the plan's stages in a
@@ -85,7 +101,12 @@ class RunEstimate:
             for kind, seconds in self.seconds.items()
             if seconds > 0
         )
-        return f"estimated time for a fresh run folder: {self.total / 60:.1f} min on this machine ({parts}; minutes)"
+        when = "before any stage, pool forecast" if self.forecast else "with the BM25 pool"
+        unpriced = f"; not priced yet: {', '.join(self.unpriced)}" if self.unpriced else ""
+        return (
+            f"estimated time for a fresh run folder ({when}): {self.total / 60:.1f} min on this machine "
+            f"({parts}; minutes{unpriced})"
+        )
 
 
 def padded_tokens(lengths: np.ndarray, batches: list[np.ndarray]) -> int:
@@ -99,12 +120,12 @@ def epoch_tokens(batches: TrainingBatches, lengths: np.ndarray) -> int:
 
 
 def probe_seconds_per_token(
-    pipeline: Pipeline, tokenizer, texts: list[str], labels: np.ndarray, objective: str
+    pipeline: Pipeline, task: TaskData, tokenizer, texts: list[str], labels: np.ndarray, objective: str
 ) -> float:
     """Seconds per (padded) token of a training step of the run's model on one batch of task texts: with MLM +
     task loss (``joint``), or with the task loss on the parameters fine-tuning trains (``task``)."""
     config = pipeline.config
-    model = pipeline.initial_model(pipeline.task(), tokenizer, config.seed, fitted_head=False).to(pipeline.device)
+    model = pipeline.initial_model(task, tokenizer, config.seed, fitted_head=False).to(pipeline.device)
     blocks = config.finetune.trainable_blocks if objective == "task" else None
     set_trainable(model, config.model.freeze_embeddings, blocks)
     model.train()
@@ -134,14 +155,20 @@ def probe_seconds_per_token(
     return float(np.min(timings[1:])) / batch.input_ids.numel()
 
 
-def estimate_run(pipeline: Pipeline) -> RunEstimate:
-    """Price ``pipeline.run_all()`` for a fresh run folder; reads the retrieval stage's pool (runs it if needed)."""
+def estimate_run(
+    pipeline: Pipeline, with_pool: bool = False, seconds_per_token: dict[str, float] | None = None
+) -> RunEstimate:
+    """Price ``pipeline.run_all()`` for a fresh run folder. By default before any stage runs: the task is read and
+    the tokenizer made (or taken from the cache) in memory, and the pool is forecast. ``with_pool`` reads the
+    retrieval stage's pool (running it if needed) and prices the input stages by their measured seconds;
+    ``seconds_per_token`` reuses the probes of an earlier estimate."""
     config = pipeline.config
-    tokenizer = pipeline.read_tokenizer()
-    task, seed, max_length = pipeline.task(), config.seed, config.model.max_length
+    seed, max_length = config.seed, config.model.max_length
+    task = pipeline.task() if with_pool else load_task(config.task, seed)
+    tokenizer = pipeline.read_tokenizer() if with_pool else pipeline.make_tokenizer(task)[0]
     train, labels = task.texts("train"), task.label_ids("train")
-    per_token = {
-        objective: probe_seconds_per_token(pipeline, tokenizer, train, labels, objective)
+    per_token = seconds_per_token or {
+        objective: probe_seconds_per_token(pipeline, task, tokenizer, train, labels, objective)
         for objective in ("joint", "task")
     }
 
@@ -151,8 +178,12 @@ def estimate_run(pipeline: Pipeline) -> RunEstimate:
     }
     train_lengths = encoded_lengths(tokenizer, train, max_length)
 
-    pool = pq.read_table(pipeline.retrieval().path / "pool.parquet", columns=["text"]).column("text").to_pylist()
-    pool_lengths = encoded_lengths(tokenizer, pool, max_length)
+    calibration, corpus = Calibration.load(), corpus_key(pipeline)
+    if with_pool:
+        pool = pq.read_table(pipeline.retrieval().path / "pool.parquet", columns=["text"]).column("text").to_pylist()
+        pool_lengths = encoded_lengths(tokenizer, pool, max_length)
+    else:
+        pool_lengths = forecast_pool_lengths(pipeline, tokenizer, len(train), calibration.for_corpus(corpus))
     rng = np.random.default_rng(seed)
 
     plan = RunPlan(config)
@@ -211,13 +242,46 @@ def estimate_run(pipeline: Pipeline) -> RunEstimate:
     priced = {kind: float(t) * per_token["task" if kind == "fine-tuning" else "joint"] for kind, t in seconds.items()}
     if finetune.cache_frozen_blocks:
         priced["fine-tuning"] += encoded_models * cache_pass * per_token["joint"]
-    # what is not priced per token: the stages the estimate itself needed (measured: their seconds are known by
-    # now) and each selection (calibrated on this machine's earlier runs)
-    stages = plan.stages_by_kind()
-    priced[INPUT_STAGES] = sum(float(pipeline.results[name].summary.get("seconds", 0)) for name in stages[INPUT_STAGES])
-    priced["selection"] = len(stages["selection"]) * Calibration.load().select_seconds
+    # what is not priced per token: the input stages (measured once they ran; before, what they took in this
+    # machine's last run on this corpus) and each selection (calibrated on this machine's earlier runs)
+    stages, unpriced = plan.stages_by_kind(), []
+    if with_pool:
+        priced[INPUT_STAGES] = sum(
+            float(pipeline.results[name].summary.get("seconds", 0)) for name in stages[INPUT_STAGES]
+        )
+    elif corpus in calibration.input_seconds:
+        priced[INPUT_STAGES] = calibration.input_seconds[corpus]
+    else:
+        unpriced.append(INPUT_STAGES)
+    priced["selection"] = len(stages["selection"]) * calibration.select_seconds
     runs["selection"] = len(stages["selection"])
-    return RunEstimate(priced, runs, per_token)
+    return RunEstimate(priced, runs, per_token, forecast=not with_pool, unpriced=tuple(unpriced))
+
+
+def corpus_key(pipeline: Pipeline) -> str:
+    """A short name for the corpus as the run reads it (its settings and its files' sizes and times)."""
+    return hashlib.sha256(json.dumps(pipeline.corpus_signature(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def corpus_head_counts(pipeline: Pipeline, tokenizer) -> np.ndarray:
+    """Token counts of the corpus's first documents (as the mixture keeps them): a sample read in a moment."""
+    batches = iter_corpus(pipeline.config.corpus, batch_size=CORPUS_HEAD_DOCS)
+    texts = list(itertools.islice((text for batch in batches for text in batch.texts if text), CORPUS_HEAD_DOCS))
+    return token_counts(tokenizer, texts)
+
+
+def forecast_pool_lengths(pipeline: Pipeline, tokenizer, queries: int, calibration: Calibration) -> np.ndarray:
+    """Encoded lengths of the pool BM25 will make: queries x top_k hits times the share of unique documents, at
+    most the corpus's documents, with lengths drawn from the corpus's first documents scaled by how much longer
+    pool documents were in earlier runs (BM25 favours long documents)."""
+    config = pipeline.config
+    docs = round(queries * config.retrieval.top_k * calibration.pool_share)
+    if calibration.corpus_docs:
+        docs = min(docs, calibration.corpus_docs)
+    counts = corpus_head_counts(pipeline, tokenizer) * calibration.pool_length_ratio
+    specials = tokenizer.num_special_tokens_to_add()
+    lengths = np.minimum(np.round(counts).astype(np.int64) + specials, config.model.max_length)
+    return np.random.default_rng(config.seed).choice(lengths, size=max(1, docs))
 
 
 INPUT_STAGES = "data, tokenizer, retrieval"  # the kind of the stages every estimate runs first
@@ -225,9 +289,19 @@ INPUT_STAGES = "data, tokenizer, retrieval"  # the kind of the stages every esti
 
 @dataclass(frozen=True)
 class Calibration:
-    """Costs of this machine that no probe prices, measured in finished runs and kept in ``$ISS_CACHE``."""
+    """What no probe prices, measured in finished runs and kept in ``$ISS_CACHE``: a selection stage's seconds,
+    the pool's size and lengths relative to the BM25 hits and the corpus, and per corpus the input stages'
+    seconds and its size. Before any run: guesses (a pool of half the hits, as long as the corpus's documents)."""
 
-    select_seconds: float = 5.0  # one selection stage (the pool tokenized, ranked, written); before any run: a guess
+    select_seconds: float = 5.0  # one selection stage (the pool tokenized, ranked, written)
+    pool_share: float = 0.5  # unique pool documents per BM25 hit
+    pool_length_ratio: float = 1.0  # mean tokens of a pool document over those of the corpus's first documents
+    input_seconds: dict[str, float] = field(default_factory=dict)  # per corpus key: data, tokenizer, retrieval
+    corpus_size: dict[str, int] = field(default_factory=dict)  # per corpus key: documents BM25 indexed
+    corpus_docs: int = 0  # of the corpus in hand (see for_corpus); 0: unknown
+
+    def for_corpus(self, key: str) -> Calibration:
+        return replace(self, corpus_docs=self.corpus_size.get(key, 0))
 
     @staticmethod
     def path() -> Path:
@@ -236,15 +310,44 @@ class Calibration:
     @classmethod
     def load(cls) -> Calibration:
         path = cls.path()
-        return cls(**json.loads(path.read_text(encoding="utf-8"))) if path.is_file() else cls()
+        saved = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        return cls(**{name: value for name, value in saved.items() if name in cls.__dataclass_fields__})
 
     @classmethod
-    def learn(cls, manifest: dict, plan: RunPlan) -> Calibration:
-        """The calibration from a finished run's manifest (the median selection stage), saved for later runs."""
-        stages = manifest.get("stages", {})
+    def learn(
+        cls, manifest: dict, plan: RunPlan, corpus: str | None = None, length_ratio: float | None = None
+    ) -> Calibration:
+        """The calibration updated by a finished run's manifest (the median selection stage; the retrieval's hits,
+        pool and corpus size and the input stages' seconds, for ``corpus``; ``length_ratio`` as measured), saved
+        for later runs."""
+        stages, known = manifest.get("stages", {}), cls.load()
+        update: dict = {}
         seconds = [stages[name]["summary"].get("seconds", 0.0) for name in plan.stages_by_kind()["selection"]
                    if name in stages]  # fmt: skip
-        calibration = cls(float(np.median(seconds))) if seconds else cls.load()
+        if seconds:
+            update["select_seconds"] = float(np.median(seconds))
+        retrieval = stages.get("retrieval", {}).get("summary", {})
+        if retrieval.get("hits"):
+            update["pool_share"] = retrieval["pool_docs"] / retrieval["hits"]
+        if corpus and retrieval:
+            inputs = sum(
+                stages.get(name, {}).get("summary", {}).get("seconds", 0.0)
+                for name in plan.stages_by_kind()[INPUT_STAGES]
+            )
+            update["input_seconds"] = {**known.input_seconds, corpus: float(inputs)}
+            update["corpus_size"] = {**known.corpus_size, corpus: int(retrieval.get("corpus_docs", 0))}
+        if length_ratio:
+            update["pool_length_ratio"] = float(length_ratio)
+        calibration = replace(known, **update)
         cls.path().parent.mkdir(parents=True, exist_ok=True)
-        write_json(cls.path(), asdict(calibration))
+        write_json(cls.path(), {k: v for k, v in asdict(calibration).items() if k != "corpus_docs"})
         return calibration
+
+
+def learn_from_run(pipeline: Pipeline, manifest: dict) -> Calibration:
+    """Calibrate on a finished run: its manifest, and how much longer its pool's documents are than the corpus's
+    first ones (both counted with the run's tokenizer)."""
+    pool, tokenizer = pipeline.pool_token_counts(), pipeline.read_tokenizer()
+    head = corpus_head_counts(pipeline, tokenizer)
+    ratio = float(pool.mean() / head.mean()) if len(pool) and len(head) and head.mean() > 0 else None
+    return Calibration.learn(manifest, RunPlan(pipeline.config), corpus_key(pipeline), ratio)

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import torch
 import transformers
 from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerFast
 
 from iss.config import Budget, IssConfig, fingerprint_dump
 from iss.data import TaskData, corpus_files, iter_corpus, load_task, read_task, save_task
@@ -230,25 +231,31 @@ class Pipeline:
             parts["files"] = file_signature([config.task.path])
         return self.stage("data", parts, body)
 
+    def make_tokenizer(self, task: TaskData) -> tuple[PreTrainedTokenizerFast, bool]:
+        """The run's tokenizer: ``tokenizer.path``'s, or one trained on the task and corpus texts (from the cache
+        when it was trained on them before). Returns (tokenizer, from cache). The tokenizer stage saves it; the
+        time estimate, which runs before any stage, uses it directly."""
+        config = self.config
+        if config.tokenizer.path:
+            return self.read_tokenizer(config.tokenizer.path), False
+
+        def texts() -> Iterator[str]:
+            corpus_texts = itertools.islice(
+                (text for batch in iter_corpus(config.corpus) for text in batch.texts), config.tokenizer.max_corpus_docs
+            )
+            task_texts = (task.texts(role) for role in ("train", "dev") if role in task.splits)
+            return itertools.chain(*task_texts, corpus_texts)
+
+        return cached_tokenizer(texts, config.tokenizer, config.tokenizer.cache_dir)
+
     def tokenizer(self) -> StageResult:
         config = self.config
         data = self.data()
 
         def body(folder: Path, summary: dict) -> None:
-            if config.tokenizer.path:
-                tokenizer = self.read_tokenizer(config.tokenizer.path)
-            else:
-                task = self.task()
-
-                def texts() -> Iterator[str]:
-                    corpus_texts = itertools.islice(
-                        (text for batch in iter_corpus(config.corpus) for text in batch.texts),
-                        config.tokenizer.max_corpus_docs,
-                    )
-                    task_texts = (task.texts(role) for role in ("train", "dev") if role in task.splits)
-                    return itertools.chain(*task_texts, corpus_texts)
-
-                tokenizer, summary["from_cache"] = cached_tokenizer(texts, config.tokenizer, config.tokenizer.cache_dir)
+            tokenizer, from_cache = self.make_tokenizer(self.task())
+            if not config.tokenizer.path:
+                summary["from_cache"] = from_cache
             tokenizer.save_pretrained(str(folder))
             summary["vocab_size"] = len(tokenizer)
 
