@@ -127,7 +127,7 @@ def test_version_and_help_answer_without_importing_torch():
     assert done.stdout.strip() == "[]"
     version = _iss("--version")
     assert version.returncode == 0 and version.stdout.strip() == f"iss {iss.__version__}"
-    from iss.cli import SELECTION_METHOD_NAMES
+    from iss.config import SELECTION_METHOD_NAMES
     from iss.methods import SELECTION
 
     assert tuple(SELECTION) == SELECTION_METHOD_NAMES

@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from iss._version import __version__
-from iss.config import IssConfig, load_config, reference_markdown
+from iss.config import SELECTION_METHOD_NAMES, IssConfig, load_config, reference_markdown
 from iss.errors import IssError
 
 if TYPE_CHECKING:
@@ -36,7 +36,6 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 # the selection methods, as the registry (iss.methods) has them: named here so that `--help` imports no torch
-SELECTION_METHOD_NAMES = ("iss", "tlm", "random", "random-corpus", "iss-bottom")
 
 
 def _version(value: bool) -> None:

@@ -4,7 +4,8 @@ A selection method (``selection.method``) turns its inputs (the BM25 pool, the r
 result, or a sample of the whole corpus) into ranked lists that ``selection.round_robin`` turns into a subset.
 An evaluated method (``evaluation.methods``) is a selection method under some config overrides, or ``none``
 (no pretraining). Stage names use the evaluated method's name, so ISS with cosine similarity keeps artifacts of
-its own. No other module lists method names: the config validates against this registry.
+its own. ``iss.config`` holds the names alone (so a config validates without importing this code); the
+registries here must hold exactly those names, which import time asserts.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from iss.config import EVALUATED_METHOD_NAMES, SELECTION_METHOD_NAMES
 from iss.selection import RankedLists, random_lists
 
 if TYPE_CHECKING:
@@ -96,7 +98,7 @@ SELECTION: dict[str, SelectionMethod] = {
         SelectionMethod("iss-bottom", iss_bottom_lists, needs_influence=True),
     )
 }
-SELECTION_METHODS = tuple(SELECTION)  # the values of selection.method
+assert tuple(SELECTION) == SELECTION_METHOD_NAMES, "iss.config names the selection methods a config may use"
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,7 @@ EVALUATED: dict[str, EvaluatedMethod] = {
         EvaluatedMethod("none", "no pretraining", None),
     )
 }
+assert tuple(EVALUATED) == EVALUATED_METHOD_NAMES, "iss.config names the methods a config may evaluate"
 assert all(m.selection is None or m.selection in SELECTION for m in EVALUATED.values())
 
 

@@ -94,7 +94,7 @@ def cached_tokenizer(
     root = cache_root() / "tokenizers" if cache_dir == DEFAULT_TOKENIZER_CACHE else Path(cache_dir).expanduser()
     folder = root / digest.hexdigest()[:20]
     if (folder / "tokenizer.json").is_file():
-        return load_tokenizer(folder), True
+        return load_tokenizer(folder, FAMILIES["encoder"]), True
     tokenizer = train_tokenizer(texts(), config)
     tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
     tokenizer.save_pretrained(str(tmp))
@@ -102,7 +102,7 @@ def cached_tokenizer(
         os.replace(tmp, folder)
     except OSError:  # another process cached it first: use theirs, so both agree
         shutil.rmtree(tmp, ignore_errors=True)
-        return load_tokenizer(folder), True
+        return load_tokenizer(folder, FAMILIES["encoder"]), True
     return tokenizer, False
 
 
