@@ -122,10 +122,13 @@ def test_causal_per_sample_gradients_equal_autograd(
 def test_next_token_targets_and_last_token_pooling(causal_tokenizer):
     model = _model("llama", causal_tokenizer)
     batch = encode(causal_tokenizer, ["a b c d e f", "a b"], MAX_LENGTH)
-    targets = FAMILIES["causal"].language_targets(batch, causal_tokenizer, 0.15, 0, [0, 1])
+    inputs, targets = FAMILIES["causal"].language_targets(
+        batch.input_ids, batch.attention_mask, causal_tokenizer, 0.15, 0, [0, 1]
+    )
     length = int(batch.attention_mask[1].sum())
-    assert torch.equal(targets.lm_labels[0, :-1], batch.input_ids[0, 1:])  # every position predicts the next
-    assert targets.lm_labels[1, length - 1] == IGNORE and (targets.lm_labels[1, length:] == IGNORE).all()
+    assert torch.equal(inputs, batch.input_ids)  # nothing masked
+    assert torch.equal(targets[0, :-1], batch.input_ids[0, 1:])  # every position predicts the next
+    assert targets[1, length - 1] == IGNORE and (targets[1, length:] == IGNORE).all()
     with torch.no_grad():
         pooled = model.pooled_hidden(batch.input_ids, batch.attention_mask)
         alone = model.pooled_hidden(batch.input_ids[1:, :length], batch.attention_mask[1:, :length])

@@ -16,7 +16,7 @@ import yaml
 from safetensors.torch import load_file
 
 from iss.config import ModelConfig
-from iss.model import TaskModel, labelled_batch, mask_tokens, per_sample_lm_loss, per_sample_task_loss
+from iss.model import TaskModel, labelled_batch, language_batch, per_sample_lm_loss, per_sample_task_loss
 from iss.parallel import Processes
 
 from .conftest import iss_command
@@ -28,7 +28,7 @@ def _gradients(model: TaskModel, tokenizer, texts: list[str], group: Processes, 
     model.zero_grad(set_to_none=True)
     rows = group.share(total_rows)
     batch = labelled_batch(tokenizer, [texts[i] for i in rows], np.zeros(len(rows), np.int64), 48)
-    batch = mask_tokens(batch, tokenizer, 0.15, 0, rows.tolist())
+    batch = language_batch(model, tokenizer, batch, 0.15, 0, rows)
     loss = group.mean(per_sample_lm_loss(model, batch), total_rows)
     loss = loss + group.mean(per_sample_task_loss(model, batch), total_rows)
     loss.backward()

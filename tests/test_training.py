@@ -187,9 +187,11 @@ def test_packed_pretraining_trains_on_more_real_tokens_and_resumes_exactly(
 
 
 def test_an_option_at_its_cache_neutral_default_leaves_fingerprints_alone():
-    default, packed = PretrainConfig(), PretrainConfig(packing=True)
-    assert "packing" not in fingerprint_dump(default) and fingerprint_dump(packed)["packing"] is True
-    assert fingerprint_dump(default) == {k: v for k, v in default.model_dump(mode="json").items() if k != "packing"}
+    default, packed = PretrainConfig(), PretrainConfig(packing=True, trainable_blocks=2)
+    neutral = {"packing", "trainable_blocks"}
+    assert not neutral & set(fingerprint_dump(default))
+    assert fingerprint_dump(packed)["packing"] is True and fingerprint_dump(packed)["trainable_blocks"] == 2
+    assert fingerprint_dump(default) == {k: v for k, v in default.model_dump(mode="json").items() if k not in neutral}
 
 
 def test_training_batches_cover_every_row_once_per_epoch_in_either_order(tokenizer, corpus_texts):

@@ -15,8 +15,9 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, PretrainedConfig
@@ -24,11 +25,9 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, 
 
 from iss.errors import ConfigError
 
-if TYPE_CHECKING:
-    from iss.model import Batch
-
 log = logging.getLogger("iss")
 IGNORE = -100  # label of a position without a language-modelling target
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # a from-scratch WordPiece vocabulary's first ids
 PACKAGE_PREFIX = "package:"
 
 
@@ -90,10 +89,16 @@ class Family:
         raise NotImplementedError
 
     def language_targets(
-        self, batch: Batch, tokenizer: Any, probability: float, seed: int, keys: Iterable[int]
-    ) -> Batch:
-        """The batch with its language-modelling targets (``lm_labels``): position t's label is what the hidden
-        state at t must predict, :data:`IGNORE` elsewhere."""
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        tokenizer: Any,
+        probability: float,
+        seed: int,
+        keys: list[int],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input ids, targets) of the language-modelling loss: position t's target is what the hidden state at t
+        must predict, :data:`IGNORE` elsewhere. ``keys`` seed each row's masking (encoders)."""
         raise NotImplementedError
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -121,11 +126,38 @@ class EncoderFamily(Family):
         return tokenizer
 
     def language_targets(
-        self, batch: Batch, tokenizer: Any, probability: float, seed: int, keys: Iterable[int]
-    ) -> Batch:
-        from iss.model import mask_tokens
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        tokenizer: Any,
+        probability: float,
+        seed: int,
+        keys: list[int],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """BERT masking (80% [MASK], 10% random, 10% kept) with one RNG per row seeded by (seed, key).
 
-        return mask_tokens(batch, tokenizer, probability, seed, keys)
+        Keying the RNG by document means a document gets the same mask whatever batch it lands in, so its
+        influence score does not depend on batch order. Every row gets at least one masked token.
+        """
+        input_ids = input_ids.clone()
+        labels = torch.full_like(input_ids, IGNORE)
+        special = np.fromiter(set(tokenizer.all_special_ids), dtype=np.int64)
+        for row, key in enumerate(keys):
+            ids = input_ids[row].numpy()
+            candidates = np.flatnonzero((attention_mask[row].numpy() == 1) & ~np.isin(ids, special))
+            if candidates.size == 0:
+                continue
+            rng = np.random.default_rng([seed, key])
+            chosen = candidates[rng.random(candidates.size) < probability]
+            if chosen.size == 0:
+                chosen = candidates[[rng.integers(candidates.size)]]
+            labels[row, chosen] = torch.from_numpy(ids[chosen].copy())
+            action = rng.random(chosen.size)
+            ids[chosen[action < 0.8]] = tokenizer.mask_token_id
+            randomised = chosen[(action >= 0.8) & (action < 0.9)]
+            ids[randomised] = rng.integers(len(SPECIAL_TOKENS), len(tokenizer), size=randomised.size)
+            input_ids[row] = torch.from_numpy(ids)
+        return input_ids, labels
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return hidden[:, 0]
@@ -154,14 +186,18 @@ class CausalFamily(Family):
         return tokenizer
 
     def language_targets(
-        self, batch: Batch, tokenizer: Any, probability: float, seed: int, keys: Iterable[int]
-    ) -> Batch:
-        from iss.model import Batch
-
-        labels = torch.full_like(batch.input_ids, IGNORE)
-        following = batch.attention_mask[:, 1:].bool()
-        labels[:, :-1] = torch.where(following, batch.input_ids[:, 1:], IGNORE)
-        return Batch(batch.input_ids, batch.attention_mask, labels, batch.labels)
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        tokenizer: Any,
+        probability: float,
+        seed: int,
+        keys: list[int],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.full_like(input_ids, IGNORE)
+        following = attention_mask[:, 1:].bool()
+        labels[:, :-1] = torch.where(following, input_ids[:, 1:], IGNORE)
+        return input_ids, labels
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         last = attention_mask.sum(1).clamp(min=1) - 1

@@ -30,10 +30,9 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer, BertConfig, PreTra
 
 from iss.config import DEFAULT_TOKENIZER_CACHE, ModelConfig, TokenizerConfig
 from iss.errors import ConfigError
-from iss.family import FAMILIES, IGNORE, Checkpoint, Family, Layout, family_of
+from iss.family import FAMILIES, IGNORE, SPECIAL_TOKENS, Checkpoint, Family, Layout, family_of
 from iss.runs import cache_root
 
-SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 HEAD_FILE = "task_head.safetensors"
 TASK_FILE = "task.json"
 
@@ -406,38 +405,6 @@ class PackedDocuments:
         return Batch(torch.from_numpy(self.input_ids[rows, :width].copy()), torch.from_numpy(attention))
 
 
-def mask_tokens(
-    batch: Batch, tokenizer: PreTrainedTokenizerFast, probability: float, seed: int, keys: Iterable[int]
-) -> Batch:
-    """BERT masking (80% [MASK], 10% random, 10% kept) with one RNG per row seeded by (seed, key).
-
-    Keying the RNG by document means a document gets the same mask whatever batch it lands in, so its
-    influence score does not depend on batch order. Every row gets at least one masked token.
-    """
-    input_ids = batch.input_ids.clone()
-    labels = torch.full_like(input_ids, IGNORE)
-    special = set(tokenizer.all_special_ids)
-    vocab_size = len(tokenizer)
-    for row, key in enumerate(keys):
-        ids = input_ids[row].numpy()
-        candidates = np.flatnonzero(
-            (batch.attention_mask[row].numpy() == 1) & ~np.isin(ids, np.fromiter(special, dtype=ids.dtype))
-        )
-        if candidates.size == 0:
-            continue
-        rng = np.random.default_rng([seed, int(key)])
-        chosen = candidates[rng.random(candidates.size) < probability]
-        if chosen.size == 0:
-            chosen = candidates[[rng.integers(candidates.size)]]
-        labels[row, chosen] = torch.from_numpy(ids[chosen].copy())
-        action = rng.random(chosen.size)
-        ids[chosen[action < 0.8]] = tokenizer.mask_token_id
-        randomised = chosen[(action >= 0.8) & (action < 0.9)]
-        ids[randomised] = rng.integers(len(SPECIAL_TOKENS), vocab_size, size=randomised.size)
-        input_ids[row] = torch.from_numpy(ids)
-    return Batch(input_ids, batch.attention_mask, labels, batch.labels)
-
-
 def candidate_batch(
     model: TaskModel,
     tokenizer: PreTrainedTokenizerFast,
@@ -456,7 +423,11 @@ def language_batch(
 ) -> Batch:
     """``batch`` with the targets of the model's language-modelling loss: masked tokens (MLM, one RNG per row
     keyed by ``keys``) or the next tokens (causal)."""
-    return model.family.language_targets(batch, tokenizer, probability, seed, [int(k) for k in keys])
+    keys = [int(k) for k in keys]
+    input_ids, targets = model.family.language_targets(
+        batch.input_ids, batch.attention_mask, tokenizer, probability, seed, keys
+    )
+    return Batch(input_ids, batch.attention_mask, targets, batch.labels)
 
 
 def labelled_batch(
