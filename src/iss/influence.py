@@ -28,7 +28,7 @@ import scipy.sparse as sp
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from iss.config import InfluenceConfig, RayConfig
+from iss.config import InfluenceConfig
 from iss.gradients import GradientFeatures, GroupGradients, LowRank, group_mean_scores
 from iss.model import (
     Batch,
@@ -45,6 +45,8 @@ from iss.topk import TopK, TopKCheckpoint
 
 log = logging.getLogger("iss")
 Progress = Callable[[int], None]
+# scores a pool's shards somewhere else and merges them: (scorer, texts, ids, units, checkpoint, progress=) -> TopK
+ShardRunner = Callable[..., TopK]
 
 
 def seeded_groups(n: int, size: int, seed: int) -> list[np.ndarray]:
@@ -329,22 +331,21 @@ class InfluenceScorer:
         ids: np.ndarray | list[int],
         checkpoint: Path | None = None,
         progress: Progress | None = None,
-        ray: RayConfig | None = None,
+        runner: ShardRunner | None = None,
         order: np.ndarray | None = None,
     ) -> InfluenceResult:
         """The top-k candidate units per task unit. A candidate's MLM mask is keyed by its id, so scores do not
         depend on batching. With a ``checkpoint`` path the running top-k is saved after each shard of
-        ``shard_units`` units and a rerun skips the shards already merged; ``ray`` scores shards on Ray workers.
+        ``shard_units`` units and a rerun skips the shards already merged; a ``runner`` scores the shards elsewhere
+        (``iss.distributed.ray_score_pool``: on Ray workers).
         ``order`` (a permutation of the rows) makes units of neighbours under B_p > 1 (:meth:`candidate_units`).
         """
         if self.bank is None:
             raise ValueError("call fit(task texts, labels) before score()")
         ids = np.asarray(ids, np.int64)
         units = self.candidate_units(len(texts), order)
-        if ray is not None:
-            from iss.distributed import ray_score_pool
-
-            top = ray_score_pool(self, texts, ids, units, checkpoint, ray, progress)
+        if runner is not None:
+            top = runner(self, texts, ids, units, checkpoint, progress=progress)
         else:
             state = self.checkpoint(checkpoint, units, progress)
             for start in self.shard_starts(len(units)):

@@ -9,7 +9,7 @@ import itertools
 import json
 import logging
 from collections.abc import Callable, Iterator
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerFast
 
 from iss.config import Budget, IssConfig, fingerprint_dump
 from iss.data import TaskData, corpus_files, iter_corpus, load_task, read_task, save_task
-from iss.distributed import ray_bm25_search
+from iss.distributed import ray_bm25_search, ray_score_pool
 from iss.engine import StageEngine
 from iss.errors import ConfigError
 from iss.evaluation import finetune as finetune_model
@@ -419,13 +419,9 @@ class Pipeline:
             if influence.pool_batch > 1 and influence.pool_grouping == "query":
                 order = query_order(pq.read_table(retrieval.path / "hits.parquet"), pool_ids)
             with self.progress(pool.num_rows, "influence") as bar:
+                runner = partial(ray_score_pool, config=config.ray) if config.backend == "ray" else None
                 result = scorer.score(
-                    pool_texts,
-                    pool_ids,
-                    self.run.work_dir(name) / "topk.npz",
-                    bar.update,
-                    config.ray if config.backend == "ray" else None,
-                    order,
+                    pool_texts, pool_ids, self.run.work_dir(name) / "topk.npz", bar.update, runner, order
                 )
             result.save(folder)
             summary.update({**scorer.summary(), **result.summary(), "pool_docs": pool.num_rows})
