@@ -24,6 +24,7 @@ from iss.config import (
 )
 from iss.data import DataError, corpus_shards, iter_corpus, load_task, read_shard
 from iss.errors import ConfigError
+from iss.family import PACKAGE_PREFIX, Checkpoint
 from iss.pipeline import Pipeline
 from iss.retrieval import BM25Index
 
@@ -376,12 +377,20 @@ def test_the_general_mixture_cuts_the_tasks_domains_to_about_five_percent_of_the
     assert 0.05 < counts["arxiv_cs"] / whole["arxiv_cs"] < 0.07
 
 
+def _on_disk(path: str) -> Path:
+    """A config's path as a file (``package:NAME/FILE`` resolved inside the installed package)."""
+    if not path.startswith(PACKAGE_PREFIX):
+        return Path(path)
+    checkpoint = Checkpoint.at(path)
+    return Path(checkpoint.source) / (checkpoint.gguf_file or "")
+
+
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=str)
 def test_bundled_configs_load_and_point_at_shared_data(path):
     require_shared()
     config = load_config(REPO / path)
     local = [config.task.path, *config.corpus.paths, *(p for p in (config.model.path, config.tokenizer.path) if p)]
-    missing = [p for p in local if not Path(p).exists()]
+    missing = [p for p in local if not _on_disk(p).exists()]
     if any("shared" in Path(p).parts for p in missing):  # the config is fine; this checkout's ../shared lacks it
         pytest.skip(f"not in this ../shared: {missing}")
     assert not missing, f"{path} points at missing paths: {missing}"
