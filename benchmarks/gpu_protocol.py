@@ -81,14 +81,17 @@ def main() -> None:
     device = str(pipeline.device)
     if pipeline.device.type == "cuda":
         device += f" ({torch.cuda.get_device_name(pipeline.device)})"
-    first = estimate_run(pipeline)
+    first = estimate_run(pipeline)  # before any stage
     print(f"device {device}; {first.describe()}", flush=True)
-    steps, final = fit_steps(config, first, args.minutes), first
+    probes = first.seconds_per_token
+    pooled = estimate_run(pipeline, with_pool=True, seconds_per_token=probes)  # the budget is fitted on the real pool
+    print(pooled.describe(), flush=True)
+    steps, final = fit_steps(config, pooled, args.minutes), pooled
     if steps != config.pretrain.steps:
         print(f"over the {args.minutes:g}-minute budget: pretrain.steps {config.pretrain.steps} -> {steps}", flush=True)
         config = config.with_overrides({"pretrain.steps": steps})
         pipeline = Pipeline(config, show_progress=not args.dry_run)
-        final = estimate_run(pipeline)
+        final = estimate_run(pipeline, with_pool=True, seconds_per_token=probes)
         print(f"fitted: {final.describe()}", flush=True)
     final.save(pipeline.run.root / ESTIMATE_FILE)
     results = json.loads((pipeline.run_all().path / "results.json").read_text(encoding="utf-8"))

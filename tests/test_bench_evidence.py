@@ -135,7 +135,15 @@ def test_gpu_protocol_dry_run_prints_its_estimate_first_fits_the_budget_and_writ
     ]
     command += ["--dry-run", "--run-dir", str(tmp_path / "run"), "--minutes", "0.05"]
     done = subprocess.run(
-        command, capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+        command,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "ISS_CACHE": str(tmp_path / "cache"),
+        },  # no calibration from real runs
     )
     lines = done.stdout.splitlines()
     assert lines[0].startswith("device cpu; estimated time for a fresh run folder")
