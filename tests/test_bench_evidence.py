@@ -133,21 +133,16 @@ def test_gpu_protocol_dry_run_prints_its_estimate_first_fits_the_budget_and_writ
         str(REPO / "benchmarks" / "gpu_protocol.py"),
         str(REPO / "configs" / "gpu" / "chemprot.yaml"),
     ]
-    command += ["--dry-run", "--run-dir", str(tmp_path / "run"), "--minutes", "0.05"]
-    done = subprocess.run(
-        command,
-        capture_output=True,
-        text=True,
-        check=True,
-        env={
-            **os.environ,
-            "OMP_NUM_THREADS": "1",
-            "ISS_CACHE": str(tmp_path / "cache"),
-        },  # no calibration from real runs
-    )
+    command += ["--dry-run", "--run-dir", str(tmp_path / "run"), "--minutes", "0.1"]
+    cache = tmp_path / "cache"  # a machine whose selections are known to be quick: the budget then hinges on the
+    cache.mkdir()  # probed stages alone, not on the 5 s-per-selection guess made before any run
+    (cache / "calibration.json").write_text(json.dumps({"select_seconds": 0.01}), encoding="utf-8")
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "ISS_CACHE": str(cache)}
+    done = subprocess.run(command, capture_output=True, text=True, check=True, env=environment)
     lines = done.stdout.splitlines()
     assert lines[0].startswith("device cpu; estimated time for a fresh run folder")
-    assert lines[1].startswith("over the 0.05-minute budget: pretrain.steps 6 -> ")
+    assert lines[1].startswith("estimated time for a fresh run folder (with the BM25 pool)")
+    assert lines[2].startswith("over the 0.1-minute budget: pretrain.steps 6 -> ")
     record = json.loads((tmp_path / "run" / "gpu_protocol_chemprot.json").read_text(encoding="utf-8"))
     assert record["dry_run"] and record["pretrain_steps"] < 6 and record["estimate"] < record["estimate_first"]
     methods = ["tlm", "random-corpus", "none", "iss", "random", "iss-bottom"]
