@@ -34,6 +34,7 @@ from scipy.stats import spearmanr
 from torch.func import functional_call, grad, vmap
 
 from iss.config import IssConfig, load_config
+from iss.family import IGNORE
 from iss.gradients import autograd_gradient
 from iss.influence import InfluenceScorer
 from iss.model import (
@@ -229,7 +230,7 @@ def run_vmap(setup: Setup, n: int) -> dict:
                 setup.model.encoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
             handle.remove()
             hidden, mask = captured["args"][0], captured["args"][1]
-            masked = batch.lm_labels != -100
+            masked = batch.lm_labels != IGNORE
             width = int(masked.sum(1).max())
             positions = torch.zeros(len(masked), width, dtype=torch.long)
             targets = torch.zeros(len(masked), width, dtype=torch.long)

@@ -35,7 +35,6 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console(stderr=True)
-# the selection methods, as the registry (iss.methods) has them: named here so that `--help` imports no torch
 
 
 def _version(value: bool) -> None:

@@ -178,12 +178,13 @@ def estimate_run(
     }
     train_lengths = encoded_lengths(tokenizer, train, max_length)
 
-    calibration, corpus = Calibration.load(), corpus_key(pipeline)
+    calibration = Calibration.load()
+    corpus = None if with_pool else corpus_key(pipeline)  # what the forecast reads of earlier runs on this corpus
     if with_pool:
         pool = pq.read_table(pipeline.retrieval().path / "pool.parquet", columns=["text"]).column("text").to_pylist()
         pool_lengths = encoded_lengths(tokenizer, pool, max_length)
     else:
-        pool_lengths = forecast_pool_lengths(pipeline, tokenizer, len(train), calibration.for_corpus(corpus))
+        pool_lengths = forecast_pool_lengths(pipeline, tokenizer, len(train), calibration, corpus)
     rng = np.random.default_rng(seed)
 
     plan = RunPlan(config)
@@ -270,14 +271,17 @@ def corpus_head_counts(pipeline: Pipeline, tokenizer) -> np.ndarray:
     return token_counts(tokenizer, texts)
 
 
-def forecast_pool_lengths(pipeline: Pipeline, tokenizer, queries: int, calibration: Calibration) -> np.ndarray:
+def forecast_pool_lengths(
+    pipeline: Pipeline, tokenizer, queries: int, calibration: Calibration, corpus: str
+) -> np.ndarray:
     """Encoded lengths of the pool BM25 will make: queries x top_k hits times the share of unique documents, at
-    most the corpus's documents, with lengths drawn from the corpus's first documents scaled by how much longer
-    pool documents were in earlier runs (BM25 favours long documents)."""
+    most the documents of ``corpus`` (a :func:`corpus_key`) where an earlier run counted them, with lengths drawn
+    from the corpus's first documents scaled by how much longer pool documents were in earlier runs (BM25 favours
+    long documents)."""
     config = pipeline.config
     docs = round(queries * config.retrieval.top_k * calibration.pool_share)
-    if calibration.corpus_docs:
-        docs = min(docs, calibration.corpus_docs)
+    if calibration.corpus_size.get(corpus):
+        docs = min(docs, calibration.corpus_size[corpus])
     counts = corpus_head_counts(pipeline, tokenizer) * calibration.pool_length_ratio
     specials = tokenizer.num_special_tokens_to_add()
     lengths = np.minimum(np.round(counts).astype(np.int64) + specials, config.model.max_length)
@@ -298,10 +302,6 @@ class Calibration:
     pool_length_ratio: float = 1.0  # mean tokens of a pool document over those of the corpus's first documents
     input_seconds: dict[str, float] = field(default_factory=dict)  # per corpus key: data, tokenizer, retrieval
     corpus_size: dict[str, int] = field(default_factory=dict)  # per corpus key: documents BM25 indexed
-    corpus_docs: int = 0  # of the corpus in hand (see for_corpus); 0: unknown
-
-    def for_corpus(self, key: str) -> Calibration:
-        return replace(self, corpus_docs=self.corpus_size.get(key, 0))
 
     @staticmethod
     def path() -> Path:
@@ -340,7 +340,7 @@ class Calibration:
             update["pool_length_ratio"] = float(length_ratio)
         calibration = replace(known, **update)
         cls.path().parent.mkdir(parents=True, exist_ok=True)
-        write_json(cls.path(), {k: v for k, v in asdict(calibration).items() if k != "corpus_docs"})
+        write_json(cls.path(), asdict(calibration))
         return calibration
 
 
