@@ -1,15 +1,16 @@
 """Evidence: does the subset matter here, and does ISS beat BM25 (TLM) and random where it does?
 
 Usage: python benchmarks/bench_evidence.py [--settings further scratch] [--tasks acl_arc scierc chemprot]
-                                           [--runs-root runs/evidence] [--force]
+                                           [--runs-root runs/evidence] [--force] [--output evidence]
 
 For each setting (``further``: further pretraining of the shared all-MiniLM-L6-v2 encoder, configs/further/;
 ``scratch``: a tiny BERT from scratch with TLM's joint objective, configs/scratch/) and task, runs ``iss run CONFIG`` in
 a child process (wall time and peak RSS via wait4) with the methods iss (dot), iss-cosine, tlm, random,
 random-corpus (positive control), iss-bottom (negative control) and none, the mechanism check and 5 seeds,
-then merges its results into benchmarks/results/evidence.{json,md}. Each (setting, task) is committed to the
-JSON as it finishes; a rerun skips those already there (``--force`` reruns them; finished stages in the run
-folder are reused either way).
+then merges its results into benchmarks/results/evidence.{json,md} (``--output``: other names; the causal-LM
+runs of ``configs/causal/`` go to ``--settings causal --output evidence --output causal_chemprot``). Each
+(setting, task) is committed to the JSON as it finishes; a rerun skips those already there (``--force`` reruns
+them; finished stages in the run folder are reused either way).
 """
 
 from __future__ import annotations
@@ -44,7 +45,12 @@ from iss.training import unigram_entropy
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-SETTINGS = {"further": CONFIGS / "further", "scratch": CONFIGS / "scratch", "gate": CONFIGS / "gate"}
+SETTINGS = {
+    "further": CONFIGS / "further",
+    "scratch": CONFIGS / "scratch",
+    "gate": CONFIGS / "gate",
+    "causal": CONFIGS / "causal",
+}
 GATE_MARGIN = 1.0  # a regime passes when TLM - random corpus has its 95 % t-interval above this many F1 points
 INTERVALS = (
     "95 % Student t-interval (scipy) over pretraining seeds, each the mean of its fine-tuning seeds; paired by seed "
@@ -341,6 +347,7 @@ SETTING_TITLES = {
     "further": "further pretraining of all-MiniLM-L6-v2",
     "scratch": "from scratch (TLM objective)",
     "gate": "gate regime (TLM, random corpus and none only)",
+    "causal": "continued pretraining of SmolLM2-135M (causal LM)",
 }
 
 
@@ -465,20 +472,20 @@ def entry_key(entry: dict) -> tuple[str, str, str | None]:
 
 
 def load(path: Path) -> dict:
-    """The entries in evidence.json by (setting, task, variant)."""
+    """The entries of a results JSON by (setting, task, variant)."""
     done = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"entries": []}
     return {entry_key(e): e for e in done["entries"]}
 
 
 def save(path: Path, entry: dict) -> dict:
-    """Put one entry into evidence.json (read again now, so runs of other tasks in other processes keep theirs)
-    and rewrite evidence.md; returns every entry."""
+    """Put one entry into the JSON (read again now, so runs of other tasks in other processes keep theirs) and
+    rewrite the Markdown beside it; returns every entry."""
     RESULTS.mkdir(exist_ok=True)
     entries = load(path)
     entries[entry_key(entry)] = entry
     machine = {"platform": platform.platform(), "cpus": os.cpu_count()}
     path.write_text(json.dumps({"machine": machine, "entries": list(entries.values())}, indent=2))
-    (RESULTS / "evidence.md").write_text(render(list(entries.values())), encoding="utf-8")
+    path.with_suffix(".md").write_text(render(list(entries.values())), encoding="utf-8")
     return entries
 
 
@@ -510,11 +517,24 @@ def main() -> None:
         "(e.g. after raising evaluation.mechanism_repeats); finished checks are reused.",
     )
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--output",
+        action="append",
+        metavar="NAME",
+        help="Results file stem under benchmarks/results (NAME.json, NAME.md; default evidence); given twice, each "
+        "entry goes into both (the first decides what was run already).",
+    )
     args = parser.parse_args()
     if args.mechanism_variant and args.variant:  # a mechanism variant runs on the base config, not a variant's
         parser.error("--mechanism-variant adds to a base entry; it cannot be combined with --variant")
     overrides = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.overrides)}
-    path = RESULTS / "evidence.json"
+    path, *more_paths = (RESULTS / f"{name}.json" for name in args.output or ["evidence"])
+
+    def save_all(entry: dict) -> dict:
+        for other in more_paths:
+            save(other, entry)
+        return save(path, entry)
+
     entries = load(path)
     for setting in args.settings:
         for task in args.tasks:
@@ -522,20 +542,20 @@ def main() -> None:
             if args.refresh:
                 if key in entries:
                     run_dir = args.runs_root / setting / task
-                    entries = save(
-                        path, refresh(entries[key], variant_dir(run_dir, args.variant) if args.variant else run_dir)
+                    entries = save_all(
+                        refresh(entries[key], variant_dir(run_dir, args.variant) if args.variant else run_dir)
                     )
                 continue
             if args.mechanism:
                 if key in entries and not args.variant:
-                    entries = save(path, mechanism_again(setting, task, args.runs_root, load(path)[key]))
+                    entries = save_all(mechanism_again(setting, task, args.runs_root, load(path)[key]))
                 continue
             if args.mechanism_variant:
                 if key in entries:
                     variant = mechanism_variant(setting, task, args.runs_root, args.mechanism_variant, overrides)
                     entry = load(path)[key]
                     variants = [v for v in entry.get("variants", []) if v["label"] != variant["label"]]
-                    entries = save(path, {**entry, "variants": [*variants, variant]})
+                    entries = save_all({**entry, "variants": [*variants, variant]})
                 continue
             if key in entries and not args.force:
                 print(f"{setting}/{task}: in {path.name} already (--force reruns it)", file=sys.stderr)
@@ -552,8 +572,8 @@ def main() -> None:
             if earlier.get("stage_seconds_total") == entry["stage_seconds_total"]:  # every stage reused: keep the
                 entry["wall_seconds"] = earlier["wall_seconds"]  # cost of the run that computed them
                 entry["peak_rss_gib"] = earlier["peak_rss_gib"]
-            entries = save(path, entry)
-    print((RESULTS / "evidence.md").read_text(encoding="utf-8") if entries else "nothing run")
+            entries = save_all(entry)
+    print(path.with_suffix(".md").read_text(encoding="utf-8") if entries else "nothing run")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,15 @@ def require_shared() -> None:
         pytest.skip(message)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def own_cache(tmp_path_factory):
+    """The suite's own ``$ISS_CACHE`` (CLI subprocesses inherit it): tiny test runs must not calibrate the time
+    estimates of this machine's real runs, nor reuse what those cached."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ISS_CACHE", str(tmp_path_factory.mktemp("iss-cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def chemprot_texts() -> list[tuple[str, str]]:
     require_shared()

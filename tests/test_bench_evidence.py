@@ -89,10 +89,14 @@ def test_summary_puts_every_entrys_controls_and_iss_verdicts_in_one_row(tmp_path
     assert rows[1]["ISS - TLM"] == rows[1]["runs at the last epoch"] == ""
 
 
-def test_every_committed_entrys_differences_are_recomputed_from_its_own_per_seed_rows() -> None:
-    """evidence.json holds each entry's runs (method, pretraining and fine-tuning seed, test F1) and its paired
+@pytest.mark.parametrize("name", ["evidence", "causal_chemprot"])
+def test_every_committed_entrys_differences_are_recomputed_from_its_own_per_seed_rows(name: str) -> None:
+    """Each results JSON holds its entries' runs (method, pretraining and fine-tuning seed, test F1) and their paired
     differences: the differences must be what the t-interval gives on those rows, for every entry."""
-    entries = json.loads((bench_evidence.RESULTS / "evidence.json").read_text(encoding="utf-8"))["entries"]
+    path = bench_evidence.RESULTS / f"{name}.json"
+    if name != "evidence" and not path.is_file():
+        pytest.skip(f"{path.name} not written yet")
+    entries = json.loads(path.read_text(encoding="utf-8"))["entries"]
     assert entries
     for entry in (entry for entry in entries if "stopped" not in entry):  # a stopped regime has no runs
         recomputed = {row["comparison"]: row for row in differences_rows(entry["runs"])}
@@ -104,6 +108,20 @@ def test_every_committed_entrys_differences_are_recomputed_from_its_own_per_seed
         if "superseded" not in entry:
             passed = recorded["tlm - random-corpus"]["ci95_low"] > bench_evidence.GATE_MARGIN
             assert entry["positive_control"]["passed"] == passed
+
+
+def test_save_merges_entries_into_the_named_json_and_writes_its_markdown_beside_it(tmp_path: Path) -> None:
+    """--output names the results files: an entry saved there joins the ones already in it (keyed by setting,
+    task and variant), and the Markdown beside it renders them all."""
+    path = tmp_path / "causal_chemprot.json"
+    first = {"setting": "causal", "task": "chemprot", "config": "configs/causal/chemprot.yaml", "stopped": "one"}
+    bench_evidence.save(path, first)
+    bench_evidence.save(path, {**first, "task": "scierc", "config": "configs/causal/scierc.yaml"})
+    entries = bench_evidence.save(path, {**first, "stopped": "two"})
+    assert sorted(entries) == [("causal", "chemprot", None), ("causal", "scierc", None)]
+    assert [e["stopped"] for e in json.loads(path.read_text(encoding="utf-8"))["entries"]] == ["two", "one"]
+    rendered = path.with_suffix(".md").read_text(encoding="utf-8")
+    assert "chemprot — continued pretraining of SmolLM2-135M" in rendered and "stopped. two" in rendered
 
 
 def test_design_names_the_seeds_and_passes_the_control_only_above_the_margin() -> None:

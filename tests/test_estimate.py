@@ -123,9 +123,33 @@ def test_the_fine_tuning_probe_times_the_cached_path_when_caching(tmp_path, toke
     monkeypatch.setattr(estimate.FrozenBlockFeatures, "logits", lambda *a: calls.append(1) or original(*a))
     task = pipeline.task()
     seconds = estimate.probe_seconds_per_token(
-        pipeline, task, tokenizer, task.texts("train"), task.label_ids("train"), "task"
+        pipeline, task, tokenizer, task.texts("train"), task.label_ids("train"), "task", 1
     )
     assert seconds > 0 and len(calls) == estimate.PROBE_STEPS + 1
+
+
+def test_warm_up_and_pretraining_are_priced_by_probes_that_train_what_they_train(tmp_path, tokenizer, monkeypatch):
+    """A 135 M model whose warm-up trains its top 2 blocks costs a fraction of a whole-model step: each stage's
+    probe trains that stage's blocks (one probe per distinct setting), forward-only passes keep the whole model's."""
+    calls = []
+
+    def probe(pipeline, task, tokenizer, texts, labels, objective, blocks=None):
+        calls.append((objective, blocks))
+        return {None: 4e-6, 1: 1e-6}[blocks] if objective == "joint" else 2e-6
+
+    monkeypatch.setattr(estimate, "probe_seconds_per_token", probe)
+    tokenizer.save_pretrained(str(tmp_path / "tok"))
+    config = _small_config(tmp_path / "run", tokenizer={"path": str(tmp_path / "tok")})
+    whole = estimate_run(Pipeline(config, False), with_pool=True)
+    assert calls == [("joint", None), ("task", None)]  # nothing trains fewer blocks: two probes, as before
+    assert whole.seconds_per_token == {"joint": 4e-6, "warm-up": 4e-6, "pretraining": 4e-6, "task": 2e-6}
+    calls.clear()
+    top = config.with_overrides({"warmup.trainable_blocks": 1, "pretrain.trainable_blocks": 1})
+    partial = estimate_run(Pipeline(top, False), with_pool=True)
+    assert calls == [("joint", None), ("joint", 1), ("task", None)]
+    assert partial.seconds["warm-up"] == pytest.approx(whole.seconds["warm-up"] / 4)
+    assert partial.seconds["pretraining"] == pytest.approx(whole.seconds["pretraining"] / 4)
+    assert partial.seconds["influence"] == pytest.approx(whole.seconds["influence"])
 
 
 @pytest.mark.parametrize("show_progress", [True, False])
@@ -219,3 +243,53 @@ def test_estimate_is_held_against_the_manifests_stage_timings():
     assert rows["pretraining"] == {"estimated": 40.0, "measured": 45.0}
     assert rows["fine-tuning"] == {"estimated": 50.0, "measured": 20.0}
     assert rows["total"] == {"estimated": 100.0, "measured": 77.0}
+
+
+def test_a_finished_run_calibrates_each_probed_kind_of_stage_for_its_model(
+    tmp_path, tokenizer, fixed_price, monkeypatch
+):
+    """The probes price one batch's fastest step; a run's stages took longer. Its manifest against its estimate
+    (divided by the factors that estimate applied) sets each kind's factor for that model, and the next estimate
+    of that model multiplies by it; another model keeps the probes' price."""
+    monkeypatch.setenv("ISS_CACHE", str(tmp_path / "cache"))
+    config = IssConfig(evaluation={"methods": ["iss", "tlm", "none"]}, finetune={"seeds": [0]})
+    plan = RunPlan(config)
+    manifest = {
+        "stages": {
+            "warmup": {"summary": {"seconds": 15.0}},
+            "pretrain-iss-seed0": {"summary": {"seconds": 20.0}},
+            "pretrain-tlm-seed0": {"summary": {"seconds": 20.0}},
+        }
+    }
+    applied = estimate.RunEstimate(
+        {"warm-up": 20.0, "selection": 9.0, "fine-tuning": 5.0}, {}, {"joint": 1e-6}, factors={"warm-up": 2.0}
+    )
+    learned = estimate.Calibration.learn(manifest, plan, estimate=applied)
+    factors = learned.stage_factors[estimate.model_key(config)]
+    # 15 s over 20 / 2; selection is not priced by the probes, and no fine-tuning stage ran
+    assert factors == {"warm-up": pytest.approx(1.5)}
+    older = estimate.RunEstimate({"pretraining": 80.0}, {}, {"joint": 1e-6})  # an estimate.json without factors
+    factors = estimate.Calibration.learn(manifest, plan, estimate=older).stage_factors[estimate.model_key(config)]
+    assert factors == {"warm-up": pytest.approx(1.5), "pretraining": pytest.approx(0.5)}  # the earlier one kept
+
+    tokenizer.save_pretrained(str(tmp_path / "tok"))
+    small = _small_config(tmp_path / "run", tokenizer={"path": str(tmp_path / "tok")})
+    plain = estimate_run(Pipeline(small, show_progress=False), with_pool=True)
+    assert set(plain.factors.values()) == {1.0}
+    model = estimate.model_key(small)
+    write = {"stage_factors": {model: {"warm-up": 3.0, "fine-tuning": 0.5}}}
+    estimate.Calibration.path().write_text(json.dumps(write), encoding="utf-8")
+    scaled = estimate_run(
+        Pipeline(small, show_progress=False), with_pool=True, seconds_per_token=plain.seconds_per_token
+    )
+    assert scaled.seconds["warm-up"] == pytest.approx(3.0 * plain.seconds["warm-up"])
+    assert scaled.seconds["fine-tuning"] == pytest.approx(0.5 * plain.seconds["fine-tuning"])
+    assert scaled.seconds["pretraining"] == pytest.approx(plain.seconds["pretraining"])
+    assert scaled.factors["warm-up"] == 3.0
+    saved = tmp_path / "estimate.json"
+    scaled.save(saved)
+    assert estimate.RunEstimate.load(saved) == scaled
+    other = small.with_overrides({"model.num_layers": small.model.num_layers + 1})
+    assert estimate.model_key(other) != model and set(estimate_run(Pipeline(other, False), True).factors.values()) == {
+        1.0
+    }

@@ -2,11 +2,12 @@
 
 Every stage's work is counted in the tokens its batches really hold (padding included, with the run's own
 batching: length buckets, packing, task/subset micro-batch schedule), and priced by probes of this machine: a
-few training steps of the run's own model on one warm-up batch, with MLM + task loss (warm-up, pretraining)
-and with the task loss alone on the fine-tuned parameters (fine-tuning). Forward-only work (evaluation, the influence
-stage's candidate pass) is priced relative to a training step with factors measured by
-``benchmarks/bench_influence.py``. It is an estimate for a fresh run folder: stages that are already finished
-are reused and cost nothing.
+few training steps of the run's own model on one warm-up batch, with MLM + task loss on the blocks warm-up and
+pretraining train, and with the task loss alone on the fine-tuned parameters (fine-tuning). Forward-only work
+(evaluation, the influence stage's candidate pass) is priced relative to a whole-model training step with factors
+measured by ``benchmarks/bench_influence.py``. Each kind of stage is then scaled by what earlier runs of the same
+model on this machine took against their probes (:class:`Calibration`). It is an estimate for a fresh run folder:
+stages that are already finished are reused and cost nothing.
 
 Before any stage the pool is a forecast (:func:`forecast_pool_lengths`): its size from the BM25 hits the config
 asks for, its lengths from the corpus's first documents, both scaled by what this machine's earlier runs
@@ -43,6 +44,7 @@ from iss.runs import cache_root, write_json
 from iss.training import TrainingBatches, encoded_lengths, task_batch_schedule
 
 if TYPE_CHECKING:
+    from iss.config import IssConfig
     from iss.pipeline import Pipeline
 
 FORWARD_SHARE = 1 / 3  # a forward pass costs about a third of a training step (forward + backward)
@@ -61,9 +63,10 @@ class RunEstimate:
 
     seconds: dict[str, float]
     runs: dict[str, int]
-    seconds_per_token: dict[str, float]  # per training objective: "joint" (LM + task) and "task"
+    seconds_per_token: dict[str, float]  # per probe (see probed_blocks)
     forecast: bool = False  # the pool forecast, not measured (before retrieval)
     unpriced: tuple[str, ...] = ()  # kinds of stage nothing measured yet prices (a corpus never read here)
+    factors: dict[str, float] = field(default_factory=dict)  # per probed kind: the calibration applied
 
     @property
     def total(self) -> float:
@@ -79,7 +82,7 @@ class RunEstimate:
         saved = json.loads(path.read_text(encoding="utf-8"))
         return cls(
             saved["seconds"], saved["runs"], saved["seconds_per_token"], saved.get("forecast", False),
-            tuple(saved.get("unpriced", ())),
+            tuple(saved.get("unpriced", ())), saved.get("factors", {}),
         )  # fmt: skip
 
     def against(self, manifest: dict, plan: RunPlan) -> dict[str, dict[str, float]]:
@@ -119,14 +122,31 @@ def epoch_tokens(batches: TrainingBatches, lengths: np.ndarray) -> int:
     return padded_tokens(lengths, [batches(step) for step in range(batches.steps_per_epoch)])
 
 
+def probed_blocks(config: IssConfig) -> dict[str, int | None]:
+    """The probes an estimate times, each with the top blocks its steps train (None: all): ``joint`` (LM + task
+    loss on the whole model, which also prices forward-only passes), ``warm-up`` and ``pretraining`` (LM + task
+    loss on what those stages train; backward stops at their lowest trainable block), ``task`` (fine-tuning)."""
+    return {
+        "joint": None,
+        "warm-up": config.warmup.trainable_blocks,
+        "pretraining": config.pretrain.trainable_blocks,
+        "task": config.finetune.trainable_blocks,
+    }
+
+
 def probe_seconds_per_token(
-    pipeline: Pipeline, task: TaskData, tokenizer, texts: list[str], labels: np.ndarray, objective: str
+    pipeline: Pipeline,
+    task: TaskData,
+    tokenizer,
+    texts: list[str],
+    labels: np.ndarray,
+    objective: str,
+    blocks: int | None = None,
 ) -> float:
-    """Seconds per (padded) token of a training step of the run's model on one batch of task texts: with MLM +
-    task loss (``joint``), or with the task loss on the parameters fine-tuning trains (``task``)."""
+    """Seconds per (padded) token of a training step of the run's model on one batch of task texts, training its
+    top ``blocks`` (all: None): with MLM + task loss (``joint``), or with the task loss alone (``task``)."""
     config = pipeline.config
     model = pipeline.initial_model(task, tokenizer, config.seed, fitted_head=False).to(pipeline.device)
-    blocks = config.finetune.trainable_blocks if objective == "task" else None
     set_trainable(model, config.model.freeze_embeddings, blocks)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
@@ -167,10 +187,19 @@ def estimate_run(
     task = pipeline.task() if with_pool else load_task(config.task, seed)
     tokenizer = pipeline.read_tokenizer() if with_pool else pipeline.make_tokenizer(task)[0]
     train, labels = task.texts("train"), task.label_ids("train")
-    per_token = seconds_per_token or {
-        objective: probe_seconds_per_token(pipeline, task, tokenizer, train, labels, objective)
-        for objective in ("joint", "task")
-    }
+    if seconds_per_token is None:  # one probe per distinct setting: without trainable_blocks they are one
+        timed: dict[tuple[str, int | None], float] = {}
+        for probe, blocks in probed_blocks(config).items():
+            objective = "task" if probe == "task" else "joint"
+            if (objective, blocks) not in timed:
+                timed[objective, blocks] = probe_seconds_per_token(
+                    pipeline, task, tokenizer, train, labels, objective, blocks
+                )
+        seconds_per_token = {
+            probe: timed["task" if probe == "task" else "joint", blocks]
+            for probe, blocks in probed_blocks(config).items()
+        }
+    per_token = seconds_per_token
 
     tokens = {
         split: int(encoded_lengths(tokenizer, task.texts(split), max_length).sum()) if split in task.splits else 0
@@ -178,13 +207,12 @@ def estimate_run(
     }
     train_lengths = encoded_lengths(tokenizer, train, max_length)
 
-    calibration = Calibration.load()
     corpus = None if with_pool else corpus_key(pipeline)  # what the forecast reads of earlier runs on this corpus
     if with_pool:
         pool = pq.read_table(pipeline.retrieval().path / "pool.parquet", columns=["text"]).column("text").to_pylist()
         pool_lengths = encoded_lengths(tokenizer, pool, max_length)
     else:
-        pool_lengths = forecast_pool_lengths(pipeline, tokenizer, len(train), calibration, corpus)
+        pool_lengths = forecast_pool_lengths(pipeline, tokenizer, len(train), Calibration.load(), corpus)
     rng = np.random.default_rng(seed)
 
     plan = RunPlan(config)
@@ -240,9 +268,13 @@ def estimate_run(
         "mechanism check": mechanism,
     }
     runs = {"influence": len(influence_runs), "pretraining": pretrain_runs, "fine-tuning": finetune_runs}
-    priced = {kind: float(t) * per_token["task" if kind == "fine-tuning" else "joint"] for kind, t in seconds.items()}
+    probe_of = {"warm-up": "warm-up", "pretraining": "pretraining", "fine-tuning": "task"}  # the rest: whole model
+    priced = {kind: float(t) * per_token[probe_of.get(kind, "joint")] for kind, t in seconds.items()}
     if finetune.cache_frozen_blocks:
         priced["fine-tuning"] += encoded_models * cache_pass * per_token["joint"]
+    calibration = Calibration.load()
+    factors = {kind: calibration.stage_factor(model_key(config), kind) for kind in priced}
+    priced = {kind: t * factors[kind] for kind, t in priced.items()}
     # what is not priced per token: the input stages (measured once they ran; before, what they took in this
     # machine's last run on this corpus) and each selection (calibrated on this machine's earlier runs)
     stages, unpriced = plan.stages_by_kind(), []
@@ -256,7 +288,14 @@ def estimate_run(
         unpriced.append(INPUT_STAGES)
     priced["selection"] = len(stages["selection"]) * calibration.select_seconds
     runs["selection"] = len(stages["selection"])
-    return RunEstimate(priced, runs, per_token, forecast=not with_pool, unpriced=tuple(unpriced))
+    return RunEstimate(priced, runs, per_token, not with_pool, tuple(unpriced), factors)
+
+
+def model_key(config: IssConfig) -> str:
+    """What the probe-to-stage factors are kept by: the model (a 135 M causal LM's stages relate to its probes
+    otherwise than a 23 M encoder's)."""
+    model = config.model
+    return model.path or f"from scratch ({model.num_layers} x {model.hidden_size})"
 
 
 def corpus_key(pipeline: Pipeline) -> str:
@@ -289,19 +328,26 @@ def forecast_pool_lengths(
 
 
 INPUT_STAGES = "data, tokenizer, retrieval"  # the kind of the stages every estimate runs first
+UNPROBED = (INPUT_STAGES, "selection", "total")  # priced by their own measurements, not by the probes
 
 
 @dataclass(frozen=True)
 class Calibration:
     """What no probe prices, measured in finished runs and kept in ``$ISS_CACHE``: a selection stage's seconds,
-    the pool's size and lengths relative to the BM25 hits and the corpus, and per corpus the input stages'
-    seconds and its size. Before any run: guesses (a pool of half the hits, as long as the corpus's documents)."""
+    the pool's size and lengths relative to the BM25 hits and the corpus, per corpus the input stages' seconds and
+    its size, and per model how much longer each kind of stage took than its probes priced (the probe times the
+    fastest of a few steps on one batch; a stage adds batches of other shapes, evaluation passes, checkpoints).
+    Before any run: guesses (a pool of half the hits, as long as the corpus's documents; stages as probed)."""
 
     select_seconds: float = 5.0  # one selection stage (the pool tokenized, ranked, written)
     pool_share: float = 0.5  # unique pool documents per BM25 hit
     pool_length_ratio: float = 1.0  # mean tokens of a pool document over those of the corpus's first documents
     input_seconds: dict[str, float] = field(default_factory=dict)  # per corpus key: data, tokenizer, retrieval
     corpus_size: dict[str, int] = field(default_factory=dict)  # per corpus key: documents BM25 indexed
+    stage_factors: dict[str, dict[str, float]] = field(default_factory=dict)  # model -> kind -> measured / probed
+
+    def stage_factor(self, model: str, kind: str) -> float:
+        return self.stage_factors.get(model, {}).get(kind, 1.0)
 
     @staticmethod
     def path() -> Path:
@@ -315,11 +361,16 @@ class Calibration:
 
     @classmethod
     def learn(
-        cls, manifest: dict, plan: RunPlan, corpus: str | None = None, length_ratio: float | None = None
+        cls,
+        manifest: dict,
+        plan: RunPlan,
+        corpus: str | None = None,
+        length_ratio: float | None = None,
+        estimate: RunEstimate | None = None,
     ) -> Calibration:
         """The calibration updated by a finished run's manifest (the median selection stage; the retrieval's hits,
-        pool and corpus size and the input stages' seconds, for ``corpus``; ``length_ratio`` as measured), saved
-        for later runs."""
+        pool and corpus size and the input stages' seconds, for ``corpus``; ``length_ratio`` as measured; with the
+        run's ``estimate``, each probed kind's measured seconds over its probes' price), saved for later runs."""
         stages, known = manifest.get("stages", {}), cls.load()
         update: dict = {}
         seconds = [stages[name]["summary"].get("seconds", 0.0) for name in plan.stages_by_kind()["selection"]
@@ -338,6 +389,14 @@ class Calibration:
             update["corpus_size"] = {**known.corpus_size, corpus: int(retrieval.get("corpus_docs", 0))}
         if length_ratio:
             update["pool_length_ratio"] = float(length_ratio)
+        if estimate is not None:
+            model = model_key(plan.config)
+            factors = dict(known.stage_factors.get(model, {}))
+            for kind, row in estimate.against(manifest, plan).items():
+                probed = row["estimated"] / estimate.factors.get(kind, 1.0)
+                if kind not in UNPROBED and probed > 0 and row["measured"] > 0:
+                    factors[kind] = row["measured"] / probed
+            update["stage_factors"] = {**known.stage_factors, model: factors}
         calibration = replace(known, **update)
         cls.path().parent.mkdir(parents=True, exist_ok=True)
         write_json(cls.path(), asdict(calibration))
@@ -345,9 +404,11 @@ class Calibration:
 
 
 def learn_from_run(pipeline: Pipeline, manifest: dict) -> Calibration:
-    """Calibrate on a finished run: its manifest, and how much longer its pool's documents are than the corpus's
-    first ones (both counted with the run's tokenizer)."""
+    """Calibrate on a finished run: its manifest, how much longer its pool's documents are than the corpus's
+    first ones (both counted with the run's tokenizer), and its stages against its estimate (``estimate.json``)."""
     pool, tokenizer = pipeline.pool_token_counts(), pipeline.read_tokenizer()
     head = corpus_head_counts(pipeline, tokenizer)
     ratio = float(pool.mean() / head.mean()) if len(pool) and len(head) and head.mean() > 0 else None
-    return Calibration.learn(manifest, RunPlan(pipeline.config), corpus_key(pipeline), ratio)
+    saved = pipeline.run.root / ESTIMATE_FILE
+    estimate = RunEstimate.load(saved) if saved.is_file() else None
+    return Calibration.learn(manifest, RunPlan(pipeline.config), corpus_key(pipeline), ratio, estimate)
