@@ -4,7 +4,8 @@ Usage: python benchmarks/bench_table.py [--tasks acl_arc scierc chemprot] [--run
 
 Runs `iss run configs/TASK.yaml` per task in a child process (wall time and peak RSS via wait4), merges the
 per-run scores into one table in the paper's layout and writes benchmarks/results/table.md and table.json, with
-the time `iss run` estimated up front next to the time its stages took.
+the time `iss run` estimated up front next to the time its stages took and the calibration (stage factors learned
+from this machine's earlier runs) the estimate applied. Tasks not run keep their rows from the last table.json.
 Run folders are kept under --runs-root, so a rerun reuses every finished stage.
 """
 
@@ -27,6 +28,7 @@ from iss.runs import MANIFEST_FILE
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TASKS = ["acl_arc", "scierc", "chemprot"]
 
 
 def run_task(task: str, runs_root: Path) -> dict:
@@ -36,10 +38,12 @@ def run_task(task: str, runs_root: Path) -> dict:
     report = json.loads((run_dir / "results" / "results.json").read_text(encoding="utf-8"))
     manifest = json.loads((run_dir / MANIFEST_FILE).read_text(encoding="utf-8"))
     plan = RunPlan(load_config(CONFIGS / f"{task}.yaml"))
-    estimated = RunEstimate.load(run_dir / ESTIMATE_FILE).against(manifest, plan)
+    with_pool = RunEstimate.load(run_dir / ESTIMATE_FILE)
+    estimated = with_pool.against(manifest, plan)
     forecast = RunEstimate.load(run_dir / FORECAST_FILE).against(manifest, plan)
     for kind, row in estimated.items():  # what it said before any stage, beside what it said with the pool
         row["forecast"] = forecast.get(kind, {}).get("estimated", 0.0)
+        row["factor"] = with_pool.factors.get(kind)  # the calibration it applied (earlier runs on this machine)
     return {
         "task": task,
         "wall_seconds": measured.wall_seconds,
@@ -51,13 +55,15 @@ def run_task(task: str, runs_root: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", nargs="+", default=["acl_arc", "scierc", "chemprot"])
+    parser.add_argument("--tasks", nargs="+", default=TASKS)
     parser.add_argument("--runs-root", type=Path, default=Path("runs/bench"))
     args = parser.parse_args()
-    per_task = []
-    for task in args.tasks:
+    saved = RESULTS / "table.json"
+    by_task = {r["task"]: r for r in json.loads(saved.read_text(encoding="utf-8"))["tasks"]} if saved.is_file() else {}
+    for task in args.tasks:  # the tasks run now replace their rows; the others' stay as measured
         print(f"iss run {task} ...", file=sys.stderr, flush=True)
-        per_task.append(run_task(task, args.runs_root))
+        by_task[task] = run_task(task, args.runs_root)
+    per_task = sorted(by_task.values(), key=lambda r: TASKS.index(r["task"]) if r["task"] in TASKS else len(TASKS))
     runs = [run for result in per_task for run in result["runs"]]
     table = results_table(runs)
     lines = [
@@ -73,11 +79,11 @@ def main() -> None:
         "The estimates `iss run` prints, before any stage (pool forecast: estimate-forecast.json) and once the pool",
         "exists (estimate.json), against the stages they price as the manifest timed them (seconds):",
         "",
-        "| task | stage | forecast s | estimated s | measured s | measured / estimated |",
-        "| --- | --- | ---: | ---: | ---: | ---: |",
+        "| task | stage | forecast s | estimated s | measured s | measured / estimated | calibration applied |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
         *[
             f"| {r['task']} | {kind} | {row['forecast']:.1f} | {row['estimated']:.1f} | {row['measured']:.1f} | "
-            f"{row['measured'] / row['estimated']:.2f} |"
+            f"{row['measured'] / row['estimated']:.2f} | {_factor(row.get('factor'))} |"
             for r in per_task
             for kind, row in r["estimate_seconds"].items()
             if row["estimated"] > 0
@@ -89,6 +95,11 @@ def main() -> None:
     machine = {"platform": platform.platform(), "cpus": os.cpu_count()}
     summary = {"machine": machine, "tasks": per_task, "table": table}
     (RESULTS / "table.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+
+
+def _factor(factor: float | None) -> str:
+    """A stage factor as the table shows it: none for kinds the probes do not price."""
+    return "" if factor is None else f"{factor:.2f}"
 
 
 if __name__ == "__main__":

@@ -244,9 +244,10 @@ def _smollm2() -> str:
     return SMOLLM2
 
 
-def test_smollm2_gguf_loads_as_a_causal_task_model_with_a_trained_head(chemprot_texts):
-    """The real 135 M model: family inferred from the GGUF file, its tokenizer pads right, and its trained head
-    predicts text far better than chance (next-token loss well under log(vocab))."""
+def test_smollm2_gguf_loads_as_a_causal_task_model_with_a_trained_head(chemprot_texts, tmp_path):
+    """The real 135 M model: family inferred from the GGUF file, its tokenizer pads right, its trained head
+    predicts text far better than chance (next-token loss well under log(vocab)), and a stage can save it (as
+    safetensors) and load it back with the same outputs."""
     path = _smollm2()
     model = TaskModel.load(path, num_labels=13).eval()
     tokenizer = load_tokenizer(path, model.family)
@@ -257,3 +258,8 @@ def test_smollm2_gguf_loads_as_a_causal_task_model_with_a_trained_head(chemprot_
     with torch.no_grad():
         loss = per_sample_lm_loss(model, batch)
     assert (loss < 0.6 * np.log(len(tokenizer))).all(), loss
+    model.save(tmp_path / "saved")
+    assert not list((tmp_path / "saved").glob("*.gguf"))
+    again = TaskModel.load(tmp_path / "saved").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(per_sample_lm_loss(again, batch), loss)

@@ -212,6 +212,8 @@ def test_before_any_stage_the_pool_is_forecast_and_one_run_calibrates_it(tmp_pat
     calibration = estimate.learn_from_run(pipeline, manifest)
     summary = pipeline.retrieval().summary
     assert calibration.pool_share == pytest.approx(summary["pool_docs"] / summary["hits"])
+    key = estimate.hits_key(estimate.corpus_key(pipeline), config.retrieval.top_k)
+    assert calibration.pool_shares == {key: calibration.pool_share}  # another corpus or top-k: the last run's
     again = Pipeline(config, show_progress=False)
     second = estimate_run(again)
     inputs = sum(manifest["stages"][name]["summary"]["seconds"] for name in ("data", "tokenizer", "retrieval"))

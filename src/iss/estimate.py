@@ -318,13 +318,19 @@ def forecast_pool_lengths(
     from the corpus's first documents scaled by how much longer pool documents were in earlier runs (BM25 favours
     long documents)."""
     config = pipeline.config
-    docs = round(queries * config.retrieval.top_k * calibration.pool_share)
+    share = calibration.pool_shares.get(hits_key(corpus, config.retrieval.top_k), calibration.pool_share)
+    docs = round(queries * config.retrieval.top_k * share)
     if calibration.corpus_size.get(corpus):
         docs = min(docs, calibration.corpus_size[corpus])
     counts = corpus_head_counts(pipeline, tokenizer) * calibration.pool_length_ratio
     specials = tokenizer.num_special_tokens_to_add()
     lengths = np.minimum(np.round(counts).astype(np.int64) + specials, config.model.max_length)
     return np.random.default_rng(config.seed).choice(lengths, size=max(1, docs))
+
+
+def hits_key(corpus: str, top_k: int) -> str:
+    """What a pool's share of unique documents is kept by: the corpus (a :func:`corpus_key`) and BM25's top-k."""
+    return f"{corpus} top-{top_k}"
 
 
 INPUT_STAGES = "data, tokenizer, retrieval"  # the kind of the stages every estimate runs first
@@ -340,7 +346,8 @@ class Calibration:
     Before any run: guesses (a pool of half the hits, as long as the corpus's documents; stages as probed)."""
 
     select_seconds: float = 5.0  # one selection stage (the pool tokenized, ranked, written)
-    pool_share: float = 0.5  # unique pool documents per BM25 hit
+    pool_share: float = 0.5  # unique pool documents per BM25 hit, in the last run
+    pool_shares: dict[str, float] = field(default_factory=dict)  # the same per corpus and top-k (see hits_key)
     pool_length_ratio: float = 1.0  # mean tokens of a pool document over those of the corpus's first documents
     input_seconds: dict[str, float] = field(default_factory=dict)  # per corpus key: data, tokenizer, retrieval
     corpus_size: dict[str, int] = field(default_factory=dict)  # per corpus key: documents BM25 indexed
@@ -380,6 +387,9 @@ class Calibration:
         retrieval = stages.get("retrieval", {}).get("summary", {})
         if retrieval.get("hits"):
             update["pool_share"] = retrieval["pool_docs"] / retrieval["hits"]
+            if corpus:  # more hits per query overlap more: 2 per query stay unique, 50 share most
+                key = hits_key(corpus, plan.config.retrieval.top_k)
+                update["pool_shares"] = {**known.pool_shares, key: update["pool_share"]}
         if corpus and retrieval:
             inputs = sum(
                 stages.get(name, {}).get("summary", {}).get("seconds", 0.0)

@@ -172,6 +172,9 @@ class TaskModel(nn.Module):
         lm = family.auto_class.from_pretrained(
             checkpoint.source, attn_implementation="eager", trust_remote_code=trust_remote_code, **checkpoint.options()
         )
+        if checkpoint.gguf_file:  # loading de-quantised the weights to plain float32 tensors; the quantizer record
+            lm.hf_quantizer = None  # left behind would refuse save_pretrained (and reload the folder as GGUF)
+            lm.config.__dict__.pop("quantization_config", None)
         if (folder / HEAD_FILE).is_file():
             if num_labels is not None and num_labels != saved["num_labels"]:
                 raise ConfigError(f"{folder}: head has {saved['num_labels']} labels, the task has {num_labels}")
