@@ -295,3 +295,22 @@ def test_a_finished_run_calibrates_each_probed_kind_of_stage_for_its_model(
     assert estimate.model_key(other) != model and set(estimate_run(Pipeline(other, False), True).factors.values()) == {
         1.0
     }
+
+
+def test_fine_tuning_encodes_the_frozen_blocks_once_per_distinct_model_and_shares_untouched_blocks():
+    """30 blocks, fine-tuning the top 2 on cached states, pretraining the top 4 of a checkpoint: blocks 1-26 are
+    the checkpoint's in every model (encoded once), each of the 6 pretrained models and the checkpoint itself (its
+    3 seeds without pretraining share it) adds blocks 27-28. From scratch every unpretrained seed is a model."""
+    settings = {
+        "model": {"path": "some/checkpoint", "freeze_embeddings": True},
+        "pretrain": {"trainable_blocks": 4},
+        "finetune": {"trainable_blocks": 2, "cache_frozen_blocks": True, "seeds": [0, 1, 2]},
+        "evaluation": {"methods": ["iss", "tlm", "none"]},
+    }
+    config = IssConfig(**settings)
+    pipeline = SimpleNamespace(config=config, blocks=lambda: 30)
+    assert estimate.frozen_encodings(pipeline, RunPlan(config)) == pytest.approx(26 / 28 + 7 * 2 / 28)
+    whole = config.with_overrides({"pretrain.trainable_blocks": None})
+    assert estimate.frozen_encodings(SimpleNamespace(config=whole, blocks=lambda: 30), RunPlan(whole)) == 7
+    scratch = whole.with_overrides({"model.path": None})
+    assert estimate.frozen_encodings(SimpleNamespace(config=scratch, blocks=lambda: 30), RunPlan(scratch)) == 9

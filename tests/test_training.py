@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -292,7 +294,7 @@ def test_seeds_of_one_pretrained_model_share_its_frozen_states(tokenizer, chempr
     original = evaluation.FrozenBlockFeatures.encode
     monkeypatch.setattr(evaluation.FrozenBlockFeatures, "encode", lambda *a: encoded.append(1) or original(*a))
 
-    def run(seed: int, states: dict | None) -> dict:
+    def run(seed: int, states: evaluation.FrozenStates | None) -> dict:
         model = TaskModel.from_scratch(config, tokenizer, len(task.labels))
         model.load_state_dict(pretrained)
         set_trainable(model, trainable_blocks=1)
@@ -300,15 +302,47 @@ def test_seeds_of_one_pretrained_model_share_its_frozen_states(tokenizer, chempr
             model, tokenizer, task, settings, "micro_f1", 48, seed, torch.device("cpu"), False, states
         )
 
-    shared: dict = {}
+    shared = evaluation.FrozenStates()
     run(0, shared)
-    assert len(encoded) == 3 and set(shared) == {"train", "dev", "test"}
+    assert len(encoded) == 3 and [set(entry) for entry in shared.full.values()] == [{"train", "dev", "test"}]
     reused = run(1, shared)
     assert len(encoded) == 3
     alone = run(1, None)
     assert len(encoded) == 6
     assert reused["epochs"] == alone["epochs"] and reused["test"] == alone["test"]
     assert reused["task_loss"] == alone["task_loss"]
+
+
+def test_models_that_differ_only_above_the_untouched_blocks_share_their_states(tokenizer, chemprot_texts, monkeypatch):
+    """Pretraining that trains the top 2 of 3 blocks leaves block 0 the checkpoint's: its states are encoded once
+    for every such model, each running only its own frozen block 1 on them, and equal a plain encoding; a model
+    whose block 0 differs encodes from the embeddings."""
+    task = _task(chemprot_texts)
+    config = ModelConfig(hidden_size=32, num_layers=3, num_heads=2, intermediate_size=64, max_length=48)
+    torch.manual_seed(0)
+    base = TaskModel.from_scratch(config, tokenizer, len(task.labels)).eval()
+    calls = []
+    original = evaluation.FrozenBlockFeatures.encode
+    monkeypatch.setattr(
+        evaluation.FrozenBlockFeatures, "encode", lambda *a: calls.append(a[-1] if len(a) > 6 else None) or original(*a)
+    )
+    cache, cpu = evaluation.FrozenStates(untouched_top=2), torch.device("cpu")
+
+    def variant(block: int) -> TaskModel:
+        model = copy.deepcopy(base)
+        with torch.no_grad():
+            next(model.layout.blocks[block].parameters()).add_(0.1)
+        return model
+
+    for model in (base, variant(1), variant(2)):
+        frozen = FrozenBlockFeatures(model, trainable_blocks=1)
+        states = cache.states(frozen, tokenizer, task, "dev", 48, cpu, 8)
+        plain = original(frozen, tokenizer, task.texts("dev"), 48, cpu, 8)
+        for mine, theirs in zip(states, plain, strict=True):
+            torch.testing.assert_close(mine, theirs)
+    assert calls == [1]  # block 0's states once; base, block 1 changed and block 2 changed (not frozen) share them
+    states = cache.states(FrozenBlockFeatures(variant(0), trainable_blocks=1), tokenizer, task, "dev", 48, cpu, 8)
+    assert calls == [1, 1] and len(states) == len(task.texts("dev"))  # block 0 differs: encoded again
 
 
 def test_caching_frozen_blocks_needs_frozen_blocks_and_leaves_old_fingerprints_alone():

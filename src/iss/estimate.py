@@ -218,8 +218,7 @@ def estimate_run(
     plan = RunPlan(config)
     influence_runs = plan.influence_stages()
     pretrain_runs, finetune_runs = len(plan.pretrainings()), len(plan.runs)
-    # cached frozen blocks are encoded once per pretrained model (its seeds share them), once per seed without one
-    encoded_models = pretrain_runs + sum(not run.pretrained for run in plan.runs)
+    encodings = frozen_encodings(pipeline, plan)
 
     warmup = config.warmup
     warmup_epoch = epoch_tokens(
@@ -271,7 +270,7 @@ def estimate_run(
     probe_of = {"warm-up": "warm-up", "pretraining": "pretraining", "fine-tuning": "task"}  # the rest: whole model
     priced = {kind: float(t) * per_token[probe_of.get(kind, "joint")] for kind, t in seconds.items()}
     if finetune.cache_frozen_blocks:
-        priced["fine-tuning"] += encoded_models * cache_pass * per_token["joint"]
+        priced["fine-tuning"] += encodings * cache_pass * per_token["joint"]
     calibration = Calibration.load()
     factors = {kind: calibration.stage_factor(model_key(config), kind) for kind in priced}
     priced = {kind: t * factors[kind] for kind, t in priced.items()}
@@ -289,6 +288,24 @@ def estimate_run(
     priced["selection"] = len(stages["selection"]) * calibration.select_seconds
     runs["selection"] = len(stages["selection"])
     return RunEstimate(priced, runs, per_token, not with_pool, tuple(unpriced), factors)
+
+
+def frozen_encodings(pipeline: Pipeline, plan: RunPlan) -> float:
+    """How many whole encodings of the task by the frozen lower blocks fine-tuning makes (see
+    :class:`iss.evaluation.FrozenStates`): one per pretrained model, one for the checkpoint's seeds without
+    pretraining (one per seed from scratch, where each seed's model differs); where pretraining leaves the blocks
+    below its top ones untouched, those are encoded once and each model adds only its frozen blocks above them."""
+    config = pipeline.config
+    fresh = [run for run in plan.runs if not run.pretrained]
+    models = len(plan.pretrainings()) + (min(len(fresh), 1) if config.model.path else len(fresh))
+    if not config.finetune.cache_frozen_blocks:
+        return 0.0
+    blocks = pipeline.blocks()
+    frozen = blocks - config.finetune.trainable_blocks
+    untouched = blocks - (config.pretrain.trainable_blocks or blocks) if config.model.freeze_embeddings else 0
+    if 0 < untouched < frozen:
+        return untouched / frozen + models * (frozen - untouched) / frozen
+    return float(models)
 
 
 def model_key(config: IssConfig) -> str:

@@ -279,6 +279,19 @@ class FrozenBlockFeatures:
         blocks = transformer_blocks(model)
         frozen = max(0, len(blocks) - trainable_blocks)
         self.lower, self.top = blocks[:frozen], blocks[frozen:]
+        self._digests: dict[int, str] = {}
+
+    def digest(self, depth: int | None = None) -> str:
+        """A hash of the weights that make the states after ``lower[:depth]`` (the embeddings and those blocks):
+        two models with equal digests give equal states, whatever stages made them."""
+        depth = len(self.lower) if depth is None else depth
+        if depth not in self._digests:
+            hasher = hashlib.sha1(usedforsecurity=False)
+            for module in (self.model.layout.embeddings, *self.lower[:depth]):
+                for tensor in itertools.chain(module.parameters(), module.buffers()):
+                    hasher.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+            self._digests[depth] = hasher.hexdigest()
+        return self._digests[depth]
 
     @torch.no_grad()
     def encode(
@@ -288,17 +301,49 @@ class FrozenBlockFeatures:
         max_length: int,
         device: torch.device,
         batch_size: int,
+        depth: int | None = None,
     ) -> list[torch.Tensor]:
-        """Each text's states after the frozen blocks, [its tokens, hidden] (padding dropped), on the CPU."""
+        """Each text's states after the frozen blocks (or the first ``depth`` of them), [its tokens, hidden]
+        (padding dropped), on the CPU."""
+
+        def embedded(rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+            batch = encode(tokenizer, [texts[i] for i in rows], max_length).to(device)
+            return self.model.layout.embed(batch.input_ids), batch.attention_mask.sum(1)
+
+        blocks = self.lower if depth is None else self.lower[:depth]
+        return self._states(token_counts(tokenizer, texts), batch_size, embedded, blocks)
+
+    @torch.no_grad()
+    def advance(
+        self, states: list[torch.Tensor], depth: int, device: torch.device, batch_size: int
+    ) -> list[torch.Tensor]:
+        """States after ``lower[:depth]`` (from :meth:`encode`) taken on through the remaining frozen blocks."""
+
+        def padded(rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+            chosen = [states[i] for i in rows]
+            lengths = torch.tensor([len(state) for state in chosen], device=device)
+            return nn.utils.rnn.pad_sequence(chosen, batch_first=True).to(device), lengths
+
+        return self._states([len(state) for state in states], batch_size, padded, self.lower[depth:])
+
+    def _states(
+        self,
+        lengths: Sequence[int] | np.ndarray,
+        batch_size: int,
+        inputs: Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]],
+        blocks: Iterable[nn.Module],
+    ) -> list[torch.Tensor]:
+        """``blocks`` over each batch of similar-length rows that ``inputs`` gives (hidden states, lengths), in eval
+        mode; per row its unpadded output on the CPU."""
+        blocks = list(blocks)
         training = self.model.training
         self.model.eval()
-        states: list[torch.Tensor] = [torch.empty(0)] * len(texts)
-        for rows in length_sorted(token_counts(tokenizer, texts), batch_size):
-            batch = encode(tokenizer, [texts[i] for i in rows], max_length).to(device)
-            lengths = batch.attention_mask.sum(1)
-            with forward_autocast(device):
-                hidden = self._run(self.lower, self.model.layout.embed(batch.input_ids), lengths)
-            for row, state, length in zip(rows, hidden.float().cpu(), lengths.tolist(), strict=True):
+        states: list[torch.Tensor] = [torch.empty(0)] * len(lengths)
+        for rows in length_sorted(lengths, batch_size):
+            hidden, row_lengths = inputs(rows)
+            with forward_autocast(hidden.device):
+                hidden = self._run(blocks, hidden, row_lengths)
+            for row, state, length in zip(rows, hidden.float().cpu(), row_lengths.tolist(), strict=True):
                 states[row] = state[:length].clone()
         self.model.train(training)
         return states

@@ -25,8 +25,8 @@ from iss.data import TaskData, corpus_files, iter_corpus, load_task, read_task, 
 from iss.distributed import ray_bm25_search, ray_score_pool
 from iss.engine import StageEngine
 from iss.errors import ConfigError
+from iss.evaluation import FrozenStates, head_scores
 from iss.evaluation import finetune as finetune_model
-from iss.evaluation import head_scores
 from iss.family import Checkpoint, Family, resolve_family
 from iss.influence import InfluenceResult, InfluenceScorer
 from iss.methods import EVALUATED, SELECTION, Candidates
@@ -81,7 +81,8 @@ class Pipeline:
         self.show_progress = show_progress and processes().is_main
         self.device = processes().device(pick_device(config.device))
         self.results: dict[str, StageResult] = {}
-        self.frozen_states: dict[str, dict] = {}  # one pretrained model's frozen-block states, shared by its seeds
+        # the frozen lower blocks' states, shared by fine-tunings of models with the same frozen weights
+        self.frozen_states = FrozenStates(config.pretrain.trainable_blocks if config.model.freeze_embeddings else None)
         self.pool_lengths: dict[tuple[str, str], np.ndarray] = {}  # token counts of a pool, shared by variants
         self.base_config = config  # what the manifest records: the run's own config, not a variant's
         if not self.show_progress:
@@ -116,10 +117,11 @@ class Pipeline:
         """The same run folder under changed settings (another method, budget or layer), sharing finished
         stages; ``tag`` keeps its selection/pretrain/fine-tune artifacts apart from the default ones."""
         pipeline = Pipeline(self.config.with_overrides(overrides), self.show_progress, tag)
-        pipeline.results, pipeline.base_config, pipeline.pool_lengths = (
+        pipeline.results, pipeline.base_config, pipeline.pool_lengths, pipeline.frozen_states = (
             self.results,
             self.base_config,
             self.pool_lengths,
+            self.frozen_states,
         )
         return pipeline
 
@@ -591,7 +593,7 @@ class Pipeline:
                 seed,
                 self.device,
                 self.show_progress,
-                self.states_of(upstream),
+                self.frozen_states,
             )
             (folder / "scores.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
             summary.update({k: result[k] for k in ("seed", "metric", "best_epoch", "dev", "test")})
@@ -606,15 +608,6 @@ class Pipeline:
             "data": data.fingerprint,
         }
         return self.stage(name, parts, body, data_parallel=True)
-
-    def states_of(self, upstream: StageResult | None) -> dict | None:
-        """The frozen-block states cache of one pretrained model (kept for one model at a time: ~1 GB on
-        ChemProt); None for a fresh model, whose lower blocks differ by seed from scratch."""
-        if upstream is None:
-            return None
-        if upstream.fingerprint not in self.frozen_states:
-            self.frozen_states.clear()
-        return self.frozen_states.setdefault(upstream.fingerprint, {})
 
     def mechanism(self, pretrained: bool = True, repeat: int = 0) -> StageResult:
         """The mechanism check: continue the warmed-up model on the subset with MLM only for
