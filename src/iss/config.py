@@ -313,7 +313,9 @@ class FinetuneConfig(OptimizerConfig):
     cache_frozen_blocks: bool = Field(
         False,
         description="With trainable_blocks: compute the frozen lower blocks' output once per text (eval mode, so "
-        "no dropout there) and train and score the top blocks on it; an epoch then costs the top blocks only.",
+        "no dropout there) and train and score the top blocks on it; an epoch then costs the top blocks only. "
+        "Models with equal frozen weights share those states, and blocks that pretraining leaves untouched "
+        "(pretrain.trainable_blocks, embeddings frozen) are encoded once for every model.",
         json_schema_extra=CACHE_NEUTRAL_DEFAULT,
     )
 
