@@ -288,6 +288,7 @@ def test_a_finished_run_calibrates_each_probed_kind_of_stage_for_its_model(
     assert scaled.seconds["fine-tuning"] == pytest.approx(0.5 * plain.seconds["fine-tuning"])
     assert scaled.seconds["pretraining"] == pytest.approx(plain.seconds["pretraining"])
     assert scaled.factors["warm-up"] == 3.0
+    assert "scaled by an earlier run" in scaled.describe() and "scaled" not in plain.describe()
     saved = tmp_path / "estimate.json"
     scaled.save(saved)
     assert estimate.RunEstimate.load(saved) == scaled

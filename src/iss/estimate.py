@@ -105,6 +105,8 @@ class RunEstimate:
             if seconds > 0
         )
         when = "before any stage, pool forecast" if self.forecast else "with the BM25 pool"
+        if any(factor != 1.0 for factor in self.factors.values()):
+            when += "; stages scaled by an earlier run of this model here"
         unpriced = f"; not priced yet: {', '.join(self.unpriced)}" if self.unpriced else ""
         return (
             f"estimated time for a fresh run folder ({when}): {self.total / 60:.1f} min on this machine "
