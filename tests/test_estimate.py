@@ -25,9 +25,11 @@ def test_padded_tokens_pad_each_batch_to_its_longest_row():
 
 
 @pytest.fixture()
-def fixed_price(monkeypatch):
-    """A machine at one microsecond per token, so estimates are token counts in disguise."""
+def fixed_price(monkeypatch, tmp_path):
+    """A machine at one microsecond per token that has calibrated nothing yet (its own ``ISS_CACHE``: the suite's
+    runs calibrate stage factors), so estimates are token counts in disguise."""
     monkeypatch.setattr(estimate, "probe_seconds_per_token", lambda *args: 1e-6)
+    monkeypatch.setenv("ISS_CACHE", str(tmp_path / "uncalibrated"))
 
 
 def test_estimate_counts_the_runs_the_config_asks_for(tmp_path, tokenizer, fixed_price):
