@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 import torch
 
 from iss.data import TaskData, iter_corpus, load_task
+from iss.evaluation import FrozenStates
 from iss.model import (
     FrozenBlockFeatures,
     forward_autocast,
@@ -63,7 +64,7 @@ class RunEstimate:
 
     seconds: dict[str, float]
     runs: dict[str, int]
-    seconds_per_token: dict[str, float]  # per probe (see probed_blocks)
+    seconds_per_token: dict[str, float]  # per probe (see probe_settings)
     forecast: bool = False  # the pool forecast, not measured (before retrieval)
     unpriced: tuple[str, ...] = ()  # kinds of stage nothing measured yet prices (a corpus never read here)
     factors: dict[str, float] = field(default_factory=dict)  # per probed kind: the calibration applied
@@ -124,15 +125,15 @@ def epoch_tokens(batches: TrainingBatches, lengths: np.ndarray) -> int:
     return padded_tokens(lengths, [batches(step) for step in range(batches.steps_per_epoch)])
 
 
-def probed_blocks(config: IssConfig) -> dict[str, int | None]:
-    """The probes an estimate times, each with the top blocks its steps train (None: all): ``joint`` (LM + task
-    loss on the whole model, which also prices forward-only passes), ``warm-up`` and ``pretraining`` (LM + task
-    loss on what those stages train; backward stops at their lowest trainable block), ``task`` (fine-tuning)."""
+def probe_settings(config: IssConfig) -> dict[str, tuple[str, int | None]]:
+    """The probes an estimate times, each as (objective, the top blocks its steps train; None: all): ``joint`` (LM
+    + task loss on the whole model, which also prices forward-only passes), ``warm-up`` and ``pretraining`` (LM +
+    task loss on what those stages train; backward stops at their lowest trainable block), ``task`` (fine-tuning)."""
     return {
-        "joint": None,
-        "warm-up": config.warmup.trainable_blocks,
-        "pretraining": config.pretrain.trainable_blocks,
-        "task": config.finetune.trainable_blocks,
+        "joint": ("joint", None),
+        "warm-up": ("joint", config.warmup.trainable_blocks),
+        "pretraining": ("joint", config.pretrain.trainable_blocks),
+        "task": ("task", config.finetune.trainable_blocks),
     }
 
 
@@ -189,19 +190,14 @@ def estimate_run(
     task = pipeline.task() if with_pool else load_task(config.task, seed)
     tokenizer = pipeline.read_tokenizer() if with_pool else pipeline.make_tokenizer(task)[0]
     train, labels = task.texts("train"), task.label_ids("train")
-    if seconds_per_token is None:  # one probe per distinct setting: without trainable_blocks they are one
-        timed: dict[tuple[str, int | None], float] = {}
-        for probe, blocks in probed_blocks(config).items():
-            objective = "task" if probe == "task" else "joint"
-            if (objective, blocks) not in timed:
-                timed[objective, blocks] = probe_seconds_per_token(
-                    pipeline, task, tokenizer, train, labels, objective, blocks
-                )
-        seconds_per_token = {
-            probe: timed["task" if probe == "task" else "joint", blocks]
-            for probe, blocks in probed_blocks(config).items()
-        }
     per_token = seconds_per_token
+    if per_token is None:  # one probe per distinct setting: without trainable_blocks they are two
+        settings = probe_settings(config)
+        timed = {
+            setting: probe_seconds_per_token(pipeline, task, tokenizer, train, labels, *setting)
+            for setting in dict.fromkeys(settings.values())
+        }
+        per_token = {probe: timed[setting] for probe, setting in settings.items()}
 
     tokens = {
         split: int(encoded_lengths(tokenizer, task.texts(split), max_length).sum()) if split in task.splits else 0
@@ -209,12 +205,13 @@ def estimate_run(
     }
     train_lengths = encoded_lengths(tokenizer, train, max_length)
 
+    calibration = Calibration.load()
     corpus = None if with_pool else corpus_key(pipeline)  # what the forecast reads of earlier runs on this corpus
     if with_pool:
         pool = pq.read_table(pipeline.retrieval().path / "pool.parquet", columns=["text"]).column("text").to_pylist()
         pool_lengths = encoded_lengths(tokenizer, pool, max_length)
     else:
-        pool_lengths = forecast_pool_lengths(pipeline, tokenizer, len(train), Calibration.load(), corpus)
+        pool_lengths = forecast_pool_lengths(pipeline, tokenizer, len(train), calibration, corpus)
     rng = np.random.default_rng(seed)
 
     plan = RunPlan(config)
@@ -273,7 +270,6 @@ def estimate_run(
     priced = {kind: float(t) * per_token[probe_of.get(kind, "joint")] for kind, t in seconds.items()}
     if finetune.cache_frozen_blocks:
         priced["fine-tuning"] += encodings * cache_pass * per_token["joint"]
-    calibration = Calibration.load()
     factors = {kind: calibration.stage_factor(model_key(config), kind) for kind in priced}
     priced = {kind: t * factors[kind] for kind, t in priced.items()}
     # what is not priced per token: the input stages (measured once they ran; before, what they took in this
@@ -298,14 +294,14 @@ def frozen_encodings(pipeline: Pipeline, plan: RunPlan) -> float:
     pretraining (one per seed from scratch, where each seed's model differs); where pretraining leaves the blocks
     below its top ones untouched, those are encoded once and each model adds only its frozen blocks above them."""
     config = pipeline.config
-    fresh = [run for run in plan.runs if not run.pretrained]
-    models = len(plan.pretrainings()) + (min(len(fresh), 1) if config.model.path else len(fresh))
     if not config.finetune.cache_frozen_blocks:
         return 0.0
+    fresh = [run for run in plan.runs if not run.pretrained]
+    models = len(plan.pretrainings()) + (min(len(fresh), 1) if config.model.path else len(fresh))
     blocks = pipeline.blocks()
     frozen = blocks - config.finetune.trainable_blocks
-    untouched = blocks - (config.pretrain.trainable_blocks or blocks) if config.model.freeze_embeddings else 0
-    if 0 < untouched < frozen:
+    untouched = FrozenStates.for_config(config).untouched_depth(blocks, frozen)
+    if untouched is not None:
         return untouched / frozen + models * (frozen - untouched) / frozen
     return float(models)
 

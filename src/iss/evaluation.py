@@ -13,7 +13,7 @@ import torch
 from sklearn.metrics import f1_score
 from transformers import PreTrainedTokenizerFast
 
-from iss.config import FinetuneConfig
+from iss.config import FinetuneConfig, IssConfig
 from iss.data import TaskData
 from iss.model import FrozenBlockFeatures, TaskModel, labelled_batch, per_sample_task_loss
 from iss.parallel import processes
@@ -43,6 +43,18 @@ class FrozenStates:
         self.full: dict[str, dict[str, list[torch.Tensor]]] = {}
         self.prefix: dict[str, dict[str, list[torch.Tensor]]] = {}
 
+    @classmethod
+    def for_config(cls, config: IssConfig) -> FrozenStates:
+        """The cache of a run: pretraining leaves the blocks below its top ones untouched only with frozen
+        embeddings and ``pretrain.trainable_blocks``."""
+        return cls(config.pretrain.trainable_blocks if config.model.freeze_embeddings else None)
+
+    def untouched_depth(self, blocks: int, frozen: int) -> int | None:
+        """How many of a model's ``frozen`` lower blocks (of ``blocks``) no pretraining changes, where that is some
+        but not all of them (None: nothing to share below the frozen blocks)."""
+        depth = None if self.untouched_top is None else blocks - self.untouched_top
+        return depth if depth is not None and 0 < depth < frozen else None
+
     def states(
         self,
         frozen: FrozenBlockFeatures,
@@ -55,8 +67,8 @@ class FrozenStates:
     ) -> list[torch.Tensor]:
         entry = _latest(self.full, frozen.digest())
         if split not in entry:
-            depth = None if self.untouched_top is None else len(frozen.lower) + len(frozen.top) - self.untouched_top
-            if depth is not None and 0 < depth < len(frozen.lower):
+            depth = self.untouched_depth(len(frozen.lower) + len(frozen.top), len(frozen.lower))
+            if depth is not None:
                 shared = _latest(self.prefix, frozen.digest(depth))
                 if split not in shared:
                     shared[split] = frozen.encode(tokenizer, task.texts(split), max_length, device, batch_size, depth)

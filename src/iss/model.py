@@ -283,15 +283,15 @@ class FrozenBlockFeatures:
 
     def digest(self, depth: int | None = None) -> str:
         """A hash of the weights that make the states after ``lower[:depth]`` (the embeddings and those blocks):
-        two models with equal digests give equal states, whatever stages made them."""
-        depth = len(self.lower) if depth is None else depth
-        if depth not in self._digests:
+        two models with equal digests give equal states, whatever stages made them. One pass over the weights
+        gives every depth's."""
+        if not self._digests:
             hasher = hashlib.sha1(usedforsecurity=False)
-            for module in (self.model.layout.embeddings, *self.lower[:depth]):
+            for depth_after, module in enumerate((self.model.layout.embeddings, *self.lower)):
                 for tensor in itertools.chain(module.parameters(), module.buffers()):
                     hasher.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
-            self._digests[depth] = hasher.hexdigest()
-        return self._digests[depth]
+                self._digests[depth_after] = hasher.copy().hexdigest()
+        return self._digests[len(self.lower) if depth is None else depth]
 
     @torch.no_grad()
     def encode(

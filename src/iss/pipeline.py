@@ -82,7 +82,7 @@ class Pipeline:
         self.device = processes().device(pick_device(config.device))
         self.results: dict[str, StageResult] = {}
         # the frozen lower blocks' states, shared by fine-tunings of models with the same frozen weights
-        self.frozen_states = FrozenStates(config.pretrain.trainable_blocks if config.model.freeze_embeddings else None)
+        self.frozen_states = FrozenStates.for_config(config)
         self.pool_lengths: dict[tuple[str, str], np.ndarray] = {}  # token counts of a pool, shared by variants
         self.base_config = config  # what the manifest records: the run's own config, not a variant's
         if not self.show_progress:
