@@ -30,6 +30,7 @@ from measure import run_measured
 from transformers import AutoTokenizer
 
 from iss.config import IssConfig, load_config, recorded_config
+from iss.estimate import ESTIMATE_FILE, FORECAST_FILE, RunEstimate
 from iss.pipeline import Pipeline
 from iss.plan import RunPlan, select_stage
 from iss.report import (
@@ -111,6 +112,7 @@ def run_one(
         "sources": source_rows(run_dir, results.get("subsets", [])),
         "overlap": overlap_rows(run_dir, results.get("subsets", [])),
         "best_epochs": best_epochs(manifest, [run.finetune for run in manifest_plan(manifest).runs]),
+        **estimate_rows(run_dir, manifest),
         **mlm_head(manifest),
         **results,
     }
@@ -162,6 +164,21 @@ def mlm_head(manifest: dict) -> dict:
     return {"mlm_head": {k: summary.get(k) for k in ("steps", "mlm", "sample_docs", "seconds", "curve")}}
 
 
+def estimate_rows(run_dir: Path, manifest: dict) -> dict:
+    """What `iss run` estimated before any stage and once the pool existed, per kind of stage, against what the
+    stages took (seconds), and the calibration factors it applied; nothing for a folder without estimates."""
+    plan = manifest_plan(manifest)
+    estimates = {name: run_dir / file for name, file in (("forecast", FORECAST_FILE), ("with_pool", ESTIMATE_FILE))}
+    if not all(path.is_file() for path in estimates.values()):
+        return {}
+    loaded = {name: RunEstimate.load(path) for name, path in estimates.items()}
+    rows = loaded["with_pool"].against(manifest, plan)
+    for kind, row in rows.items():
+        row["forecast"] = loaded["forecast"].against(manifest, plan)[kind]["estimated"]
+        row["factor"] = loaded["with_pool"].factors.get(kind)
+    return {"estimate_seconds": rows}
+
+
 def best_epochs(manifest: dict, finetunes: list[str]) -> dict:
     """How many of the fine-tuning runs (stage names) peaked at each epoch: runs that peak at the last epoch were
     still learning, so the table measures how fast a model starts to learn more than what pretraining gave it."""
@@ -191,7 +208,7 @@ def refresh(entry: dict, run_dir: Path) -> dict:
         "overlap": overlap_rows(run_dir, entry["subsets"]),
         "best_epochs": best_epochs(manifest, finetunes),
     }
-    return {**entry, **tables, **mlm_head(manifest)}
+    return {**entry, **tables, **estimate_rows(run_dir, manifest), **mlm_head(manifest)}
 
 
 def source_rows(run_dir: Path, subsets: list[dict], shown: int = 4) -> list[dict]:
