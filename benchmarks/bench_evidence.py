@@ -166,7 +166,8 @@ def mlm_head(manifest: dict) -> dict:
 
 def estimate_rows(run_dir: Path, manifest: dict) -> dict:
     """What `iss run` estimated before any stage and once the pool existed, per kind of stage, against what the
-    stages took (seconds), and the calibration factors it applied; nothing for a folder without estimates."""
+    stages took (seconds), the calibration factors it applied and its probes' prices; nothing for a folder without
+    estimates."""
     plan = manifest_plan(manifest)
     estimates = {name: run_dir / file for name, file in (("forecast", FORECAST_FILE), ("with_pool", ESTIMATE_FILE))}
     if not all(path.is_file() for path in estimates.values()):
@@ -176,7 +177,7 @@ def estimate_rows(run_dir: Path, manifest: dict) -> dict:
     for kind, row in rows.items():
         row["forecast"] = loaded["forecast"].against(manifest, plan)[kind]["estimated"]
         row["factor"] = loaded["with_pool"].factors.get(kind)
-    return {"estimate_seconds": rows}
+    return {"estimate_seconds": rows, "probe_seconds_per_token": loaded["with_pool"].seconds_per_token}
 
 
 def best_epochs(manifest: dict, finetunes: list[str]) -> dict:
