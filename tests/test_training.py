@@ -259,8 +259,13 @@ def test_top_blocks_on_cached_frozen_states_give_the_full_models_logits_and_grad
         torch.testing.assert_close(mine, theirs)
 
 
-def test_fine_tuning_on_cached_frozen_blocks_equals_the_plain_run_without_dropout(tokenizer, chemprot_texts):
-    """With dropout 0 caching changes nothing but the cost: the same dev curve, test F1 and final weights."""
+@pytest.mark.parametrize("trainable", [1, 0])
+def test_fine_tuning_on_cached_frozen_blocks_equals_the_plain_run_without_dropout(
+    tokenizer, chemprot_texts, trainable: int
+) -> None:
+    """With dropout 0 caching changes nothing but the cost: the same dev curve, test F1 and final weights. With no
+    trainable block (a linear probe, the gate's reading of what pretraining left in the blocks) only the classifier
+    changes."""
     task = _task(chemprot_texts)
     task.splits["test"] = task.splits["dev"]
     config = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_length=48, dropout=0.0)
@@ -269,8 +274,8 @@ def test_fine_tuning_on_cached_frozen_blocks_equals_the_plain_run_without_dropou
         torch.manual_seed(0)
         model = TaskModel.from_scratch(config, tokenizer, len(task.labels))
         initial = {n: p.detach().clone() for n, p in model.named_parameters()}
-        set_trainable(model, trainable_blocks=1)
-        settings = FinetuneConfig(epochs=2, batch_size=8, learning_rate=1e-3, trainable_blocks=1, seeds=[0])
+        set_trainable(model, trainable_blocks=trainable)
+        settings = FinetuneConfig(epochs=2, batch_size=8, learning_rate=1e-3, trainable_blocks=trainable, seeds=[0])
         settings = settings.model_copy(update={"cache_frozen_blocks": cache})
         results.append(evaluation.finetune(model, tokenizer, task, settings, "micro_f1", 48, 0, torch.device("cpu")))
         weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
@@ -279,7 +284,10 @@ def test_fine_tuning_on_cached_frozen_blocks_equals_the_plain_run_without_dropou
     assert cached["test"] == pytest.approx(plain["test"]) and cached["task_loss"] == pytest.approx(plain["task_loss"])
     for name, value in weights[0].items():
         torch.testing.assert_close(weights[1][name], value, msg=name)
-    assert any(not torch.equal(weights[1][name], value) for name, value in initial.items())  # it did train
+    changed = {name for name, value in initial.items() if not torch.equal(weights[1][name], value)}
+    assert changed  # it did train
+    if trainable == 0:
+        assert all(name.startswith("classifier.") for name in changed)
 
 
 def test_seeds_of_one_pretrained_model_share_its_frozen_states(tokenizer, chemprot_texts, monkeypatch):
