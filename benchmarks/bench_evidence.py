@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 from collections import Counter
@@ -262,6 +263,13 @@ def _same_file(a: Path, b: Path) -> bool:
     return a.is_file() and b.is_file() and a.samefile(b)
 
 
+def run_command(entry: dict) -> str:
+    """The shell command that makes an entry's runs: its config, and a variant's overrides quoted so that a list
+    (``finetune.seeds=[0, 1, 2]``) stays one argument."""
+    overrides = (entry.get("overrides") or {}) if entry.get("variant") else {}
+    return f"iss run {entry['config']}" + "".join(f" --set {shlex.quote(f'{k}={v}')}" for k, v in overrides.items())
+
+
 def variant_dir(run_dir: Path, label: str) -> Path:
     """The run folder of a variant: the base folder's name, ``@`` and the label made path-safe."""
     slug = "".join(c if c.isalnum() else "-" for c in label).strip("-")
@@ -411,10 +419,9 @@ def render(entries: list[dict]) -> str:
         if "stopped" in entry:  # a regime tried and stopped before it gave a comparison: what it measured, and why
             parts.append(f"\n## {heading}\n\n`{entry['config']}`: stopped. {entry['stopped']}\n")
             continue
-        command = f"iss run {entry['config']}"
+        command = run_command(entry)
         if entry.get("variant"):
             heading += f", {entry['variant']}"
-            command += "".join(f" --set {k}={v}" for k, v in entry["overrides"].items())
         cost = f"{entry['wall_seconds']} s wall, {entry['stage_seconds_total']} s summed over its stages"
         rss = f"peak RSS {entry['peak_rss_gib']} GiB"
         if "new_stage_seconds" in entry:  # a variant run with --reuse-from (an earlier protocol has its own)

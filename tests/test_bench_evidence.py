@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from iss.report import differences_rows
 
@@ -167,3 +169,16 @@ def test_gpu_protocol_dry_run_prints_its_estimate_first_fits_the_budget_and_writ
     expected = {(m, None if m == "none" else s, s) for m in methods for s in (0, 1)}
     assert {(r["method"], r["pretrain_seed"], r["seed"]) for r in record["runs"]} == expected
     assert record["positive_control"]["comparison"] == "tlm - random-corpus"
+
+
+def test_a_variants_command_parses_back_to_its_overrides_in_a_shell() -> None:
+    """The command printed for a variant entry is copied into a shell: each override, a list with spaces too, must
+    come back as one --set argument whose value parses to what the variant set."""
+    overrides = {"finetune.seeds": [0, 1, 2, 3, 4], "finetune.learning_rate": 3e-3, "selection.budget": "5000 docs"}
+    entry = {"config": "configs/gate/scierc-general.yaml", "variant": "probe", "overrides": overrides}
+    words = shlex.split(bench_evidence.run_command(entry))
+    assert words[:3] == ["iss", "run", "configs/gate/scierc-general.yaml"]
+    assert words[3::2] == ["--set"] * 3
+    parsed = dict(word.split("=", 1) for word in words[4::2])
+    assert {key: yaml.safe_load(value) for key, value in parsed.items()} == overrides
+    assert bench_evidence.run_command({**entry, "variant": None}) == "iss run configs/gate/scierc-general.yaml"
