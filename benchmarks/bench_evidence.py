@@ -175,8 +175,9 @@ def estimate_rows(run_dir: Path, manifest: dict) -> dict:
         return {}
     loaded = {name: RunEstimate.load(path) for name, path in estimates.items()}
     rows = loaded["with_pool"].against(manifest, plan)
+    forecast = loaded["forecast"].against(manifest, plan)
     for kind, row in rows.items():
-        row["forecast"] = loaded["forecast"].against(manifest, plan)[kind]["estimated"]
+        row["forecast"] = forecast[kind]["estimated"]
         row["factor"] = loaded["with_pool"].factors.get(kind)
     return {"estimate_seconds": rows, "probe_seconds_per_token": loaded["with_pool"].seconds_per_token}
 
