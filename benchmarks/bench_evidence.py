@@ -170,16 +170,12 @@ def estimate_rows(run_dir: Path, manifest: dict) -> dict:
     stages took (seconds), the calibration factors it applied and its probes' prices; nothing for a folder without
     estimates."""
     plan = manifest_plan(manifest)
-    estimates = {name: run_dir / file for name, file in (("forecast", FORECAST_FILE), ("with_pool", ESTIMATE_FILE))}
-    if not all(path.is_file() for path in estimates.values()):
+    paths = [run_dir / FORECAST_FILE, run_dir / ESTIMATE_FILE]
+    if not all(path.is_file() for path in paths):
         return {}
-    loaded = {name: RunEstimate.load(path) for name, path in estimates.items()}
-    rows = loaded["with_pool"].against(manifest, plan)
-    forecast = loaded["forecast"].against(manifest, plan)
-    for kind, row in rows.items():
-        row["forecast"] = forecast[kind]["estimated"]
-        row["factor"] = loaded["with_pool"].factors.get(kind)
-    return {"estimate_seconds": rows, "probe_seconds_per_token": loaded["with_pool"].seconds_per_token}
+    forecast, with_pool = (RunEstimate.load(path) for path in paths)
+    rows = with_pool.against_with_forecast(forecast, manifest, plan)
+    return {"estimate_seconds": rows, "probe_seconds_per_token": with_pool.seconds_per_token}
 
 
 def best_epochs(manifest: dict, finetunes: list[str]) -> dict:

@@ -38,12 +38,8 @@ def run_task(task: str, runs_root: Path) -> dict:
     report = json.loads((run_dir / "results" / "results.json").read_text(encoding="utf-8"))
     manifest = json.loads((run_dir / MANIFEST_FILE).read_text(encoding="utf-8"))
     plan = RunPlan(load_config(CONFIGS / f"{task}.yaml"))
-    with_pool = RunEstimate.load(run_dir / ESTIMATE_FILE)
-    estimated = with_pool.against(manifest, plan)
-    forecast = RunEstimate.load(run_dir / FORECAST_FILE).against(manifest, plan)
-    for kind, row in estimated.items():  # what it said before any stage, beside what it said with the pool
-        row["forecast"] = forecast.get(kind, {}).get("estimated", 0.0)
-        row["factor"] = with_pool.factors.get(kind)  # the calibration it applied (earlier runs on this machine)
+    with_pool, forecast = (RunEstimate.load(run_dir / name) for name in (ESTIMATE_FILE, FORECAST_FILE))
+    estimated = with_pool.against_with_forecast(forecast, manifest, plan)
     return {
         "task": task,
         "wall_seconds": measured.wall_seconds,

@@ -248,6 +248,14 @@ def test_estimate_is_held_against_the_manifests_stage_timings():
     assert rows["fine-tuning"] == {"estimated": 50.0, "measured": 20.0}
     assert rows["total"] == {"estimated": 100.0, "measured": 77.0}
 
+    with_pool = estimate.RunEstimate(
+        {**predicted.seconds, "selection": 2.0}, {}, {"joint": 1e-6}, factors={"pretraining": 1.5}
+    )
+    beside = with_pool.against_with_forecast(predicted, manifest, plan)  # the forecast priced no selection
+    assert beside["pretraining"] == {"estimated": 40.0, "measured": 45.0, "forecast": 40.0, "factor": 1.5}
+    assert beside["selection"] == {"estimated": 2.0, "measured": 1.0, "forecast": 0.0, "factor": None}
+    assert beside["total"]["forecast"] == 100.0 and beside["total"]["estimated"] == 102.0
+
 
 def test_a_finished_run_calibrates_each_probed_kind_of_stage_for_its_model(
     tmp_path, tokenizer, fixed_price, monkeypatch

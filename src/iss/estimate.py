@@ -99,6 +99,18 @@ class RunEstimate:
         rows["total"] = {"estimated": self.total, "measured": sum(measured.values())}
         return rows
 
+    def against_with_forecast(
+        self, forecast: RunEstimate, manifest: dict, plan: RunPlan
+    ) -> dict[str, dict[str, float | None]]:
+        """:meth:`against` for this estimate (made once the pool existed), each kind also with what ``forecast`` said
+        before any stage and the calibration factor this estimate applied (None: none recorded)."""
+        rows: dict[str, dict[str, float | None]] = dict(self.against(manifest, plan))
+        said_before = forecast.against(manifest, plan)
+        for kind, row in rows.items():
+            row["forecast"] = said_before.get(kind, {}).get("estimated", 0.0)
+            row["factor"] = self.factors.get(kind)
+        return rows
+
     def describe(self) -> str:
         parts = ", ".join(
             f"{kind} {seconds / 60:.1f}" + (f" ({self.runs[kind]} runs)" if self.runs.get(kind, 1) > 1 else "")
