@@ -52,6 +52,7 @@ SETTINGS = {
     "scratch": CONFIGS / "scratch",
     "gate": CONFIGS / "gate",
     "causal": CONFIGS / "causal",
+    "search": CONFIGS / "search",
 }
 GATE_MARGIN = 1.0  # a regime passes when TLM - random corpus has its 95 % t-interval above this many F1 points
 INTERVALS = (
@@ -371,6 +372,7 @@ SETTING_TITLES = {
     "scratch": "from scratch (TLM objective)",
     "gate": "gate regime (TLM, random corpus and none only)",
     "causal": "continued pretraining of SmolLM2-135M (causal LM)",
+    "search": "regime search (issue 41; TLM, random corpus and none only)",
 }
 
 
