@@ -16,6 +16,7 @@ import iss
 from .conftest import CLI_BUDGET as BUDGET
 from .conftest import TINY_TRAINING
 from .conftest import iss_command as _iss
+from .test_fingerprints import assert_walk_matches_run
 
 
 @pytest.mark.slow
@@ -135,9 +136,10 @@ def test_version_and_help_answer_without_importing_torch():
 
 
 @pytest.mark.slow
-def test_run_writes_a_table_with_every_method_and_finite_scores(config_file):
+def test_run_writes_a_table_with_every_method_and_finite_scores(config_file, monkeypatch):
     result = _iss("run", str(config_file), "--quiet", "--json", *TINY_TRAINING)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert_walk_matches_run(config_file, config_file.parent / "run", monkeypatch)
     folder = config_file.parent / "run" / "results"
     report = json.loads((folder / "results.json").read_text())
     runs = report["runs"]

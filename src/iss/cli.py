@@ -156,10 +156,19 @@ def _report(pipeline: Pipeline, result: StageResult, quiet: bool, as_json: bool)
     scores = result.path / "results.md"
     if scores.is_file():  # `iss run`: the score table (the differences and subsets follow it in the file)
         results.print(scores.read_text(encoding="utf-8").split("\n\n###")[0])
+        _print_verdict(results, result.path / "results.json")
     results.print(
         f"{len(ran)} stages ran ({seconds:.0f} s), {len(pipeline.results) - len(ran)} reused; output: {result.path}",
         markup=False,
     )
+
+
+def _print_verdict(out: Console, path: Path) -> None:
+    """Under the table: per task, the positive control and each comparison's verdict (iss.compare)."""
+    from iss.compare import TaskVerdict
+
+    for verdict in json.loads(path.read_text(encoding="utf-8")).get("verdict", []):
+        out.print("verdict: " + TaskVerdict.from_json(verdict).sentence(), markup=False)
 
 
 @app.command()

@@ -480,11 +480,39 @@ class EvaluationConfig(_Section):
         default_factory=list,
         description="Subset-size sweep (e.g. [10%, 20%, 40%, 60%, 80%] of the pool); empty = selection.budget only.",
     )
+    control_margin: float = Field(
+        1.0,
+        description="The positive control (TLM - random corpus, F1 x 100) passes when its whole 95 % interval is "
+        "above this; only then are the comparisons read (iss.compare).",
+    )
+    family: list[str] | None = Field(
+        None,
+        description="Comparisons read behind the control, 'first - second' (Holm-adjusted together); None: ISS, "
+        "ISS cosine, DSIR and kNN - TLM, ISS - random (pool), ISS - ISS bottom, those whose methods ran.",
+    )
 
     @field_validator("budgets", mode="before")
     @classmethod
     def _parse_budgets(cls, value: Any) -> Any:
         return [v if isinstance(v, (Budget, dict)) else Budget.parse(v) for v in value]
+
+    @field_validator("family")
+    @classmethod
+    def _comparisons(cls, value: list[str] | None) -> list[str] | None:
+        from iss.compare import parse_comparison
+
+        for text in value or []:
+            unknown = [m for m in parse_comparison(text) if m not in EVALUATED_METHOD_NAMES]
+            if unknown:
+                raise ValueError(f"comparison {text!r} names unknown method(s) {unknown}")
+        return value
+
+    @property
+    def comparisons(self) -> list[tuple[str, str]]:
+        """The family as (first, second) pairs."""
+        from iss.compare import DEFAULT_FAMILY, parse_comparison
+
+        return [parse_comparison(text) for text in self.family] if self.family is not None else list(DEFAULT_FAMILY)
 
     @field_validator("methods")
     @classmethod

@@ -727,12 +727,17 @@ class Pipeline:
                 folder,
                 mechanism=mechanism,
                 subsets=subsets,
+                margin=config.evaluation.control_margin,
+                family=config.evaluation.comparisons,
             )
             summary["average"] = {line["method"]: round(line["average"], 2) for line in table}
             summary.update({"methods": len(config.evaluation.methods), "runs": len(rows)})
 
         parts = {"runs": [row["fingerprint"] for row in rows], "mechanism": mechanism, "subsets": subsets}
         parts["intervals"] = "t over pretraining seeds"  # tables made with bootstrap intervals are made again
+        # the verdict (iss.compare) is part of the table: a table from before it, or under another margin or
+        # family, is made again (from the fine-tuning runs' scores alone: seconds)
+        parts["verdict"] = {"margin": config.evaluation.control_margin, "family": config.evaluation.comparisons}
         return self.stage("results", parts, body)
 
     def bm25_lists(self, retrieval: Path) -> RankedLists:

@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import yaml
 
+from iss.compare import DEFAULT_FAMILY, TaskVerdict, verdicts
 from iss.config import recorded_config
 from iss.errors import ConfigError
 from iss.influence import InfluenceResult
@@ -180,13 +181,17 @@ def write_results(
     folder: Path,
     mechanism: list[dict] | None = None,
     subsets: list[dict] | None = None,
+    margin: float = 1.0,
+    family: list[tuple[str, str]] | tuple[tuple[str, str], ...] = DEFAULT_FAMILY,
 ) -> list[dict]:
-    """results.md (scores, paired differences, subsets, mechanism check), results.csv (one line per run) and
-    results.json (runs, the aggregated table and the other tables)."""
+    """results.md (scores, the verdict, paired differences, subsets, mechanism check), results.csv (one line per
+    run) and results.json (runs, the aggregated table, the verdict per task and the other tables)."""
     table = results_table(rows)
     differences = differences_rows(rows)
+    judged = verdicts(rows, margin, family)
     sections = [markdown(table)]
     for title, extra in (
+        (verdict_title(margin), [row for verdict in judged for row in verdict.rows()]),
         (DIFFERENCES_TITLE, differences),
         ("Subsets", subsets),
         *mechanism_sections(mechanism or []),
@@ -200,12 +205,20 @@ def write_results(
         writer.writeheader()
         for row in rows:
             writer.writerow({key: row.get(key, "") for key in fields})
-    extras = {"differences": differences, "subsets": subsets or [], "mechanism": mechanism or []}
+    extras = {"verdict": [verdict.to_json() for verdict in judged], "differences": differences}
+    extras |= {"subsets": subsets or [], "mechanism": mechanism or []}
     extras["mechanism_differences"] = mechanism_differences(mechanism or [])
     (folder / "results.json").write_text(
         json.dumps({"runs": rows, "table": table, **extras}, indent=2), encoding="utf-8"
     )
     return table
+
+
+def verdict_title(margin: float) -> str:
+    return (
+        f"Verdict: positive control (TLM - random corpus, passed above +{margin:g}), then each comparison with its "
+        "Holm-adjusted interval (level per step) over pretraining seeds"
+    )
 
 
 def mechanism_sections(
@@ -348,9 +361,13 @@ def _results_section(stages: dict[str, Path]) -> Section:
     path = stages.get("results", Path("-")) / "results.json"
     if not path.is_file():
         return Section("Results", text="No results yet: run `iss run` to pretrain, fine-tune and compare.")
-    table = json.loads(path.read_text(encoding="utf-8"))["table"]
-    rows = results_rows(table, with_seeds=True)
-    return Section("Results", text="Test F1 x100 at the best dev epoch, mean ± std over seeds.", tables=[("", rows)])
+    results = json.loads(path.read_text(encoding="utf-8"))
+    tables = [("", results_rows(results["table"], with_seeds=True))]
+    judged = [row for verdict in results.get("verdict", []) for row in TaskVerdict.from_json(verdict).rows()]
+    if judged:
+        tables.append((verdict_title(results["verdict"][0]["margin"]), judged))
+    return Section("Results", text="Test F1 x100 at the best dev epoch, mean ± std over seeds.", tables=tables)
+
 
 
 def _plan(manifest: dict) -> RunPlan:
