@@ -18,8 +18,20 @@ from iss.errors import ConfigError
 
 # The method names a config may use; iss.methods implements each (and checks that its registries hold exactly
 # these), so the config validates without importing the selection code.
-SELECTION_METHOD_NAMES = ("iss", "tlm", "random", "random-corpus", "iss-bottom")
-EVALUATED_METHOD_NAMES = ("iss", "iss-cosine", "iss-batched", "tlm", "random", "random-corpus", "iss-bottom", "none")
+SELECTION_METHOD_NAMES = ("iss", "tlm", "random", "random-corpus", "iss-bottom", "dsir", "knn")
+EVALUATED_METHOD_NAMES = (
+    "iss",
+    "iss-cosine",
+    "iss-batched",
+    "tlm",
+    "random",
+    "random-corpus",
+    "iss-bottom",
+    "dsir",
+    "knn",
+    "none",
+)
+RANKS_CORPUS = ("dsir", "knn")  # the methods that can rank the whole corpus (selection.over: corpus)
 
 
 class _Section(BaseModel):
@@ -422,8 +434,15 @@ class Budget(_Section):
 class SelectionConfig(_Section):
     method: str = Field(
         "iss",
-        description="iss (influence), tlm (BM25), random (of the pool); controls: random-corpus (random documents "
-        "of the whole corpus) and iss-bottom (the pool's least influential candidates).",
+        description="iss (influence), tlm (BM25), random (of the pool), dsir (importance resampling on hashed "
+        "n-grams), knn (embedding nearest neighbours); controls: random-corpus (random documents of the whole corpus) "
+        "and iss-bottom (the pool's least influential candidates).",
+    )
+    over: Literal["pool", "corpus"] = Field(
+        "pool",
+        description="What dsir and knn rank: the BM25 pool (as every method) or the whole corpus, streamed "
+        "(iss and tlm always rank the pool).",
+        json_schema_extra=CACHE_NEUTRAL_DEFAULT,
     )
     budget: Budget = Field(
         default_factory=lambda: Budget(kind="fraction", value=0.2),
@@ -523,6 +542,33 @@ class EvaluationConfig(_Section):
         return value
 
 
+class DsirConfig(_Section):
+    """DSIR's features (as the authors' data-selection package: hashed unigrams and bigrams)."""
+
+    ngrams: int = Field(2, ge=1, description="Longest n-gram counted (2: unigrams and bigrams).")
+    buckets: int = Field(10_000, ge=16, description="Hash buckets of the n-gram features.")
+
+
+class KnnConfig(_Section):
+    """Embedding nearest neighbours: the sentence-embedding checkpoint and how much of each ranking is kept."""
+
+    model: str | None = Field(
+        None,
+        description="Sentence-embedding encoder (a folder or hub name; e.g. ../shared/models/all-MiniLM-L6-v2). "
+        "None: model.path.",
+    )
+    max_length: int = Field(128, ge=8, description="Tokens per embedded text.")
+    batch_size: int = Field(64, ge=1, description="Texts per forward pass.")
+    top_k: int = Field(50, ge=1, description="Nearest candidates kept per task sample (their union covers the budget).")
+
+
+class SelectorsConfig(_Section):
+    """Settings of the selectors that read texts (dsir, knn); only their own stages are fingerprinted with them."""
+
+    dsir: DsirConfig = Field(default_factory=DsirConfig)
+    knn: KnnConfig = Field(default_factory=KnnConfig)
+
+
 class AnalysisConfig(_Section):
     """Settings of `iss analyze` (the paper's Table 6, Figure 4, Figure 3 / Table 7)."""
 
@@ -577,6 +623,7 @@ class IssConfig(_Section):
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    selectors: SelectorsConfig = Field(default_factory=SelectorsConfig)
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
 
     def seed_pairs(self) -> list[tuple[int, int]]:
@@ -691,6 +738,9 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
     for section in ("tokenizer", "model"):
         if isinstance((raw.get(section) or {}).get("path"), str):
             raw[section]["path"] = resolve(raw[section]["path"])
+    knn = (raw.get("selectors") or {}).get("knn") or {}
+    if isinstance(knn.get("model"), str):
+        knn["model"] = resolve(knn["model"])
 
 
 def reference_markdown() -> str:

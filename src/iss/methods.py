@@ -2,6 +2,8 @@
 
 A selection method (``selection.method``) turns its inputs (the BM25 pool, the retrieval hits, the influence
 result, or a sample of the whole corpus) into ranked lists that ``selection.round_robin`` turns into a subset.
+The selectors that read texts (DSIR, kNN: :mod:`iss.selectors`) rank a stream of candidates, the pool or the
+whole corpus, and return the rows they kept with their lists.
 An evaluated method (``evaluation.methods``) is a selection method under some config overrides, or ``none``
 (no pretraining). Stage names use the evaluated method's name, so ISS with cosine similarity keeps artifacts of
 its own. ``iss.config`` holds the names alone (so a config validates without importing this code); the
@@ -15,11 +17,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow as pa
 
 from iss.config import EVALUATED_METHOD_NAMES, SELECTION_METHOD_NAMES
 from iss.selection import RankedLists, random_lists
+from iss.selectors import TextCandidates, check_knn, dsir_rank, knn_rank
 
 if TYPE_CHECKING:
+    from iss.config import IssConfig
     from iss.influence import InfluenceResult
 
 
@@ -82,10 +87,13 @@ def corpus_sample_lists(candidates: Candidates) -> RankedLists:
 @dataclass(frozen=True)
 class SelectionMethod:
     name: str
-    rank: Callable[[Candidates], RankedLists]
+    rank: Callable[[Candidates], RankedLists] | None = None
     needs_influence: bool = False  # reads the influence stage
     needs_hits: bool = False  # reads the BM25 hits per training query
     samples_corpus: bool = False  # ranks a uniform sample of the whole corpus instead of the BM25 pool
+    # a selector that reads the candidates' texts (the pool's, or the whole corpus's with selection.over: corpus)
+    rank_texts: Callable[[TextCandidates], tuple[pa.Table, RankedLists]] | None = None
+    check: Callable[[IssConfig], None] | None = None  # what the config and checkpoints can refuse before any stage
 
 
 SELECTION: dict[str, SelectionMethod] = {
@@ -96,6 +104,8 @@ SELECTION: dict[str, SelectionMethod] = {
         SelectionMethod("random", random_pool_lists),
         SelectionMethod("random-corpus", corpus_sample_lists, samples_corpus=True),
         SelectionMethod("iss-bottom", iss_bottom_lists, needs_influence=True),
+        SelectionMethod("dsir", rank_texts=dsir_rank),
+        SelectionMethod("knn", rank_texts=knn_rank, check=check_knn),
     )
 }
 assert tuple(SELECTION) == SELECTION_METHOD_NAMES, "iss.config names the selection methods a config may use"
@@ -129,6 +139,8 @@ EVALUATED: dict[str, EvaluatedMethod] = {
         EvaluatedMethod("random", "random (pool)", "random"),
         EvaluatedMethod("random-corpus", "random (whole corpus)", "random-corpus"),  # positive control
         EvaluatedMethod("iss-bottom", "ISS bottom (least influential)", "iss-bottom"),  # negative control
+        EvaluatedMethod("dsir", "DSIR (hashed n-grams)", "dsir"),
+        EvaluatedMethod("knn", "kNN (sentence embeddings)", "knn"),
         EvaluatedMethod("none", "no pretraining", None),
     )
 }
@@ -146,6 +158,10 @@ COMPARISONS = [
     ("iss", "iss-batched", "per document vs Table A.1 batches"),
     ("tlm", "random-corpus", "positive control: the regime sees data if > 0"),
     ("iss", "iss-bottom", "negative control: influence ranks if > 0"),
+    ("dsir", "tlm", "DSIR vs BM25"),
+    ("knn", "tlm", "kNN vs BM25"),
+    ("iss", "dsir", "ISS vs DSIR"),
+    ("iss", "knn", "ISS vs kNN"),
 ]
 assert all(name in EVALUATED for pair in COMPARISONS for name in pair[:2])
 

@@ -57,12 +57,16 @@ from iss.selection import (
     RankedLists,
     bm25_lists,
     corpus_sample,
+    read_subset_ids,
     resolve_budget,
     round_robin,
     source_shares,
     subset_table,
+    wanted_docs,
+    with_overlaps,
     write_subset,
 )
+from iss.selectors import text_candidates
 from iss.stats import sample_std
 from iss.training import pretrain as pretrain_model
 from iss.training import unigram_entropy, warmup_train
@@ -210,8 +214,11 @@ class Pipeline:
         """Every check the config, the data and the model's config can answer, made before the first expensive
         stage: the tokenizer fits the checkpoint, the influence layer exists, and each budget fits the pool (which
         retrieval makes: a few minutes at most, and the pool is needed anyway)."""
+        method = SELECTION[self.config.selection.method]
+        if method.check is not None:
+            method.check(self.config)
         self.check_tokenizer(len(self.read_tokenizer()))
-        if SELECTION[self.config.selection.method].needs_influence or self.config.evaluation.mechanism_steps:
+        if method.needs_influence or self.config.evaluation.mechanism_steps:
             self.check_layer()
         lengths = self.pool_token_counts()
         for budget in budgets or [self.config.selection.budget]:
@@ -442,6 +449,8 @@ class Pipeline:
         """Run whatever the configured method needs, then pick the subset under the budget."""
         config = self.config
         method = SELECTION[config.selection.method]
+        if method.check is not None:
+            method.check(config)
         retrieval, tokenizer_stage = self.retrieval(), self.tokenizer()
         upstream = {"retrieval": retrieval.fingerprint, "tokenizer": tokenizer_stage.fingerprint}
         if method.needs_influence:
@@ -449,29 +458,38 @@ class Pipeline:
         influence = self.influence() if method.needs_influence else None
         if influence is not None:
             upstream[self.influence_name] = influence.fingerprint
-        if method.samples_corpus:
+        over_corpus = method.rank_texts is not None and config.selection.over == "corpus"
+        if method.samples_corpus or over_corpus:
             upstream["corpus"] = self.corpus_signature()
+        if method.rank_texts is not None:  # only a text selector's stages are fingerprinted with its settings
+            upstream |= {"selectors": fingerprint_dump(config.selectors), "data": self.data().fingerprint}
+        selection_dump = fingerprint_dump(config.selection, exclude=set() if over_corpus else {"over"})
 
         def body(folder: Path, summary: dict) -> None:
             pool = pq.read_table(retrieval.path / "pool.parquet")
             tokenizer = self.read_tokenizer(tokenizer_stage.path)
             pool_lengths = self.pool_token_counts()
             kind, limit = resolve_budget(config.selection.budget, pool_lengths)
-            if method.samples_corpus:
+            if method.rank_texts is not None:
+                wanted = wanted_docs(kind, limit, float(pool_lengths.mean()))
+                train = self.task().splits["train"]
+                pool, lists = method.rank_texts(text_candidates(config, pool, train, wanted, self.device))
+                summary.update({"over": config.selection.over, "candidates_kept": pool.num_rows})
+            elif method.samples_corpus:
                 pool = self.corpus_sample(kind, limit, float(pool_lengths.mean()))
-                lengths = token_counts(tokenizer, pool.column("text").to_pylist())
-            else:
-                lengths = pool_lengths
+            same_pool = method.rank_texts is None and not method.samples_corpus
+            lengths = pool_lengths if same_pool else token_counts(tokenizer, pool.column("text").to_pylist())
             corpus_ids = pool.column("corpus_id").to_numpy()
             doc_tokens = dict(zip(corpus_ids.tolist(), lengths.tolist(), strict=True))
-            candidates = Candidates(
-                corpus_ids,
-                config.seed,
-                bm25=self.bm25_lists(retrieval.path) if method.needs_hits else None,
-                influence=InfluenceResult.load(influence.path) if influence else None,
-                task_split=config.influence.task_split,
-            )
-            lists = method.rank(candidates)
+            if method.rank is not None:
+                candidates = Candidates(
+                    corpus_ids,
+                    config.seed,
+                    bm25=self.bm25_lists(retrieval.path) if method.needs_hits else None,
+                    influence=InfluenceResult.load(influence.path) if influence else None,
+                    task_split=config.influence.task_split,
+                )
+                lists = method.rank(candidates)
             selection = round_robin(lists, doc_tokens, kind, limit, config.seed)
             if not selection.budget_met:
                 log.warning(
@@ -499,7 +517,7 @@ class Pipeline:
                 }
             )
 
-        parts = {"selection": fingerprint_dump(config.selection), "seed": config.seed, **upstream}
+        parts = {"selection": selection_dump, "seed": config.seed, **upstream}
         return self.stage(select_stage(method.name, self.tag), parts, body)
 
     def corpus_sample(self, kind: str, limit: int, mean_pool_tokens: float, seed: int | None = None) -> pa.Table:
@@ -694,7 +712,7 @@ class Pipeline:
         budgets = config.evaluation.budgets or [config.selection.budget]
         for method in dict.fromkeys(run.method for run in plan.runs if run.pretrained):
             self.method_variant(method).preflight(budgets)
-        rows, mechanism, subsets = [], [], []
+        rows, mechanism, subsets, subset_ids = [], [], [], []
         for run in plan.runs:
             pipeline = self.method_variant(run.method, run.budget, run.tag)
             label = {"method": run.method, "budget": str(run.budget) if run.budget else "", "task": config.task.name}
@@ -716,10 +734,16 @@ class Pipeline:
             pipeline = self.method_variant(run.method, run.budget, run.tag)
             label = {"method": run.method, "budget": str(run.budget) if run.budget else "", "task": config.task.name}
             if run.pretrained:
-                selected = pipeline.select().summary
-                subsets.append({**label, **{k: selected[k] for k in ("docs", "tokens", "mean_tokens")}})
+                selected = pipeline.select()
+                top = list(selected.summary["sources"].items())[:3]
+                sources = ", ".join(f"{source or '?'} {share:.0%}" for source, share in top)
+                counts = {k: selected.summary[k] for k in ("docs", "tokens", "mean_tokens")}
+                subsets.append({**label, **counts, "sources": sources})
+                subset_ids.append(read_subset_ids(selected.path))
             if config.evaluation.mechanism_steps:
                 mechanism += [{**label, **row} for row in pipeline.mechanism_rows(run.pretrained)]
+
+        subsets = with_overlaps(subsets, subset_ids)
 
         def body(folder: Path, summary: dict) -> None:
             table = write_results(

@@ -369,7 +369,6 @@ def _results_section(stages: dict[str, Path]) -> Section:
     return Section("Results", text="Test F1 x100 at the best dev epoch, mean ± std over seeds.", tables=tables)
 
 
-
 def _plan(manifest: dict) -> RunPlan:
     """The plan of the run the manifest records (its config), which names every stage the report reads."""
     return RunPlan(recorded_config(manifest.get("config") or {}))

@@ -121,6 +121,12 @@ def bm25_lists(hits: pa.Table, query_names: list[str], top_k: int) -> RankedList
     return hits_lists(ids, scores, query_names)
 
 
+def wanted_docs(kind: str, limit: int, mean_pool_tokens: float) -> int:
+    """Documents worth keeping for a budget of ``limit`` docs or tokens: a token budget is bought by documents
+    of about the pool's mean length, with room for shorter ones (x4, +1000)."""
+    return limit if kind == "docs" else int(4 * limit / max(1.0, mean_pool_tokens)) + 1000
+
+
 def corpus_sample(
     corpus: CorpusConfig,
     kind: str,
@@ -134,7 +140,7 @@ def corpus_sample(
     Each document's place in the order is a hash of (seed, corpus id), so the sample does not depend on how the
     corpus is batched; one streaming pass keeps only the documents with the smallest hashes.
     """
-    wanted = limit if kind == "docs" else int(4 * limit / max(1.0, mean_pool_tokens)) + 1000
+    wanted = wanted_docs(kind, limit, mean_pool_tokens)
     keys, ids, texts, sources = np.zeros(0, np.uint64), np.zeros(0, np.int64), [], []
     for batch in iter_corpus(corpus):
         keys = np.concatenate([keys, seeded_hash(batch.ids, seed)])
@@ -199,6 +205,29 @@ def _natural(name: str) -> tuple[str, int]:
 
 
 SUBSET_SHARD_ROWS = 100_000
+
+
+def read_subset_ids(folder: Path) -> np.ndarray:
+    """The corpus ids of a select stage's subset, in selection order (``ids.npy``, written by :func:`write_subset`)."""
+    return np.load(folder / "ids.npy")
+
+
+def with_overlaps(rows: list[dict], ids: list[np.ndarray], references: tuple[str, ...] = ("iss", "tlm")) -> list[dict]:
+    """Subset rows (method, budget, ...) with the Jaccard overlap of each subset's documents with the subset of
+    each reference method at the same budget: two selectors that pick the same documents are one selector."""
+    found = {
+        (row["method"], row.get("budget", "")): set(doc_ids.tolist()) for row, doc_ids in zip(rows, ids, strict=True)
+    }
+    out = []
+    for row in rows:
+        mine = found[(row["method"], row.get("budget", ""))]
+        extra = {}
+        for reference in references:
+            theirs = found.get((reference, row.get("budget", "")))
+            if theirs is not None and reference != row["method"]:
+                extra[f"jaccard_{reference}"] = round(len(mine & theirs) / max(1, len(mine | theirs)), 4)
+        out.append({**row, **extra})
+    return out
 
 
 def write_subset(subset: pa.Table, folder: Path, shard_rows: int = SUBSET_SHARD_ROWS) -> None:
