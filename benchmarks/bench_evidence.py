@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shlex
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -28,14 +30,15 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import yaml
 from measure import run_measured
+from scipy import stats
 from transformers import AutoTokenizer
 
+from iss.compare import seeds_for_power, verdicts
 from iss.config import IssConfig, load_config, recorded_config
 from iss.estimate import ESTIMATE_FILE, FORECAST_FILE, RunEstimate
 from iss.pipeline import Pipeline
 from iss.plan import RunPlan, select_stage
 from iss.report import (
-    differences_rows,
     markdown,
     markdown_rows,
     mechanism_sections,
@@ -55,14 +58,10 @@ SETTINGS = {
     "search": CONFIGS / "search",
 }
 GATE_MARGIN = 1.0  # a regime passes when TLM - random corpus has its 95 % t-interval above this many F1 points
+RESERVED_SEEDS = set(range(40, 60))  # pretraining seeds kept for replications: never used by an entry
 INTERVALS = (
     "95 % Student t-interval (scipy) over pretraining seeds, each the mean of its fine-tuning seeds; paired by seed "
     "id; std with ddof = 1"
-)
-SUPERSEDED = (
-    "superseded (issue 28): ISS scored units of B_p = 4 random pool documents, one pretraining per method, and the "
-    "intervals were a percentile bootstrap over 5 fine-tuning seeds; `differences` are now t-intervals over those "
-    "fine-tuning seeds (pretraining noise is not in them), the bootstrap ones kept as `differences_bootstrap`"
 )
 POOL = "pool (BM25)"  # the BM25 candidate pool's name in the sources and overlap tables
 
@@ -107,6 +106,14 @@ def run_one(
             "overrides": overrides,
             "new_stage_seconds": round(sum(seconds[n] for n in own), 1),
         }
+    plan = manifest_plan(manifest)
+    pretrained = [seconds[name] for name in plan.pretrainings() if name in seconds]
+    tuned = [seconds[run.finetune] for run in plan.runs if run.finetune in seconds]
+    entry["seconds_per_stage"] = {
+        "pretraining": round(sum(pretrained) / max(1, len(pretrained)), 1),
+        "fine-tuning": round(sum(tuned) / max(1, len(tuned)), 1),
+        "mlm-head": seconds.get("mlm-head", 0),
+    }
     return {
         **entry,
         **design(results["runs"], results["differences"]),
@@ -127,8 +134,10 @@ def manifest_plan(manifest: dict) -> RunPlan:
 
 def design(runs: list[dict], differences: list[dict]) -> dict:
     """How an entry's intervals were made (its seeds, the interval method) and whether its positive control passed:
-    TLM - random corpus with the whole 95 % interval above ``GATE_MARGIN``. No comparison is read without it."""
-    control = next((row for row in differences if row["comparison"] == "tlm - random-corpus"), None)
+    TLM - random corpus with the whole 95 % interval above ``GATE_MARGIN`` (:mod:`iss.compare`, the code `iss run`
+    reads its verdict with). No comparison is read without it."""
+    del differences  # the control is made again from the runs by iss.compare (a test checks both agree)
+    judged = verdicts(runs, GATE_MARGIN)
     return {
         "seeds": {
             "pretraining": sorted({run["pretrain_seed"] for run in runs if run.get("pretrain_seed") is not None}),
@@ -138,23 +147,24 @@ def design(runs: list[dict], differences: list[dict]) -> dict:
         "positive_control": {
             "comparison": "tlm - random-corpus",
             "margin": GATE_MARGIN,
-            "passed": bool(control and control["ci95_low"] > GATE_MARGIN),
+            "passed": bool(judged) and all(verdict.control_passed for verdict in judged),
         },
     }
 
 
-def supersede(entry: dict) -> dict:
-    """An entry of the protocols before issue 28, marked as such, its differences made again as t-intervals from
-    its own per-seed rows (the bootstrap ones kept beside them)."""
-    if "superseded" in entry:
-        return entry
-    return {
-        **entry,
-        "superseded": SUPERSEDED,
-        "differences_bootstrap": entry["differences"],
-        "differences": differences_rows(entry["runs"]),
-        "intervals": "95 % Student t-interval (scipy) over fine-tuning seeds (one pretraining per method)",
-    }
+def refuse_reserved(seeds: list[int], where: str) -> None:
+    """Pretraining seeds 40-59 are kept for replications: an entry that uses one is refused before it runs."""
+    reserved = sorted(set(seeds) & RESERVED_SEEDS)
+    if reserved:
+        raise SystemExit(f"{where}: seeds {reserved} are reserved for replication (40-59); use others")
+
+
+def check_against_plan(entry: dict, plan: IssConfig) -> None:
+    """A confirmatory entry must be the run its plan fixed: the same pretraining seeds, none reserved."""
+    planned = sorted({p for p, _ in plan.seed_pairs()})
+    refuse_reserved(planned, "the plan")
+    if entry["seeds"]["pretraining"] != planned:
+        raise SystemExit(f"entry seeds {entry['seeds']['pretraining']} differ from its plan's {planned}: refused")
 
 
 def mlm_head(manifest: dict) -> dict:
@@ -259,6 +269,14 @@ def _column(parquet: Path, name: str) -> list:
 
 def _same_file(a: Path, b: Path) -> bool:
     return a.is_file() and b.is_file() and a.samefile(b)
+
+
+def plan_commit(plan: Path) -> str:
+    """The commit that last changed the plan file: the plan must be committed before the run it governs."""
+    found = subprocess.run(["git", "log", "-1", "--format=%H", "--", str(plan)], capture_output=True, text=True)
+    if not found.stdout.strip():
+        raise SystemExit(f"{plan}: not committed; a plan is committed before the first stage of its run")
+    return found.stdout.strip()
 
 
 def run_command(entry: dict) -> str:
@@ -403,6 +421,42 @@ def summary_rows(entries: list[dict]) -> list[dict]:
     return rows
 
 
+SEARCH_BUDGET_SECONDS = 3 * 86_400  # the rule's "a few days of CPU": 3 days of this machine
+FAMILY_PRETRAININGS, FAMILY_FINETUNES = 7, 8  # per seed: TLM, random corpus, ISS, cosine, random, bottom, DSIR, kNN
+
+
+def search_rows(entries: list[dict]) -> list[dict]:
+    """The regime search read by its rule (docs/evidence.md): per candidate, the control's mean and sd over its
+    seeds, the conservative effect (one-sided 80 % lower bound), the seeds that give 80 % power to clear the margin
+    there, and what the confirmatory run would cost on this machine; eligible when that fits 3 days."""
+    rows = []
+    for entry in entries:
+        if entry["setting"] != "search" or "runs" not in entry:
+            continue
+        (verdict,) = verdicts(entry["runs"], GATE_MARGIN)
+        control = verdict.control
+        n = len(control.units)
+        conservative = control.mean - stats.t.ppf(0.8, n - 1) * control.std / math.sqrt(n)
+        seeds = seeds_for_power(conservative, control.std, GATE_MARGIN)
+        stage = entry["seconds_per_stage"]
+        per_seed = FAMILY_PRETRAININGS * stage["pretraining"] + FAMILY_FINETUNES * stage["fine-tuning"]
+        cost = seeds * per_seed + stage["mlm-head"] if seeds else None
+        rows.append(
+            {
+                "candidate": entry.get("variant") or "probe",
+                "seeds": n,
+                "TLM - random corpus": f"{control.mean:+.2f} [{control.low:.2f}, {control.high:.2f}]",
+                "sd": round(control.std, 2),
+                "conservative effect": round(conservative, 2),
+                "seeds for 80 % power": seeds if seeds else "none: at or under the margin",
+                "s per seed (family)": round(per_seed),
+                "confirmatory CPU hours": round(cost / 3600, 1) if cost else "",
+                "eligible": "yes" if cost and cost <= SEARCH_BUDGET_SECONDS else "no",
+            }
+        )
+    return rows
+
+
 def render(entries: list[dict]) -> str:
     """The evidence tables: a summary row per entry, then one section per (setting, task)."""
     parts = ["# Evidence: ISS vs BM25 vs random, with controls\n"]
@@ -412,6 +466,14 @@ def render(entries: list[dict]) -> str:
             f"excludes 0\n\nA comparison is read only where its positive control passed (TLM - random corpus above "
             f"+{GATE_MARGIN:g} point over the whole interval). Entries made before issue 28 are superseded: their "
             f"intervals hold fine-tuning noise only.\n\n{markdown_rows(summary_rows(entries))}"
+        )
+    if search := search_rows(entries):
+        parts.append(
+            "\n## Regime search (issue 41), read by its rule\n\nControl only, search seeds; the rule "
+            "(docs/evidence.md) picks the eligible candidate whose confirmatory run (80 % power to clear the +1 margin "
+            "at the conservative effect) costs least on this machine; eligible: at most "
+            f"{SEARCH_BUDGET_SECONDS // 3600} CPU hours.\n\n"
+            f"{markdown_rows(search)}"
         )
     for entry in entries:
         heading = f"{entry['task']} — {SETTING_TITLES.get(entry['setting'], entry['setting'])}"
@@ -542,6 +604,12 @@ def main() -> None:
     )
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument(
+        "--plan",
+        type=Path,
+        help="The pre-registered plan (a config) a confirmatory entry must follow: its seeds are checked, and the "
+        "plan's file and the commit that last changed it are recorded in the entry.",
+    )
+    parser.add_argument(
         "--output",
         action="append",
         metavar="NAME",
@@ -587,8 +655,13 @@ def main() -> None:
             if not (SETTINGS[setting] / f"{task}.yaml").is_file():
                 print(f"{setting}/{task}: no config, skipped", file=sys.stderr)
                 continue
+            planned = load_config(SETTINGS[setting] / f"{task}.yaml").with_overrides(overrides)
+            refuse_reserved(sorted({p for p, _ in planned.seed_pairs()}), f"{setting}/{task}")
             print(f"iss run {setting}/{task} {args.variant or ''}...", file=sys.stderr, flush=True)
             entry = run_one(setting, task, args.runs_root, args.variant, overrides)
+            if args.plan:
+                check_against_plan(entry, load_config(args.plan))
+                entry["plan"] = {"file": str(args.plan), "commit": plan_commit(args.plan)}
             if entry.get("mechanism") and not args.variant:  # a variant reuses the base's mechanism folders
                 entry["equal_tokens"] = token_budget_mechanism(base_config(setting, task, args.runs_root), entry)
             earlier = load(path).get(key, {})

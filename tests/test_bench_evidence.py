@@ -9,11 +9,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from scipy import stats
 
+from iss.compare import seeds_for_power
+from iss.config import IssConfig
 from iss.report import differences_rows
 
 from .conftest import REPO, require_shared
@@ -182,3 +186,48 @@ def test_a_variants_command_parses_back_to_its_overrides_in_a_shell() -> None:
     parsed = dict(word.split("=", 1) for word in words[4::2])
     assert {key: yaml.safe_load(value) for key, value in parsed.items()} == overrides
     assert bench_evidence.run_command({**entry, "variant": None}) == "iss run configs/gate/scierc-general.yaml"
+
+
+def test_reserved_seeds_and_seeds_other_than_the_plans_are_refused() -> None:
+    """Pretraining seeds 40-59 are kept for replication; a confirmatory entry is the run its plan fixed."""
+    with pytest.raises(SystemExit, match="reserved"):
+        bench_evidence.refuse_reserved([39, 41], "search/scierc")
+    bench_evidence.refuse_reserved([100, 101, 102, 103], "search/scierc")  # search seeds pass
+    plan = IssConfig.model_validate({"finetune": {"seeds": [200, 201, 202]}})
+    bench_evidence.check_against_plan({"seeds": {"pretraining": [200, 201, 202]}}, plan)
+    with pytest.raises(SystemExit, match="differ from its plan"):
+        bench_evidence.check_against_plan({"seeds": {"pretraining": [200, 201]}}, plan)
+    reserved = IssConfig.model_validate({"finetune": {"seeds": [58, 59, 60]}})
+    with pytest.raises(SystemExit, match="reserved"):
+        bench_evidence.check_against_plan({"seeds": {"pretraining": [58, 59, 60]}}, reserved)
+
+
+def test_the_search_rule_sizes_the_confirmatory_run_from_the_conservative_effect() -> None:
+    """Each search candidate: the control's paired differences over its seeds, the one-sided 80 % lower bound,
+    the seeds for 80 % power at it, and the cost against 3 days of this machine."""
+
+    def entry(differences: list[float], variant: str | None = None) -> dict:
+        runs = [
+            {
+                "method": m,
+                "task": "scierc",
+                "pretrain_seed": 100 + i,
+                "seed": 100 + i,
+                "test": (50 + d * (m == "tlm")) / 100,
+            }
+            for i, d in enumerate(differences)
+            for m in ("tlm", "random-corpus")
+        ]
+        stage = {"pretraining": 500.0, "fine-tuning": 20.0, "mlm-head": 1000.0}
+        return {"setting": "search", "task": "scierc", "variant": variant, "runs": runs, "seconds_per_stage": stage}
+
+    strong, weak = entry([6.0, 7.0, 5.5, 6.5]), entry([2.1, 1.9, -1.0, 2.0], "weak")
+    rows = {row["candidate"]: row for row in bench_evidence.search_rows([strong, weak])}
+    diffs = np.array([6.0, 7.0, 5.5, 6.5])
+    bound = diffs.mean() - stats.t.ppf(0.8, 3) * diffs.std(ddof=1) / 2
+    assert rows["probe"]["conservative effect"] == pytest.approx(bound, abs=0.01)
+    seeds = seeds_for_power(bound, diffs.std(ddof=1), 1.0)
+    assert rows["probe"]["seeds for 80 % power"] == seeds
+    assert rows["probe"]["confirmatory CPU hours"] == round((seeds * (7 * 500 + 8 * 20) + 1000) / 3600, 1)
+    assert rows["probe"]["eligible"] == "yes"
+    assert rows["weak"]["conservative effect"] < 1 and rows["weak"]["eligible"] == "no"

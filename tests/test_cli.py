@@ -244,3 +244,17 @@ def test_same_config_gives_a_byte_identical_subset_in_two_fresh_run_folders(conf
         for name in ("first", "second")
     )
     assert first == second and len(first) == 1
+
+
+def test_a_run_dir_that_is_a_file_and_a_config_that_is_not_yaml_end_in_one_line(config_file, tmp_path):
+    """Bad input ends with one line and exit 2, not a traceback (issue 42's newcomer edges)."""
+    taken = tmp_path / "taken"
+    taken.write_text("x")
+    result = _iss("select", str(config_file), "--run-dir", str(taken), "--method", "tlm", "--quiet")
+    assert result.returncode == 2 and "is a file, not a folder" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    jsonl = tmp_path / "corpus.jsonl"  # a data file passed where the config goes
+    jsonl.write_text('{"text": "a document"}\n{"text": "another"}\n')
+    result = _iss("run", str(jsonl), "--quiet")
+    assert result.returncode == 2 and "not a YAML config (line 2)" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -12,7 +12,7 @@ from sklearn.metrics import f1_score
 
 from iss import evaluation, training
 from iss.config import FinetuneConfig, ModelConfig, PretrainConfig, fingerprint_dump
-from iss.data import TaskData
+from iss.data import TaskData, sample_rows
 from iss.evaluation import f1
 from iss.family import FAMILIES
 from iss.model import FrozenBlockFeatures, PackedDocuments, TaskModel, encode, set_trainable
@@ -288,6 +288,29 @@ def test_fine_tuning_on_cached_frozen_blocks_equals_the_plain_run_without_dropou
     assert changed  # it did train
     if trainable == 0:
         assert all(name.startswith("classifier.") for name in changed)
+
+
+def test_a_low_resource_fine_tune_trains_on_its_seeded_sample_cached_or_not(tokenizer, chemprot_texts) -> None:
+    """``finetune.max_train``: the run on cached states of the whole train split, with a 20-example sample drawn by
+    the fine-tuning seed, equals a plain run on a task whose train split is that sample."""
+    task = _task(chemprot_texts)
+    task.splits["test"] = task.splits["dev"]
+    keep = sample_rows(task.splits["train"].num_rows, 20, 3)
+    sampled = TaskData(task.name, {**task.splits, "train": task.splits["train"].take(keep)}, task.labels)
+    config = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_length=48, dropout=0.0)
+    results, weights = [], []
+    for data, limit, cache in ((task, 20, True), (sampled, None, False)):
+        torch.manual_seed(0)
+        model = TaskModel.from_scratch(config, tokenizer, len(task.labels))
+        set_trainable(model, trainable_blocks=1)
+        settings = FinetuneConfig(epochs=3, batch_size=4, learning_rate=1e-3, trainable_blocks=1, seeds=[3])
+        settings = settings.model_copy(update={"cache_frozen_blocks": cache, "max_train": limit})
+        results.append(evaluation.finetune(model, tokenizer, data, settings, "micro_f1", 48, 3, torch.device("cpu")))
+        weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    assert task.splits["train"].num_rows > 20 and len(keep) == 20
+    assert [e["dev"] for e in results[0]["epochs"]] == pytest.approx([e["dev"] for e in results[1]["epochs"]])
+    for name, value in weights[1].items():
+        torch.testing.assert_close(weights[0][name], value, msg=name)
 
 
 def test_seeds_of_one_pretrained_model_share_its_frozen_states(tokenizer, chemprot_texts, monkeypatch):

@@ -316,6 +316,13 @@ class FinetuneConfig(OptimizerConfig):
         description="Fine-tune only the top N transformer blocks and the head (None: all). Lower blocks keep "
         "what pretraining put there, and a step costs a fraction of a full one.",
     )
+    max_train: int | None = Field(
+        None,
+        ge=1,
+        description="Fine-tune on a sample of this many training examples, drawn with the fine-tuning seed (so "
+        "methods paired by seed see the same examples): a low-resource evaluation. None: the whole training split.",
+        json_schema_extra=CACHE_NEUTRAL_DEFAULT,
+    )
     eval_batch_size: int = Field(128, ge=1, description="Texts per forward pass when scoring dev and test.")
     length_buckets: bool = Field(
         True,
@@ -659,7 +666,12 @@ def load_config(path: str | Path | None = None) -> IssConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        where = getattr(error, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        raise ConfigError(f"{path}: not a YAML config{line}; `iss config` prints one to start from") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the config must be a mapping of sections")
     _resolve_paths(raw, path.parent)

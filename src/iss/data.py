@@ -189,11 +189,15 @@ def _attach_label_ids(table: pa.Table, labels: list[str], origin: Path) -> pa.Ta
     return table.append_column("label_id", pa.array(ids, pa.int64()))
 
 
+def sample_rows(total: int, limit: int | None, seed: int) -> np.ndarray:
+    """A seeded sample of ``limit`` row numbers of ``total``, in order (all rows when there are no more)."""
+    if limit is None or total <= limit:
+        return np.arange(total)
+    return np.sort(np.random.default_rng(seed).choice(total, size=limit, replace=False))
+
+
 def _subsample(table: pa.Table, limit: int | None, seed: int) -> pa.Table:
-    if limit is None or table.num_rows <= limit:
-        return table
-    keep = np.sort(np.random.default_rng(seed).choice(table.num_rows, size=limit, replace=False))
-    return table.take(keep)
+    return table if limit is None or table.num_rows <= limit else table.take(sample_rows(table.num_rows, limit, seed))
 
 
 def save_task(task: TaskData, folder: Path) -> None:

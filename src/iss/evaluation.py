@@ -14,7 +14,7 @@ from sklearn.metrics import f1_score
 from transformers import PreTrainedTokenizerFast
 
 from iss.config import FinetuneConfig, IssConfig
-from iss.data import TaskData
+from iss.data import TaskData, sample_rows
 from iss.model import FrozenBlockFeatures, TaskModel, labelled_batch, per_sample_task_loss
 from iss.parallel import processes
 from iss.training import LoopSettings, TrainingBatches, task_logits, train_loop
@@ -102,7 +102,8 @@ def finetune(
 
     With ``cache_frozen_blocks``, each split's states after the frozen blocks come from ``frozen_states`` (kept
     by the caller across fine-tunings, so models with the same frozen weights encode the task once)."""
-    texts, labels = task.texts("train"), task.label_ids("train")
+    keep = sample_rows(task.splits["train"].num_rows, config.max_train, seed)  # a low-resource run's examples
+    texts, labels = [task.texts("train")[i] for i in keep], task.label_ids("train")[keep]
     batches = TrainingBatches(tokenizer, texts, config.batch_size, seed, config.length_buckets)
     model.to(device)
     epochs: list[dict] = []
@@ -119,7 +120,7 @@ def finetune(
         everyone = batches(step)
         rows = group.share(everyone)
         if frozen:
-            logits = frozen.logits([states["train"][i] for i in rows], device)
+            logits = frozen.logits([states["train"][keep[i]] for i in rows], device)
             targets = torch.as_tensor(labels[rows]).to(device)
             per_sample = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
         else:

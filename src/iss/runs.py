@@ -137,6 +137,8 @@ class RunFolder:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
+        if self.root.exists() and not self.root.is_dir():
+            raise ConfigError(f"run folder {self.root} is a file, not a folder: give --run-dir (or run_dir) a folder")
         self.root.mkdir(parents=True, exist_ok=True)
 
     def finished(self, name: str, stage_fingerprint: str) -> StageResult | None:
