@@ -1,6 +1,6 @@
 """The GPU protocol of issue 28: one config's whole comparison inside a time budget on one accelerator.
 
-Usage: python benchmarks/gpu_protocol.py CONFIG [--minutes 8] [--run-dir DIR] [--dry-run]
+Usage: python benchmarks/gpu_protocol.py CONFIG [--minutes 8] [--run-dir DIR] [--dry-run] [--results DIR]
 
 Prints the estimate first (iss.estimate, probed on this machine's device), then, if it is over ``--minutes``,
 lowers ``pretrain.steps`` so that the estimate fits and says so; runs ``iss run`` in this process and writes
@@ -71,6 +71,9 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=8.0, help="Time budget for the whole run.")
     parser.add_argument("--run-dir", type=Path, help="Run folder (default: the config's).")
     parser.add_argument("--dry-run", action="store_true", help="Toy scale on any machine (CPU), same code path.")
+    parser.add_argument(
+        "--results", type=Path, help="Folder of the JSON (default: benchmarks/results; the run folder with --dry-run)."
+    )
     args = parser.parse_args()
     overrides: dict = dict(DRY_RUN) if args.dry_run else {}
     if args.run_dir:
@@ -110,7 +113,8 @@ def main() -> None:
         "positive_control": control,
         **results,
     }
-    out = (pipeline.run.root if args.dry_run else RESULTS) / f"gpu_protocol_{config.task.name}.json"
+    folder = args.results or (pipeline.run.root if args.dry_run else RESULTS)
+    out = folder / f"gpu_protocol_{config.task.name}.json"
     write_json(out, record)
     print(f"wrote {out} ({record['wall_seconds']} s)", file=sys.stderr)
 

@@ -25,7 +25,7 @@ def test_public_api_is_exported():
     assert re.fullmatch(r"\d+\.\d+\.\d+", iss.__version__)
     for name in iss.__all__:
         assert getattr(iss, name) is not None
-    assert set(iss.SELECTION) == {"iss", "tlm", "random", "random-corpus", "iss-bottom"}
+    assert set(iss.SELECTION) == {"iss", "tlm", "random", "random-corpus", "iss-bottom", "dsir", "knn"}
     with pytest.raises(iss.ConfigError, match="unknown config key"):
         iss.IssConfig().with_overrides({"influence.nope.x": 1})
 

@@ -11,12 +11,15 @@ import torch
 from sklearn.metrics import f1_score
 
 from iss import evaluation, training
+from iss import model as iss_model
 from iss.config import FinetuneConfig, ModelConfig, PretrainConfig, fingerprint_dump
 from iss.data import TaskData, sample_rows
 from iss.evaluation import f1
 from iss.family import FAMILIES
 from iss.model import FrozenBlockFeatures, PackedDocuments, TaskModel, encode, set_trainable
 from iss.training import TrainingBatches, pretrain, task_batch_schedule
+
+from .conftest import SHARED, require_shared
 
 
 def test_f1_matches_scikit_learn_on_known_predictions():
@@ -388,3 +391,20 @@ def test_stream_tokens_count_the_rows_epoch_rows_hands_out():
     for batches in (0, 1, 4, 5, 12, 23):  # 5 batches per epoch: within the first epoch, whole epochs, beyond
         expected = sum(int(lengths[training.epoch_rows(37, 8, 4, index)].sum()) for index in range(batches))
         assert training.stream_tokens(lengths, 8, 4, batches) == expected
+
+
+def test_a_sentence_model_without_an_mlm_head_loads_with_one_line_in_iss_words(capfd, caplog) -> None:
+    """all-MiniLM-L6-v2 is saved without its MLM head, which iss fits on purpose: no transformers load report, no
+    "checkpoint seem corrupted", one iss line, said once however often the checkpoint is loaded."""
+    require_shared()
+    path = str(SHARED.parent / "models" / "all-MiniLM-L6-v2")
+    iss_model.TaskModel.load(path, num_labels=3)  # another test may have loaded it already: the report is said once
+    iss_model._REPORTED.discard(path)
+    with caplog.at_level("INFO", logger="iss"):
+        for _ in range(2):
+            iss_model.TaskModel.load(path, num_labels=3)
+    printed = capfd.readouterr()
+    assert "LOAD REPORT" not in printed.err + printed.out and "corrupted" not in printed.err + printed.out
+    assert [r.getMessage() for r in caplog.records].count(
+        f"{path} has no saved LM head: a fresh one is made (model.mlm_head_steps fits it)"
+    ) == 1

@@ -671,7 +671,10 @@ def load_config(path: str | Path | None = None) -> IssConfig:
     except (yaml.YAMLError, UnicodeDecodeError) as error:
         where = getattr(error, "problem_mark", None)
         line = f" (line {where.line + 1})" if where is not None else ""
-        raise ConfigError(f"{path}: not a YAML config{line}; `iss config` prints one to start from") from None
+        problem = " ".join(str(getattr(error, "problem", None) or error).split())[:200]
+        raise ConfigError(
+            f"{path}: not a YAML config{line}: {problem}; `iss config` prints one to start from"
+        ) from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the config must be a mapping of sections")
     _resolve_paths(raw, path.parent)

@@ -17,6 +17,7 @@ from transformers import AutoModel, AutoTokenizer
 
 from iss.errors import ConfigError
 from iss.family import Checkpoint, family_of
+from iss.model import quiet_transformers
 
 
 class SentenceEncoder:
@@ -25,7 +26,8 @@ class SentenceEncoder:
     def __init__(self, path: str, max_length: int = 128, batch_size: int = 64, device: str | torch.device = "cpu"):
         check_encoder(path)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path).to(device).eval()
+        with quiet_transformers():
+            self.model = AutoModel.from_pretrained(path).to(device).eval()
         self.max_length, self.batch_size, self.device = max_length, batch_size, device
 
     @torch.inference_mode()

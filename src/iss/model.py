@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import logging
 import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -27,11 +28,14 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from torch import nn
 from transformers import AutoModelForMaskedLM, AutoTokenizer, BertConfig, PreTrainedTokenizerFast
+from transformers.utils import logging as transformers_logging
 
 from iss.config import DEFAULT_TOKENIZER_CACHE, ModelConfig, TokenizerConfig
 from iss.errors import ConfigError
 from iss.family import FAMILIES, IGNORE, SPECIAL_TOKENS, Checkpoint, Family, Layout, family_of
 from iss.runs import cache_root
+
+log = logging.getLogger("iss")
 
 HEAD_FILE = "task_head.safetensors"
 TASK_FILE = "task.json"
@@ -118,6 +122,37 @@ def load_tokenizer(path: str | Path, family: Family, trust_remote_code: bool = F
 # ----------------------------------------------------------------------------------------------- model
 
 
+_REPORTED: set[str] = set()
+LM_HEAD_PREFIXES = ("cls.predictions.", "lm_head.", "cls.")
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' loading messages and progress bar off (errors still shown); iss says what matters itself."""
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+        transformers_logging.enable_progress_bar()
+
+
+def report_missing_weights(source: str, missing: list[str]) -> None:
+    """Once per checkpoint: a missing language-modelling head is expected (sentence-embedding models are saved
+    without one, and ``model.mlm_head_steps`` fits it); any other missing weight is a warning."""
+    if not missing or source in _REPORTED:
+        return
+    _REPORTED.add(source)
+    head = [key for key in missing if key.startswith(LM_HEAD_PREFIXES)]
+    others = [key for key in missing if key not in head]
+    if head:
+        log.info("%s has no saved LM head: a fresh one is made (model.mlm_head_steps fits it)", source)
+    if others:
+        log.warning("%s: %d weights not in the checkpoint, initialised fresh: %s", source, len(others), others[:5])
+
+
 class TaskModel(nn.Module):
     """A language model plus a linear classifier on its pooled state ([CLS], or a causal LM's last real token)."""
 
@@ -169,9 +204,15 @@ class TaskModel(nn.Module):
         if "family" in saved:
             family = FAMILIES[saved["family"]]
         family = family or family_of(checkpoint.config(trust_remote_code), str(path))
-        lm = family.auto_class.from_pretrained(
-            checkpoint.source, attn_implementation="eager", trust_remote_code=trust_remote_code, **checkpoint.options()
-        )
+        with quiet_transformers():  # its load report would call the missing MLM head of a sentence model an error
+            lm, loading = family.auto_class.from_pretrained(
+                checkpoint.source,
+                attn_implementation="eager",
+                trust_remote_code=trust_remote_code,
+                output_loading_info=True,
+                **checkpoint.options(),
+            )
+        report_missing_weights(str(path), loading.get("missing_keys", []))
         if checkpoint.gguf_file:  # loading de-quantised the weights to plain float32 tensors; the quantizer record
             lm.hf_quantizer = None  # left behind would refuse save_pretrained (and reload the folder as GGUF)
             lm.config.__dict__.pop("quantization_config", None)
