@@ -45,7 +45,8 @@ from iss.report import (
     precise_losses,
     results_table,
 )
-from iss.selection import source_shares
+from iss.retrieval import pool_file
+from iss.selection import read_subset, source_shares, subset_file
 from iss.training import unigram_entropy
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -258,8 +259,8 @@ def overlap_rows(run_dir: Path, subsets: list[dict]) -> list[dict]:
 
 def subset_files(run_dir: Path, subsets: list[dict]) -> dict[str, Path]:
     """The BM25 pool's file (named ``POOL``) and each method's selected subset file that the run folder holds."""
-    files = {POOL: run_dir / "retrieval" / "pool.parquet"}
-    files |= {row["method"]: run_dir / select_stage(row["method"]) / "subset.parquet" for row in subsets}
+    files = {POOL: pool_file(run_dir / "retrieval")}
+    files |= {row["method"]: subset_file(run_dir / select_stage(row["method"])) for row in subsets}
     return {name: path for name, path in files.items() if path.exists()}
 
 
@@ -300,7 +301,7 @@ def pretraining_rows(run_dir: Path, manifest: dict) -> list[dict]:
     plan = manifest_plan(manifest)
     for name in plan.pretrainings():
         run = plan.subset_of(name)
-        subset = pq.read_table(run_dir / run.select / "subset.parquet", columns=["text"])
+        subset = read_subset(run_dir / run.select, ["text"])
         summary = manifest["stages"][name]["summary"]
         rows.append(
             {

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from measure import run_measured
 from scipy.stats import spearmanr
@@ -46,7 +45,7 @@ from iss.model import (
     precision,
 )
 from iss.pipeline import Pipeline
-from iss.retrieval import BM25Index
+from iss.retrieval import BM25Index, read_pool
 from iss.training import pretrain
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -81,7 +80,7 @@ class Setup:
         else:
             model = TaskModel.load(pipeline.warmup().path / "model").eval()
         _, group = parameter_group(model, config.influence.layer)
-        pool = pq.read_table(retrieval.path / "pool.parquet", columns=["corpus_id", "text"])
+        pool = read_pool(retrieval.path, ["corpus_id", "text"])
         # A seeded shuffle, so the first N candidates the slower methods time are a random sample of the pool.
         order = np.random.default_rng(config.seed).permutation(pool.num_rows)[:limit]
         pool = pool.take(order)

@@ -34,10 +34,12 @@ from sklearn.metrics import silhouette_score
 from iss.config import CorpusConfig
 from iss.data import iter_corpus
 from iss.errors import ConfigError
+from iss.layers import resolve_layer
 from iss.methods import display_name
-from iss.model import TaskModel, transformer_blocks
+from iss.model import TaskModel
 from iss.plan import select_stage
 from iss.report import save_figure, write_rows
+from iss.selection import read_subset_texts
 from iss.stats import sample_std
 from iss.training import pooled_features
 
@@ -134,7 +136,7 @@ def analyze_words(pipeline: Pipeline) -> StageResult:
         chosen = [row["word"] for row in rows]
         totals = {}
         for method, stage in subsets.items():
-            texts = pq.read_table(stage.path / "subset.parquet", columns=["text"]).column("text").to_pylist()
+            texts = read_subset_texts(stage.path)
             counts, totals[method] = word_counts([texts], chosen)
             _add_frequencies(rows, method, counts, totals[method])
         with pipeline.progress(None, "corpus word counts") as bar:
@@ -264,11 +266,11 @@ def analyze_layers(pipeline: Pipeline) -> StageResult:
     """Figure 3 / Table 7: one ISS selection per layer, each pretrained and fine-tuned over the seeds."""
     config = pipeline.config
     warmup = pipeline.warmup()
-    n_blocks = len(transformer_blocks(TaskModel.load(warmup.path / "model")))
+    n_blocks = pipeline.blocks()  # from the checkpoint's config (or the config's size): no model loaded
     layers = config.analysis.layers or ["embeddings", *range(1, n_blocks + 1)]
     rows, fingerprints = [], []
     for layer in layers:
-        last = layer == n_blocks
+        last = resolve_layer(layer, n_blocks).is_last
         variant = pipeline.variant(
             {"influence.layer": "last" if last else layer, "selection.method": "iss"}, "" if last else f"@layer{layer}"
         )

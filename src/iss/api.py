@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from iss.config import IssConfig, load_config
 from iss.errors import ConfigError
 from iss.pipeline import Pipeline
+from iss.selection import read_subset
 
 TaskInput = str | Path | datasets.Dataset | datasets.DatasetDict | Mapping[str, Any]
 CorpusInput = str | Path | Sequence[str | Path] | datasets.Dataset | Sequence[str]
@@ -74,7 +75,7 @@ def _select(
     settings.update(overrides or {})
     pipeline = Pipeline(base.with_overrides(settings), show_progress=show_progress)
     selected = pipeline.select()
-    return datasets.Dataset(pq.read_table(selected.path / "subset.parquet"))
+    return datasets.Dataset(read_subset(selected.path))
 
 
 def _task_settings(task: TaskInput, inputs: Path) -> dict[str, Any]:

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 from iss.data import TaskData, iter_corpus, load_task
@@ -41,6 +40,7 @@ from iss.model import (
     token_counts,
 )
 from iss.plan import RunPlan
+from iss.retrieval import read_pool
 from iss.runs import cache_root, write_json
 from iss.training import TrainingBatches, encoded_lengths, task_batch_schedule
 
@@ -220,7 +220,7 @@ def estimate_run(
     calibration = Calibration.load()
     corpus = None if with_pool else corpus_key(pipeline)  # what the forecast reads of earlier runs on this corpus
     if with_pool:
-        pool = pq.read_table(pipeline.retrieval().path / "pool.parquet", columns=["text"]).column("text").to_pylist()
+        pool = read_pool(pipeline.retrieval().path, ["text"]).column("text").to_pylist()
         pool_lengths = encoded_lengths(tokenizer, pool, max_length)
     else:
         pool_lengths = forecast_pool_lengths(pipeline, tokenizer, len(train), calibration, corpus)

@@ -33,6 +33,7 @@ from transformers.utils import logging as transformers_logging
 from iss.config import DEFAULT_TOKENIZER_CACHE, ModelConfig, TokenizerConfig
 from iss.errors import ConfigError
 from iss.family import FAMILIES, IGNORE, SPECIAL_TOKENS, Checkpoint, Family, Layout, family_of
+from iss.layers import resolve_layer
 from iss.runs import cache_root
 
 log = logging.getLogger("iss")
@@ -273,10 +274,8 @@ def parameter_group(model: TaskModel, layer: str | int) -> tuple[str, nn.Module]
             raise ConfigError("layer 'embeddings' needs untied input/output embeddings; choose a block instead")
         return "embeddings", model.layout.embeddings
     blocks = transformer_blocks(model)
-    index = len(blocks) if layer == "last" else int(layer)
-    if not 1 <= index <= len(blocks):
-        raise ConfigError(f"layer {layer} is out of range: the model has blocks 1..{len(blocks)}")
-    return f"block{index}", blocks[index - 1]
+    resolved = resolve_layer(layer, len(blocks))
+    return resolved.name, blocks[resolved.index - 1]
 
 
 def set_trainable(model: TaskModel, freeze_embeddings: bool = False, trainable_blocks: int | None = None) -> None:

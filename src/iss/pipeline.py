@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 import transformers
 from tqdm.auto import tqdm
@@ -29,6 +28,7 @@ from iss.evaluation import FrozenStates, head_scores
 from iss.evaluation import finetune as finetune_model
 from iss.family import Checkpoint, Family, resolve_family
 from iss.influence import InfluenceResult, InfluenceScorer
+from iss.layers import resolve_layer
 from iss.methods import EVALUATED, SELECTION, Candidates
 from iss.model import (
     TaskModel,
@@ -51,13 +51,14 @@ from iss.plan import (
     select_stage,
 )
 from iss.report import write_results
-from iss.retrieval import BM25Index, collect_pool, hits_table, query_order
+from iss.retrieval import BM25Index, collect_pool, query_order, read_hits, read_pool, write_retrieval
 from iss.runs import RunFolder, StageResult, file_signature
 from iss.selection import (
     RankedLists,
     bm25_lists,
     corpus_sample,
     read_subset_ids,
+    read_subset_texts,
     resolve_budget,
     round_robin,
     source_shares,
@@ -197,16 +198,14 @@ class Pipeline:
 
     def check_layer(self) -> None:
         """An influence layer the model does not have fails now, not after warm-up."""
-        layer = self.config.influence.layer
-        if isinstance(layer, int) and not 1 <= layer <= (blocks := self.blocks()):
-            raise ConfigError(f"influence.layer {layer} is out of range: the model has blocks 1..{blocks}")
+        resolve_layer(self.config.influence.layer, self.blocks())
 
     def pool_token_counts(self) -> np.ndarray:
         """Token counts of the BM25 pool's documents (computed once per pool and tokenizer, shared by variants)."""
         retrieval, tokenizer_stage = self.retrieval(), self.tokenizer()
         key = (retrieval.fingerprint, tokenizer_stage.fingerprint)
         if key not in self.pool_lengths:
-            texts = pq.read_table(retrieval.path / "pool.parquet", columns=["text"]).column("text").to_pylist()
+            texts = read_pool(retrieval.path, ["text"]).column("text").to_pylist()
             self.pool_lengths[key] = token_counts(self.read_tokenizer(tokenizer_stage.path), texts)
         return self.pool_lengths[key]
 
@@ -290,9 +289,8 @@ class Pipeline:
                     index.build(config.corpus, progress=bar.update)
                 with self.progress(index.n_docs, "BM25 search") as bar:
                     hits = index.search(queries, config.retrieval.top_k, progress=bar.update)
-            pq.write_table(hits_table(hits), folder / "hits.parquet")
             pool = collect_pool(hits, config.corpus)
-            pq.write_table(pool, folder / "pool.parquet")
+            write_retrieval(folder, hits, pool)
             summary.update(
                 {
                     "corpus_docs": index.n_docs,
@@ -411,7 +409,7 @@ class Pipeline:
                 warmup.path / "model", tokenizer_stage.path, influence,
                 seed=config.seed, max_length=config.model.max_length, device=self.device,
             )  # fmt: skip
-            pool = pq.read_table(retrieval.path / "pool.parquet", columns=["corpus_id", "text"])
+            pool = read_pool(retrieval.path, ["corpus_id", "text"])
             pool_texts = pool.column("text").to_pylist()
             split = influence.task_split
             task_texts = task.texts(split)
@@ -426,7 +424,7 @@ class Pipeline:
             pool_ids = pool.column("corpus_id").to_numpy()
             order = None
             if influence.pool_batch > 1 and influence.pool_grouping == "query":
-                order = query_order(pq.read_table(retrieval.path / "hits.parquet"), pool_ids)
+                order = query_order(read_hits(retrieval.path), pool_ids)
             with self.progress(pool.num_rows, "influence") as bar:
                 runner = partial(ray_score_pool, config=config.ray) if config.backend == "ray" else None
                 result = scorer.score(
@@ -466,7 +464,7 @@ class Pipeline:
         selection_dump = fingerprint_dump(config.selection, exclude=set() if over_corpus else {"over"})
 
         def body(folder: Path, summary: dict) -> None:
-            pool = pq.read_table(retrieval.path / "pool.parquet")
+            pool = read_pool(retrieval.path)
             tokenizer = self.read_tokenizer(tokenizer_stage.path)
             pool_lengths = self.pool_token_counts()
             kind, limit = resolve_budget(config.selection.budget, pool_lengths)
@@ -536,7 +534,7 @@ class Pipeline:
         def body(folder: Path, summary: dict) -> None:
             task = self.task()
             tokenizer = self.read_tokenizer(tokenizer_stage.path)
-            subset = pq.read_table(selected.path / "subset.parquet", columns=["text"]).column("text").to_pylist()
+            subset = read_subset_texts(selected.path)
             model = self.initial_model(task, tokenizer, seed)
             set_trainable(model, config.model.freeze_embeddings, config.pretrain.trainable_blocks)
             checkpoint = self.run.work_dir(name) / "checkpoint"
@@ -646,7 +644,7 @@ class Pipeline:
             tokenizer = self.read_tokenizer(tokenizer_stage.path)
             model = TaskModel.load(warmup.path / "model", num_labels=len(task.labels))
             if selected is not None:
-                subset = pq.read_table(selected.path / "subset.parquet", columns=["text"]).column("text").to_pylist()
+                subset = read_subset_texts(selected.path)
                 set_trainable(model, config.model.freeze_embeddings)
                 settings = config.pretrain.model_copy(update={"steps": steps, "objective": "mlm", "save_every": 0})
                 trained = pretrain_model(
@@ -768,4 +766,4 @@ class Pipeline:
         """TLM's lists: each task training query's BM25 hits, best first."""
         train = self.task().splits["train"]
         names = [f"train:{i}" for i in train.column("id").to_pylist()]
-        return bm25_lists(pq.read_table(retrieval / "hits.parquet"), names, self.config.retrieval.top_k)
+        return bm25_lists(read_hits(retrieval), names, self.config.retrieval.top_k)

@@ -34,7 +34,9 @@ from iss.errors import ConfigError
 from iss.influence import InfluenceResult
 from iss.methods import COMPARISONS, display_name
 from iss.plan import RunPlan, influence_stage, select_stage
+from iss.retrieval import pool_file
 from iss.runs import MANIFEST_FILE
+from iss.selection import read_subset_ids, subset_file
 from iss.stats import paired_difference, sample_std
 
 
@@ -380,9 +382,7 @@ def _subsets(manifest: dict, stages: dict[str, Path]) -> dict[str, str]:
     plan = _plan(manifest)
     labels = {run.select: run.method + run.tag for run in plan.subsets()}
     labels.setdefault(select_stage(plan.config.selection.method), plan.config.selection.method)
-    return {
-        label: name for name, label in labels.items() if name in stages and (stages[name] / "subset.parquet").exists()
-    }
+    return {label: name for name, label in labels.items() if name in stages and subset_file(stages[name]).exists()}
 
 
 def _selection_section(manifest: dict, stages: dict[str, Path], folder: Path) -> Section:
@@ -394,8 +394,8 @@ def _selection_section(manifest: dict, stages: dict[str, Path], folder: Path) ->
         {"subset": label, **{k: summaries[name]["summary"].get(k) for k in ("docs", "tokens", "budget", "budget_met")}}
         for label, name in subsets.items()
     ]
-    pool = stages.get("retrieval", Path("-")) / "pool.parquet"
-    tables = {label: stages[name] / "subset.parquet" for label, name in subsets.items()}
+    pool = pool_file(stages.get("retrieval", Path("-")))
+    tables = {label: subset_file(stages[name]) for label, name in subsets.items()}
     tables |= {"BM25 pool": pool} if pool.is_file() else {}
     counts = {
         name: Counter(pq.read_table(path, columns=["source"]).column("source").to_pylist())
@@ -430,7 +430,7 @@ def _scores_section(manifest: dict, stages: dict[str, Path], folder: Path) -> Se
         return Section("Influence scores")
     result = InfluenceResult.load(influence)
     best = result.best_scores()
-    chosen = set(pq.read_table(selected / "subset.parquet", columns=["corpus_id"]).column("corpus_id").to_pylist())
+    chosen = set(read_subset_ids(selected).tolist())
     is_selected = np.array([doc in chosen for doc in best])
     scores = np.array(list(best.values()))
     pool_docs = len(result.pool_units)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import scipy.sparse as sp
 from bm25s.tokenization import Tokenizer
 
@@ -26,6 +27,28 @@ from iss.topk import TopK, TopKCheckpoint
 
 Progress = Callable[[int], None]
 log = logging.getLogger("iss")
+
+
+POOL_FILE, HITS_FILE = "pool.parquet", "hits.parquet"  # the retrieval stage's artifacts; this module owns them
+
+
+def write_retrieval(folder: Path, hits: TopK, pool: pa.Table) -> None:
+    """The retrieval stage's files: every query's hits (query, rank, corpus_id, score) and the pool's documents."""
+    pq.write_table(hits_table(hits), folder / HITS_FILE)
+    pq.write_table(pool, folder / POOL_FILE)
+
+
+def pool_file(folder: Path) -> Path:
+    return folder / POOL_FILE
+
+
+def read_pool(folder: Path, columns: list[str] | None = None) -> pa.Table:
+    """The BM25 pool (corpus_id, text, source, bm25_score) a retrieval stage folder holds."""
+    return pq.read_table(folder / POOL_FILE, columns=columns)
+
+
+def read_hits(folder: Path) -> pa.Table:
+    return pq.read_table(folder / HITS_FILE)
 
 
 def hits_table(hits: TopK) -> pa.Table:

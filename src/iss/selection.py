@@ -207,9 +207,25 @@ def _natural(name: str) -> tuple[str, int]:
 SUBSET_SHARD_ROWS = 100_000
 
 
+SUBSET_FILE, SUBSET_IDS_FILE = "subset.parquet", "ids.npy"  # a select stage's artifacts; this module owns them
+
+
+def subset_file(folder: Path) -> Path:
+    """The subset (a folder of parquet shards that ``pq.read_table`` reads as one table) of a select stage."""
+    return folder / SUBSET_FILE
+
+
+def read_subset(folder: Path, columns: list[str] | None = None) -> pa.Table:
+    return pq.read_table(folder / SUBSET_FILE, columns=columns)
+
+
+def read_subset_texts(folder: Path) -> list[str]:
+    return read_subset(folder, ["text"]).column("text").to_pylist()
+
+
 def read_subset_ids(folder: Path) -> np.ndarray:
     """The corpus ids of a select stage's subset, in selection order (``ids.npy``, written by :func:`write_subset`)."""
-    return np.load(folder / "ids.npy")
+    return np.load(folder / SUBSET_IDS_FILE)
 
 
 def with_overlaps(rows: list[dict], ids: list[np.ndarray], references: tuple[str, ...] = ("iss", "tlm")) -> list[dict]:
@@ -236,7 +252,7 @@ def write_subset(subset: pa.Table, folder: Path, shard_rows: int = SUBSET_SHARD_
     ``datasets.load_dataset("parquet", data_files="…/subset.parquet/*.parquet")``), a ``subset.jsonl.gz`` copy
     and ``ids.npy``, its corpus ids in selection order (what resharders take). Every file is deterministic: the
     gzip header carries no timestamp."""
-    shards = folder / "subset.parquet"
+    shards = folder / SUBSET_FILE
     shards.mkdir()
     count = max(1, -(-subset.num_rows // shard_rows))
     for number in range(count):
@@ -246,4 +262,4 @@ def write_subset(subset: pa.Table, folder: Path, shard_rows: int = SUBSET_SHARD_
         for row in subset.to_pylist():
             row["score"] = None if row["score"] is None or math.isnan(row["score"]) else row["score"]
             handle.write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
-    np.save(folder / "ids.npy", subset.column("corpus_id").to_numpy())
+    np.save(folder / SUBSET_IDS_FILE, subset.column("corpus_id").to_numpy())
