@@ -6,7 +6,6 @@ Everything heavy (torch, datasets, the pipeline) is imported inside the commands
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import sys
@@ -81,16 +80,16 @@ def _build_config(config: Path | None, overrides: list[str] | None, extra: dict[
     return load_config(config).with_overrides(parsed)
 
 
-def _action(stage: str) -> Callable[[Pipeline], StageResult]:
-    """A Pipeline method by name, or a function of the pipeline named ``module:function`` (imported now)."""
-    if ":" in stage:
-        module, function = stage.split(":")
-        return getattr(importlib.import_module(module), function)
-    return lambda pipeline: getattr(pipeline, stage)()
+Action = Callable[["Pipeline"], "StageResult"]
+
+
+def _method(name: str) -> Action:
+    """The Pipeline method ``name`` as a command's action."""
+    return lambda pipeline: getattr(pipeline, name)()
 
 
 def _run(
-    stage: str,
+    action: Action,
     config: Path | None,
     overrides: list[str] | None,
     quiet: bool,
@@ -98,14 +97,13 @@ def _run(
     reuse_from: Path | None = None,
     **extra: Any,
 ) -> None:
-    """Build the config, run ``stage`` (a Pipeline method name or ``module:function``), print results."""
+    """Build the config, run ``action`` on its pipeline, print results."""
     _logging(quiet)
     with _one_line_errors():
         settings = _build_config(config, overrides, extra)
         from iss.pipeline import Pipeline
         from iss.runs import RunFolder
 
-        action = _action(stage)
         if reuse_from is not None:
             linked = RunFolder(settings.run_dir).link_stages_from(reuse_from)
             logging.getLogger("iss").info("linked %d finished stages from %s", len(linked), reuse_from)
@@ -184,7 +182,7 @@ def select(
     as_json: JsonOpt = False,
 ) -> None:
     _run(
-        "select",
+        _method("select"),
         config,
         overrides,
         quiet,
@@ -199,7 +197,10 @@ select.__doc__ = (
 )
 
 
-def _stage_command(stage: str, doc: str, name: str | None = None, group: typer.Typer = app) -> None:
+def _stage_command(name: str, doc: str, action: Action | None = None, group: typer.Typer = app) -> None:
+    """A command ``name`` that runs ``action`` (default: the Pipeline method of that name) on the config's run."""
+    action = action or _method(name)
+
     def command(
         config: ConfigArg = None,
         run_dir: RunDirOpt = None,
@@ -209,10 +210,10 @@ def _stage_command(stage: str, doc: str, name: str | None = None, group: typer.T
         quiet: QuietOpt = False,
         as_json: JsonOpt = False,
     ) -> None:
-        _run(stage, config, overrides, quiet, as_json, reuse_from, run_dir=run_dir, backend=backend)
+        _run(action, config, overrides, quiet, as_json, reuse_from, run_dir=run_dir, backend=backend)
 
     command.__doc__ = doc
-    group.command(name=name or stage.split(":")[-1].replace("_", "-"))(command)
+    group.command(name=name)(command)
 
 
 _stage_command("data", "Load the task splits and label mapping into the run folder.")
@@ -253,32 +254,45 @@ def _run_all_estimated(pipeline: Pipeline) -> StageResult:
 
 
 _stage_command(
-    "iss.cli:_run_all_estimated",
+    "run",
     "The whole loop for every method and seed: select, pretrain, fine-tune, evaluate; writes the results table. "
     "Prints the estimated time first.",
-    name="run",
+    _run_all_estimated,
 )
 
 
 analyze_app = typer.Typer(help="The paper's analyses: influential words, t-SNE of task features, layer ablation.")
 app.add_typer(analyze_app, name="analyze")
+
+
+def _analysis(name: str) -> Action:
+    """``iss.analysis.analyze_<name>``, imported when the command runs (matplotlib, scikit-learn: not at start)."""
+
+    def action(pipeline: Pipeline) -> StageResult:
+        from iss import analysis
+
+        return getattr(analysis, f"analyze_{name}")(pipeline)
+
+    return action
+
+
 _stage_command(
-    "iss.analysis:analyze_words",
+    "words",
     "PMI of words and labels; frequency of the top task words in each subset and the corpus (Table 6).",
-    name="words",
-    group=analyze_app,
+    _analysis("words"),
+    analyze_app,
 )
 _stage_command(
-    "iss.analysis:analyze_tsne",
+    "tsne",
     "t-SNE of the test texts' [CLS] features: ISS- vs TLM-pretrained vs untrained model (Figure 4).",
-    name="tsne",
-    group=analyze_app,
+    _analysis("tsne"),
+    analyze_app,
 )
 _stage_command(
-    "iss.analysis:analyze_layers",
+    "layers",
     "Select at the embeddings and each block, fine-tune each: F1 and selection time per layer (Fig. 3, Tab. 7).",
-    name="layers",
-    group=analyze_app,
+    _analysis("layers"),
+    analyze_app,
 )
 
 
