@@ -156,6 +156,10 @@ def test_run_writes_a_table_with_every_method_and_finite_scores(config_file, mon
     assert table["no pretraining"]["flops"] == 0 and table["ISS"]["data_docs"] == BUDGET
     markdown = (folder / "results.md").read_text()
     assert "| ISS |" in markdown and "chemprot" in markdown
+    (verdict,) = report["verdict"]  # no random-corpus among the methods: no control, so nothing is read
+    assert verdict["task"] == "chemprot" and verdict["control"] is None and not verdict["control_passed"]
+    assert {c["verdict"] for c in verdict["comparisons"]} == {"not read: no positive control"}
+    assert {(c["first"], c["second"]) for c in verdict["comparisons"]} == {("iss", "tlm"), ("iss", "random")}
     assert len((folder / "results.csv").read_text().strip().splitlines()) == 1 + len(runs)
 
     # `iss evaluate` reuses the fine-tuned runs of the configured method and aggregates them
