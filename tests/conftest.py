@@ -13,7 +13,8 @@ import torch
 import yaml
 
 from iss.config import ModelConfig, TokenizerConfig
-from iss.model import TaskModel, train_tokenizer
+from iss.model import TaskModel
+from iss.tokenization import train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"

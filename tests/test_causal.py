@@ -15,23 +15,23 @@ from transformers import AutoModelForCausalLM, BertConfig, GPT2Config, LlamaConf
 
 from iss.errors import ConfigError
 from iss.family import FAMILIES, IGNORE, Checkpoint, family_of
+from iss.frozen import FrozenBlockFeatures
 from iss.gradients import GroupGradients, autograd_gradient
 from iss.influence import InfluenceScorer
 from iss.model import (
     Batch,
-    FrozenBlockFeatures,
     PackedDocuments,
     TaskModel,
     candidate_batch,
     encode,
     labelled_batch,
-    load_tokenizer,
     parameter_group,
     per_sample_lm_loss,
     per_sample_task_loss,
     precision,
 )
 from iss.pipeline import Pipeline
+from iss.tokenization import load_tokenizer
 
 from .test_pipeline import _small_config
 

@@ -16,7 +16,8 @@ from iss.config import FinetuneConfig, ModelConfig, PretrainConfig, fingerprint_
 from iss.data import TaskData, sample_rows
 from iss.evaluation import f1
 from iss.family import FAMILIES
-from iss.model import FrozenBlockFeatures, PackedDocuments, TaskModel, encode, set_trainable
+from iss.frozen import FrozenBlockFeatures, FrozenStates
+from iss.model import PackedDocuments, TaskModel, encode, set_trainable
 from iss.training import TrainingBatches, pretrain, task_batch_schedule
 
 from .conftest import SHARED, require_shared
@@ -325,10 +326,10 @@ def test_seeds_of_one_pretrained_model_share_its_frozen_states(tokenizer, chempr
     pretrained = TaskModel.from_scratch(config, tokenizer, len(task.labels)).state_dict()
     settings = FinetuneConfig(epochs=2, batch_size=8, learning_rate=1e-3, trainable_blocks=1, cache_frozen_blocks=True)
     encoded = []
-    original = evaluation.FrozenBlockFeatures.encode
-    monkeypatch.setattr(evaluation.FrozenBlockFeatures, "encode", lambda *a: encoded.append(1) or original(*a))
+    original = FrozenBlockFeatures.encode
+    monkeypatch.setattr(FrozenBlockFeatures, "encode", lambda *a: encoded.append(1) or original(*a))
 
-    def run(seed: int, states: evaluation.FrozenStates | None) -> dict:
+    def run(seed: int, states: FrozenStates | None) -> dict:
         model = TaskModel.from_scratch(config, tokenizer, len(task.labels))
         model.load_state_dict(pretrained)
         set_trainable(model, trainable_blocks=1)
@@ -336,7 +337,7 @@ def test_seeds_of_one_pretrained_model_share_its_frozen_states(tokenizer, chempr
             model, tokenizer, task, settings, "micro_f1", 48, seed, torch.device("cpu"), False, states
         )
 
-    shared = evaluation.FrozenStates()
+    shared = FrozenStates()
     run(0, shared)
     assert len(encoded) == 3 and [set(entry) for entry in shared.full.values()] == [{"train", "dev", "test"}]
     reused = run(1, shared)
@@ -356,11 +357,11 @@ def test_models_that_differ_only_above_the_untouched_blocks_share_their_states(t
     torch.manual_seed(0)
     base = TaskModel.from_scratch(config, tokenizer, len(task.labels)).eval()
     calls = []
-    original = evaluation.FrozenBlockFeatures.encode
+    original = FrozenBlockFeatures.encode
     monkeypatch.setattr(
-        evaluation.FrozenBlockFeatures, "encode", lambda *a: calls.append(a[-1] if len(a) > 6 else None) or original(*a)
+        FrozenBlockFeatures, "encode", lambda *a: calls.append(a[-1] if len(a) > 6 else None) or original(*a)
     )
-    cache, cpu = evaluation.FrozenStates(untouched_top=2), torch.device("cpu")
+    cache, cpu = FrozenStates(untouched_top=2), torch.device("cpu")
 
     def variant(block: int) -> TaskModel:
         model = copy.deepcopy(base)

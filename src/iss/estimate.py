@@ -28,9 +28,8 @@ import numpy as np
 import torch
 
 from iss.data import TaskData, iter_corpus, load_task
-from iss.evaluation import FrozenStates
+from iss.frozen import FrozenBlockFeatures, FrozenStates
 from iss.model import (
-    FrozenBlockFeatures,
     forward_autocast,
     labelled_batch,
     language_batch,
@@ -302,7 +301,7 @@ def estimate_run(
 
 def frozen_encodings(pipeline: Pipeline, plan: RunPlan) -> float:
     """How many whole encodings of the task by the frozen lower blocks fine-tuning makes (see
-    :class:`iss.evaluation.FrozenStates`): one per pretrained model, one for the checkpoint's seeds without
+    :class:`iss.frozen.FrozenStates`): one per pretrained model, one for the checkpoint's seeds without
     pretraining (one per seed from scratch, where each seed's model differs); where pretraining leaves the blocks
     below its top ones untouched, those are encoded once and each model adds only its frozen blocks above them."""
     config = pipeline.config

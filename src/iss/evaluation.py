@@ -13,9 +13,10 @@ import torch
 from sklearn.metrics import f1_score
 from transformers import PreTrainedTokenizerFast
 
-from iss.config import FinetuneConfig, IssConfig
+from iss.config import FinetuneConfig
 from iss.data import TaskData, sample_rows
-from iss.model import FrozenBlockFeatures, TaskModel, labelled_batch, per_sample_task_loss
+from iss.frozen import FrozenBlockFeatures, FrozenStates
+from iss.model import TaskModel, labelled_batch, per_sample_task_loss
 from iss.parallel import processes
 from iss.training import LoopSettings, TrainingBatches, task_logits, train_loop
 
@@ -26,63 +27,6 @@ def f1(labels: np.ndarray, predictions: np.ndarray, metric: Metric) -> float:
     """Micro- or macro-averaged F1 over all label ids that occur in either array."""
     average = {"micro_f1": "micro", "macro_f1": "macro"}[metric]
     return float(f1_score(labels, predictions, average=average, zero_division=0))
-
-
-class FrozenStates:
-    """Per split, the states after the frozen lower blocks, kept by the digest of the weights that made them: the
-    seeds of one model, and models whose frozen blocks are equal (the checkpoint fine-tuned without pretraining
-    under every seed), encode each split once.
-
-    ``untouched_top``: where pretraining trains only the top blocks of a checkpoint (``pretrain.trainable_blocks``
-    with frozen embeddings), the blocks below them are the checkpoint's in every pretrained model; their states are
-    kept too (by their own digest), and each model runs only its frozen blocks above them. Holds one model's and
-    one shared prefix's states at a time (~300 MB each for 2,500 texts of 64 tokens at width 576)."""
-
-    def __init__(self, untouched_top: int | None = None) -> None:
-        self.untouched_top = untouched_top
-        self.full: dict[str, dict[str, list[torch.Tensor]]] = {}
-        self.prefix: dict[str, dict[str, list[torch.Tensor]]] = {}
-
-    @classmethod
-    def for_config(cls, config: IssConfig) -> FrozenStates:
-        """The cache of a run: pretraining leaves the blocks below its top ones untouched only with frozen
-        embeddings and ``pretrain.trainable_blocks``."""
-        return cls(config.pretrain.trainable_blocks if config.model.freeze_embeddings else None)
-
-    def untouched_depth(self, blocks: int, frozen: int) -> int | None:
-        """How many of a model's ``frozen`` lower blocks (of ``blocks``) no pretraining changes, where that is some
-        but not all of them (None: nothing to share below the frozen blocks)."""
-        depth = None if self.untouched_top is None else blocks - self.untouched_top
-        return depth if depth is not None and 0 < depth < frozen else None
-
-    def states(
-        self,
-        frozen: FrozenBlockFeatures,
-        tokenizer: PreTrainedTokenizerFast,
-        task: TaskData,
-        split: str,
-        max_length: int,
-        device: torch.device,
-        batch_size: int,
-    ) -> list[torch.Tensor]:
-        entry = _latest(self.full, frozen.digest())
-        if split not in entry:
-            depth = self.untouched_depth(len(frozen.lower) + len(frozen.top), len(frozen.lower))
-            if depth is not None:
-                shared = _latest(self.prefix, frozen.digest(depth))
-                if split not in shared:
-                    shared[split] = frozen.encode(tokenizer, task.texts(split), max_length, device, batch_size, depth)
-                entry[split] = frozen.advance(shared[split], depth, device, batch_size)
-            else:
-                entry[split] = frozen.encode(tokenizer, task.texts(split), max_length, device, batch_size)
-        return entry[split]
-
-
-def _latest(entries: dict[str, dict], key: str) -> dict:
-    """The entry of ``key``, the others dropped: one is kept at a time."""
-    if key not in entries:
-        entries.clear()
-    return entries.setdefault(key, {})
 
 
 def finetune(

@@ -36,11 +36,11 @@ from iss.model import (
     candidate_batch,
     current_precision,
     labelled_batch,
-    load_tokenizer,
     parameter_group,
     per_sample_lm_loss,
     per_sample_task_loss,
 )
+from iss.tokenization import load_tokenizer
 from iss.topk import TopK, TopKCheckpoint
 
 log = logging.getLogger("iss")

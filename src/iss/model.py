@@ -1,22 +1,20 @@
-"""Tokenizer and model: a WordPiece tokenizer, and any masked or causal LM with a classification head.
+"""The model: any masked or causal LM with a classification head, its batches and per-sample losses.
 
 :class:`TaskModel` wraps an ``AutoModelForMaskedLM`` (a fresh BERT in the from-scratch setting, a checkpoint
 when further pretraining) or an ``AutoModelForCausalLM`` (Llama, GPT-2 and their kin, also from a GGUF file)
 and adds a linear task head, so one object gives both the language-modelling loss used on corpus samples and
 the task loss used on end-task samples. What differs between the two families lives in :mod:`iss.family`.
 It saves as a normal transformers folder (safetensors) plus ``task_head.safetensors``, so the language model
-stays loadable by transformers alone.
+stays loadable by transformers alone. Tokenizers live in :mod:`iss.tokenization`, the frozen lower blocks'
+states in :mod:`iss.frozen`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import logging
-import os
-import shutil
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -25,99 +23,19 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from torch import nn
-from transformers import AutoModelForMaskedLM, AutoTokenizer, BertConfig, PreTrainedTokenizerFast
+from transformers import AutoModelForMaskedLM, BertConfig, PreTrainedTokenizerFast
 from transformers.utils import logging as transformers_logging
 
-from iss.config import DEFAULT_TOKENIZER_CACHE, ModelConfig, TokenizerConfig
+from iss.config import ModelConfig
 from iss.errors import ConfigError
-from iss.family import FAMILIES, IGNORE, SPECIAL_TOKENS, Checkpoint, Family, Layout, family_of
+from iss.family import FAMILIES, IGNORE, Checkpoint, Family, Layout, family_of
 from iss.layers import resolve_layer
-from iss.runs import cache_root
 
 log = logging.getLogger("iss")
 
 HEAD_FILE = "task_head.safetensors"
 TASK_FILE = "task.json"
-
-
-# ------------------------------------------------------------------------------------------- tokenizer
-
-
-def train_tokenizer(texts: Iterable[str], config: TokenizerConfig) -> PreTrainedTokenizerFast:
-    """Train a BERT-style WordPiece tokenizer on a stream of texts (task + corpus, from-scratch setting).
-
-    The trainer breaks merge-frequency ties in hash order, so two trainings on the same texts may differ in a
-    few rare subwords; :func:`cached_tokenizer` makes one per input and reuses it.
-    """
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=config.lowercase)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tokenizer.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=config.vocab_size, min_frequency=config.min_frequency, special_tokens=SPECIAL_TOKENS
-    )
-    tokenizer.train_from_iterator(texts, trainer=trainer)
-    # Tied tokens are also numbered in hash order; WordPiece matching does not depend on ids, so number the
-    # vocabulary canonically (specials first, then sorted) and equal vocabularies get equal ids.
-    learned = sorted(set(tokenizer.get_vocab()) - set(SPECIAL_TOKENS))
-    canonical = {token: i for i, token in enumerate(SPECIAL_TOKENS + learned)}
-    tokenizer.model = models.WordPiece(vocab=canonical, unk_token="[UNK]")
-    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]",
-        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        unk_token="[UNK]",
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-    )
-
-
-def cached_tokenizer(
-    texts: Callable[[], Iterable[str]], config: TokenizerConfig, cache_dir: str | Path | None
-) -> tuple[PreTrainedTokenizerFast, bool]:
-    """The tokenizer trained on ``texts()`` (a fresh stream per call), from the cache if it was made before.
-
-    The key is a hash of the settings and of every training text, so equal inputs get the very same tokenizer
-    in any process and any run folder, and any change to them trains anew. Returns (tokenizer, reused).
-    """
-    if cache_dir is None:
-        return train_tokenizer(texts(), config), False
-    digest = hashlib.sha256(
-        json.dumps(config.model_dump(mode="json", exclude={"path", "cache_dir"}), sort_keys=True).encode()
-    )
-    for text in texts():
-        digest.update(text.encode("utf-8", "surrogatepass") + b"\0")
-    root = cache_root() / "tokenizers" if cache_dir == DEFAULT_TOKENIZER_CACHE else Path(cache_dir).expanduser()
-    folder = root / digest.hexdigest()[:20]
-    if (folder / "tokenizer.json").is_file():
-        return load_tokenizer(folder, FAMILIES["encoder"]), True
-    tokenizer = train_tokenizer(texts(), config)
-    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
-    tokenizer.save_pretrained(str(tmp))
-    try:
-        os.replace(tmp, folder)
-    except OSError:  # another process cached it first: use theirs, so both agree
-        shutil.rmtree(tmp, ignore_errors=True)
-        return load_tokenizer(folder, FAMILIES["encoder"]), True
-    return tokenizer, False
-
-
-def load_tokenizer(path: str | Path, family: Family, trust_remote_code: bool = False) -> PreTrainedTokenizerFast:
-    """Load a tokenizer (a folder, hub name or GGUF file) ready for ``family``: an encoder's must mask and pad, a
-    causal LM's pads with its end-of-text token if it has no pad token. Code shipped with it runs only if trusted."""
-    checkpoint = Checkpoint.at(path)
-    tokenizer = AutoTokenizer.from_pretrained(
-        checkpoint.source, trust_remote_code=trust_remote_code, **checkpoint.options()
-    )
-    return family.prepare_tokenizer(tokenizer, str(path))
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -304,112 +222,6 @@ def set_head_trainable(model: TaskModel, blocks: int = 0) -> None:
     trainable = [model.lm_head, *top_blocks]
     for parameter in itertools.chain.from_iterable(m.parameters() for m in trainable):
         parameter.requires_grad_(parameter is not embeddings)
-
-
-class FrozenBlockFeatures:
-    """The hidden states after the frozen lower blocks, computed once per text, and the top blocks run on them.
-
-    Fine-tuning with ``trainable_blocks`` never changes the embeddings and lower blocks, yet a plain step (and
-    every dev scoring) runs them again. Computed once, in eval mode (so without dropout in the frozen part: it is
-    a fixed feature extractor), they leave each step the top blocks and the head only.
-    """
-
-    def __init__(self, model: TaskModel, trainable_blocks: int) -> None:
-        self.model = model
-        blocks = transformer_blocks(model)
-        frozen = max(0, len(blocks) - trainable_blocks)
-        self.lower, self.top = blocks[:frozen], blocks[frozen:]
-        self._digests: dict[int, str] = {}
-
-    def digest(self, depth: int | None = None) -> str:
-        """A hash of the weights that make the states after ``lower[:depth]`` (the embeddings and those blocks):
-        two models with equal digests give equal states, whatever stages made them. One pass over the weights
-        gives every depth's."""
-        if not self._digests:
-            hasher = hashlib.sha1(usedforsecurity=False)
-            for depth_after, module in enumerate((self.model.layout.embeddings, *self.lower)):
-                for tensor in itertools.chain(module.parameters(), module.buffers()):
-                    hasher.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
-                self._digests[depth_after] = hasher.copy().hexdigest()
-        return self._digests[len(self.lower) if depth is None else depth]
-
-    @torch.no_grad()
-    def encode(
-        self,
-        tokenizer: PreTrainedTokenizerFast,
-        texts: list[str],
-        max_length: int,
-        device: torch.device,
-        batch_size: int,
-        depth: int | None = None,
-    ) -> list[torch.Tensor]:
-        """Each text's states after the frozen blocks (or the first ``depth`` of them), [its tokens, hidden]
-        (padding dropped), on the CPU."""
-
-        def embedded(rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-            batch = encode(tokenizer, [texts[i] for i in rows], max_length).to(device)
-            return self.model.layout.embed(batch.input_ids), batch.attention_mask.sum(1)
-
-        blocks = self.lower if depth is None else self.lower[:depth]
-        return self._states(token_counts(tokenizer, texts), batch_size, embedded, blocks)
-
-    @torch.no_grad()
-    def advance(
-        self, states: list[torch.Tensor], depth: int, device: torch.device, batch_size: int
-    ) -> list[torch.Tensor]:
-        """States after ``lower[:depth]`` (from :meth:`encode`) taken on through the remaining frozen blocks."""
-
-        def padded(rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-            chosen = [states[i] for i in rows]
-            lengths = torch.tensor([len(state) for state in chosen], device=device)
-            return nn.utils.rnn.pad_sequence(chosen, batch_first=True).to(device), lengths
-
-        return self._states([len(state) for state in states], batch_size, padded, self.lower[depth:])
-
-    def _states(
-        self,
-        lengths: Sequence[int] | np.ndarray,
-        batch_size: int,
-        inputs: Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]],
-        blocks: Iterable[nn.Module],
-    ) -> list[torch.Tensor]:
-        """``blocks`` over each batch of similar-length rows that ``inputs`` gives (hidden states, lengths), in eval
-        mode; per row its unpadded output on the CPU."""
-        blocks = list(blocks)
-        training = self.model.training
-        self.model.eval()
-        states: list[torch.Tensor] = [torch.empty(0)] * len(lengths)
-        for rows in length_sorted(lengths, batch_size):
-            hidden, row_lengths = inputs(rows)
-            with forward_autocast(hidden.device):
-                hidden = self._run(blocks, hidden, row_lengths)
-            for row, state, length in zip(rows, hidden.float().cpu(), row_lengths.tolist(), strict=True):
-                states[row] = state[:length].clone()
-        self.model.train(training)
-        return states
-
-    def logits(self, states: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-        """Task logits of cached states (padded to the longest) through the top blocks, the final norm (where the
-        model has one), the pooled position and the head."""
-        hidden = nn.utils.rnn.pad_sequence(states, batch_first=True).to(device)
-        lengths = torch.tensor([len(state) for state in states], device=device)
-        hidden = self.model.layout.final_norm(self._run(self.top, hidden, lengths))
-        mask = (torch.arange(hidden.shape[1], device=device)[None, :] < lengths[:, None]).long()
-        return self.model.classifier(self.model.dropout(self.model.family.pool(hidden, mask)))
-
-    def _run(self, blocks: Iterable[nn.Module], hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        bias = self.model.family.attention_bias(lengths, hidden.shape[1], hidden.dtype)
-        return self.model.layout.run(blocks, hidden, bias)
-
-    @torch.no_grad()
-    def predict(self, states: list[torch.Tensor], device: torch.device, batch_size: int) -> torch.Tensor:
-        """[len(states), labels] logits in eval mode, on the CPU; batches of similar length pad little."""
-        self.model.eval()
-        logits = torch.zeros(len(states), self.model.num_labels)
-        for rows in length_sorted([len(state) for state in states], batch_size):
-            with forward_autocast(device):
-                logits[torch.from_numpy(rows)] = self.logits([states[i] for i in rows], device).float().cpu()
-        return logits
 
 
 def token_counts(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> np.ndarray:

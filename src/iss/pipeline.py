@@ -24,22 +24,14 @@ from iss.data import TaskData, corpus_files, iter_corpus, load_task, read_task, 
 from iss.distributed import ray_bm25_search, ray_score_pool
 from iss.engine import StageEngine
 from iss.errors import ConfigError
-from iss.evaluation import FrozenStates, head_scores
 from iss.evaluation import finetune as finetune_model
+from iss.evaluation import head_scores
 from iss.family import Checkpoint, Family, resolve_family
+from iss.frozen import FrozenStates
 from iss.influence import InfluenceResult, InfluenceScorer
 from iss.layers import resolve_layer
 from iss.methods import EVALUATED, SELECTION, Candidates
-from iss.model import (
-    TaskModel,
-    cached_tokenizer,
-    load_tokenizer,
-    pick_device,
-    precision,
-    set_head_trainable,
-    set_trainable,
-    token_counts,
-)
+from iss.model import TaskModel, pick_device, precision, set_head_trainable, set_trainable, token_counts
 from iss.parallel import processes
 from iss.plan import (
     RunPlan,
@@ -69,6 +61,7 @@ from iss.selection import (
 )
 from iss.selectors import text_candidates
 from iss.stats import sample_std
+from iss.tokenization import cached_tokenizer, load_tokenizer
 from iss.training import pretrain as pretrain_model
 from iss.training import unigram_entropy, warmup_train
 
