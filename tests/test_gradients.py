@@ -10,7 +10,7 @@ from transformers import AutoModelForMaskedLM, RobertaConfig
 from iss.config import InfluenceConfig
 from iss.errors import ConfigError
 from iss.gradients import GroupGradients, autograd_gradient
-from iss.influence import InfluenceScorer
+from iss.influence import InfluenceObjective, InfluenceScorer, LanguageModelObjective
 from iss.model import (
     Batch,
     TaskModel,
@@ -210,6 +210,38 @@ def test_scorer_scores_equal_autograd_dot_products(
         assert sorted(kept.tolist()) == list(range(len(unit_groups)))  # k = all units: every unit kept once
         assert np.all(got[:-1] >= got[1:])  # best first
     np.testing.assert_allclose(result.unit_means, expected.mean(1), rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+class _ScaledLosses(LanguageModelObjective):
+    """A user's objective: both losses rescaled (a stand-in for losses of one's own)."""
+
+    def candidate_loss(self, model, batch):
+        return super().candidate_loss(model, batch) * 0.5
+
+    def task_loss(self, model, batch):
+        return super().task_loss(model, batch) * 2.5
+
+
+def test_an_objective_of_ones_own_changes_exactly_the_losses_influence_differentiates(
+    tiny_model, tokenizer, chemprot_texts, corpus_texts
+):
+    """``InfluenceScorer(objective=...)`` (iss.InfluenceObjective, as kronfluence's Task): each task sample's
+    influence is the product of both gradients, so halving the candidate loss and scaling the task loss by 2.5
+    scales every score by exactly 1.25 (and a scorer that ignored either hook would not)."""
+    pool_texts, pool_keys, task_texts, task_labels = _pool_and_task(chemprot_texts, corpus_texts)
+    scores = []
+    for objective in (None, _ScaledLosses()):
+        scorer = InfluenceScorer(
+            tiny_model, tokenizer, InfluenceConfig(top_k=len(pool_texts), compute_batch=4),
+            seed=SEED, max_length=MAX_LENGTH, objective=objective,
+        )  # fmt: skip
+        scorer.fit(task_texts, task_labels)
+        result = scorer.score(pool_texts, pool_keys)
+        dense = np.zeros((len(task_texts), len(pool_texts)))
+        np.put_along_axis(dense, result.top.ids, result.top.scores, axis=1)
+        scores.append(dense)
+    np.testing.assert_allclose(scores[1], scores[0] * 1.25, rtol=1e-4, atol=1e-4 * np.abs(scores[1]).max())
+    assert isinstance(InfluenceScorer(tiny_model, tokenizer).objective, InfluenceObjective)  # the protocol holds
 
 
 @pytest.mark.parametrize("kind", ["rademacher", "gaussian"])

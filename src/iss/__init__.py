@@ -22,8 +22,9 @@ from iss.errors import ConfigError, DataError, IssError
 
 if TYPE_CHECKING:
     from iss.api import select
+    from iss.compare import TaskVerdict, verdicts
     from iss.config import IssConfig, load_config
-    from iss.influence import InfluenceResult, InfluenceScorer
+    from iss.influence import InfluenceObjective, InfluenceResult, InfluenceScorer, LanguageModelObjective
     from iss.methods import EVALUATED, SELECTION, Candidates, EvaluatedMethod, SelectionMethod
     from iss.pipeline import Pipeline
     from iss.topk import TopK
@@ -35,6 +36,10 @@ _LAZY = {
     "load_config": "iss.config",
     "InfluenceResult": "iss.influence",
     "InfluenceScorer": "iss.influence",
+    "InfluenceObjective": "iss.influence",
+    "LanguageModelObjective": "iss.influence",
+    "TaskVerdict": "iss.compare",
+    "verdicts": "iss.compare",
     "EVALUATED": "iss.methods",
     "SELECTION": "iss.methods",
     "Candidates": "iss.methods",
@@ -64,14 +69,18 @@ __all__ = [
     "ConfigError",
     "DataError",
     "EvaluatedMethod",
+    "InfluenceObjective",
     "InfluenceResult",
     "InfluenceScorer",
     "IssConfig",
     "IssError",
+    "LanguageModelObjective",
     "Pipeline",
     "SelectionMethod",
+    "TaskVerdict",
     "TopK",
     "__version__",
     "load_config",
     "select",
+    "verdicts",
 ]

@@ -19,7 +19,7 @@ import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import pyarrow as pa
@@ -160,8 +160,31 @@ class ScorerRecipe:
     precision: str = "fp32"
 
 
+@runtime_checkable
+class InfluenceObjective(Protocol):
+    """What influence differentiates, as kronfluence's ``Task`` supplies it: a per-sample loss for candidates and
+    one for task samples, each a [batch] tensor the scorer takes per-sample gradients of. Give your own to
+    :class:`InfluenceScorer` for another model head or task loss (a regression task, a margin loss, ...)."""
+
+    def candidate_loss(self, model: TaskModel, batch: Batch) -> torch.Tensor: ...
+
+    def task_loss(self, model: TaskModel, batch: Batch) -> torch.Tensor: ...
+
+
+class LanguageModelObjective:
+    """The paper's objective, for both families: a candidate's language-modelling loss (MLM for an encoder,
+    next-token for a causal LM: what pretraining on it descends) against a task sample's classification loss."""
+
+    def candidate_loss(self, model: TaskModel, batch: Batch) -> torch.Tensor:
+        return per_sample_lm_loss(model, batch)
+
+    def task_loss(self, model: TaskModel, batch: Batch) -> torch.Tensor:
+        return per_sample_task_loss(model, batch)
+
+
 class InfluenceScorer:
-    """Influence of candidate documents (MLM loss) on task samples (task loss) at one parameter group."""
+    """Influence of candidate documents (their LM loss) on task samples (their task loss) at one parameter group;
+    ``objective`` swaps both losses (:class:`InfluenceObjective`)."""
 
     def __init__(
         self,
@@ -173,8 +196,10 @@ class InfluenceScorer:
         max_length: int = 128,
         device: str | torch.device = "cpu",
         paths: tuple[str, str] | None = None,
+        objective: InfluenceObjective | None = None,
     ) -> None:
         self.settings = settings or InfluenceConfig()
+        self.objective = objective or LanguageModelObjective()
         self.tokenizer = tokenizer
         self.seed = seed
         self.max_length = max_length
@@ -216,6 +241,8 @@ class InfluenceScorer:
     def recipe(self) -> ScorerRecipe:
         if self.paths is None:
             raise ValueError("a scorer built from an in-memory model cannot be rebuilt elsewhere: use from_pretrained")
+        if not isinstance(self.objective, LanguageModelObjective):
+            raise ValueError("a scorer with its own objective scores in this process: use the local backend")
         return ScorerRecipe(
             *self.paths,
             settings=self.settings.model_dump(mode="json"),
@@ -232,19 +259,9 @@ class InfluenceScorer:
 
     # ----------------------------------------------------------------- the influence formula, in one place
 
-    @staticmethod
-    def candidate_loss(model: TaskModel, batch: Batch) -> torch.Tensor:
-        """A candidate's loss: its language-modelling loss, MLM or next-token (what pretraining on it descends)."""
-        return per_sample_lm_loss(model, batch)
-
-    @staticmethod
-    def task_loss(model: TaskModel, batch: Batch) -> torch.Tensor:
-        """A task sample's loss: the classification loss of the task head."""
-        return per_sample_task_loss(model, batch)
-
     def task_features(self, batch: Batch, groups: list[np.ndarray]) -> GradientFeatures:
         """Task-loss gradients of B_t-sample units (cosine: each sample normalised before the unit mean)."""
-        features = self.grads.compute(self.task_loss, batch.to(self.device))
+        features = self.grads.compute(self.objective.task_loss, batch.to(self.device))
         if self.settings.similarity == "cosine":
             features = features.normalised()
         return features if all(len(g) == 1 for g in groups) else features.group_mean(groups)
@@ -252,7 +269,7 @@ class InfluenceScorer:
     def candidate_scores(self, batch: Batch, groups: list[np.ndarray]) -> torch.Tensor:
         """[candidate units, task units] influence: each candidate sample's gradient against the bank (divided by
         its norm for cosine), averaged over the B_p samples of a unit (= the unit's mean gradient)."""
-        features = self.grads.compute(self.candidate_loss, batch.to(self.device))
+        features = self.grads.compute(self.objective.candidate_loss, batch.to(self.device))
         scores = features.dot(self.bank)
         if self.settings.similarity == "cosine":
             scores /= features.norms().clamp(min=1e-12).unsqueeze(1)
