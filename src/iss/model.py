@@ -225,8 +225,10 @@ def set_head_trainable(model: TaskModel, blocks: int = 0) -> None:
 
 
 def token_counts(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> np.ndarray:
-    """Tokens per text, special tokens and truncation left out."""
-    return np.asarray(tokenizer(texts, add_special_tokens=False, return_length=True)["length"] if texts else [])
+    """Tokens per text, special tokens and truncation left out (so no warning about texts longer than the model)."""
+    if not texts:
+        return np.asarray([])
+    return np.asarray(tokenizer(texts, add_special_tokens=False, return_length=True, verbose=False)["length"])
 
 
 def length_sorted(lengths: Sequence[int] | np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
