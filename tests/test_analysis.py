@@ -142,6 +142,8 @@ def test_analyses_and_report_end_to_end(config_file):
     assert "<img" in html and 'src="data:image/png;base64,' in html and 'src="/' not in html  # self-contained
     markdown = Path(summary["markdown"]).read_text()
     assert "## Timings" in markdown and all((Path(summary["markdown"]).parent / f).is_file() for f in ("scores.png",))
+    assert "jaccard_iss" in markdown and "jaccard_tlm" in markdown  # each subset's overlap with ISS's and TLM's
+    assert "Verdict: positive control" in markdown and "not read: no positive control" in markdown
     _render_in_chromium(Path(summary["html"]), summary["sections"])
 
 

@@ -36,7 +36,7 @@ from iss.methods import COMPARISONS, display_name
 from iss.plan import RunPlan, influence_stage, select_stage
 from iss.retrieval import pool_file
 from iss.runs import MANIFEST_FILE
-from iss.selection import read_subset_ids, subset_file
+from iss.selection import read_subset_ids, subset_file, with_overlaps
 from iss.stats import paired_difference, sample_std
 
 
@@ -391,9 +391,10 @@ def _selection_section(manifest: dict, stages: dict[str, Path], folder: Path) ->
         return Section("Selection")
     summaries = manifest["stages"]
     sizes = [
-        {"subset": label, **{k: summaries[name]["summary"].get(k) for k in ("docs", "tokens", "budget", "budget_met")}}
+        {"method": label, **{k: summaries[name]["summary"].get(k) for k in ("docs", "tokens", "budget", "budget_met")}}
         for label, name in subsets.items()
     ]
+    sizes = with_overlaps(sizes, [read_subset_ids(stages[name]) for name in subsets.values()])  # Jaccard, ISS, TLM
     pool = pool_file(stages.get("retrieval", Path("-")))
     tables = {label: subset_file(stages[name]) for label, name in subsets.items()}
     tables |= {"BM25 pool": pool} if pool.is_file() else {}
