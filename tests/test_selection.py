@@ -137,3 +137,14 @@ def test_a_subset_is_written_as_ordered_parquet_shards(tmp_path):
     assert np.load(tmp_path / "a" / "ids.npy").tolist() == list(range(25))
     for shard in shards:  # deterministic bytes: the same subset writes the same files
         assert shard.read_bytes() == (tmp_path / "b" / "subset.parquet" / shard.name).read_bytes()
+
+
+def test_subset_rows_get_their_jaccard_overlap_with_iss_and_tlm_at_the_same_budget():
+    from iss.selection import with_overlaps
+
+    rows = [{"method": m, "budget": b} for m, b in (("iss", "10"), ("tlm", "10"), ("dsir", "10"), ("dsir", "20"))]
+    ids = [np.array([1, 2, 3, 4]), np.array([3, 4, 5, 6]), np.array([1, 2, 3, 9]), np.array([5, 6])]
+    out = with_overlaps(rows, ids)
+    assert out[0]["jaccard_iss"] == 1.0 and out[0]["jaccard_tlm"] == round(2 / 6, 4)
+    assert out[2]["jaccard_iss"] == round(3 / 5, 4) and out[2]["jaccard_tlm"] == round(1 / 7, 4)
+    assert "jaccard_iss" not in out[3]  # no ISS subset at that budget

@@ -240,7 +240,7 @@ def with_overlaps(rows: list[dict], ids: list[np.ndarray], references: tuple[str
         extra = {}
         for reference in references:
             theirs = found.get((reference, row.get("budget", "")))
-            if theirs is not None and reference != row["method"]:
+            if theirs is not None:  # every row gets the column (1.0 for the reference itself): tables stay square
                 extra[f"jaccard_{reference}"] = round(len(mine & theirs) / max(1, len(mine | theirs)), 4)
         out.append({**row, **extra})
     return out
