@@ -449,7 +449,8 @@ def search_rows(entries: list[dict]) -> list[dict]:
                 "TLM - random corpus": f"{control.mean:+.2f} [{control.low:.2f}, {control.high:.2f}]",
                 "sd": round(control.std, 2),
                 "conservative effect": round(conservative, 2),
-                "seeds for 80 % power": seeds if seeds else "none: at or under the margin",
+                "seeds for 80 % power": seeds
+                or ("none: at or under the margin" if conservative <= GATE_MARGIN else "over 1,000"),
                 "s per seed (family)": round(per_seed),
                 "confirmatory CPU hours": round(cost / 3600, 1) if cost else "",
                 "eligible": "yes" if cost and cost <= SEARCH_BUDGET_SECONDS else "no",
