@@ -26,7 +26,7 @@ from measure import run_measured
 from iss.config import load_config
 from iss.plan import influence_stage, select_stage
 from iss.report import markdown_rows
-from iss.selection import read_subset_ids
+from iss.selection import jaccard, read_subset_ids
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -93,12 +93,8 @@ def main() -> None:
     if not args.knn_corpus_docs:
         subsets["knn (corpus)"] = read_subset_ids(corpus_dir / select_stage("knn"))
 
-    names = list(subsets)
-    overlap = [
-        {"subset": a, **{b: round(len(set(subsets[a]) & set(subsets[b])) / len(set(subsets[a]) | set(subsets[b])), 3)
-                         for b in names}}
-        for a in names
-    ]  # fmt: skip
+    chosen = {name: set(ids.tolist()) for name, ids in subsets.items()}
+    overlap = [{"subset": a, **{b: round(jaccard(chosen[a], chosen[b]), 3) for b in chosen}} for a in chosen]
     machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}
     sizes = {name: int(np.size(ids)) for name, ids in subsets.items()}
     report = {"config": str(args.config), "machine": machine, "pool_docs": pool_docs, "corpus_docs": corpus_docs}

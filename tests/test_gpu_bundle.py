@@ -39,15 +39,23 @@ def device_env(tmp_path_factory) -> Path:
     return venv
 
 
+def _checkout(tmp_path: Path) -> Path:
+    """A copy of the code (src, benchmarks, configs) with no ../shared beside it."""
+    checkout = tmp_path / "checkout"
+    for folder in ("src", "benchmarks", "configs"):
+        shutil.copytree(REPO / folder, checkout / folder, ignore=shutil.ignore_patterns("results", "__pycache__"))
+    return checkout
+
+
+THIS_PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"  # the device runs 3.12; the simulated one this
+
+
 @pytest.mark.slow
 def test_the_bundle_runs_both_gate_tasks_on_a_simulated_device(device_env, tmp_path):
     require_shared()
-    checkout = tmp_path / "checkout"  # a copy of the tracked code with no ../shared beside it
-    for folder in ("src", "benchmarks", "configs"):
-        shutil.copytree(REPO / folder, checkout / folder, ignore=shutil.ignore_patterns("results", "__pycache__"))
+    checkout = _checkout(tmp_path)
     bundle = checkout / gpu_bundle.BUNDLE_NAME
-    version = f"{sys.version_info.major}.{sys.version_info.minor}"  # the device runs 3.12; this venv runs this one
-    manifest = gpu_bundle.build(bundle, max_docs=3000, python_version=version)
+    manifest = gpu_bundle.build(bundle, max_docs=3000, python_version=THIS_PYTHON)
     assert manifest["bytes"] < gpu_bundle.LIMIT_MIB * 2**20 and len(manifest["wheels"]) == len(gpu_bundle.MISSING)
     missing = subprocess.run([_python(device_env), "-c", "import pydantic"], capture_output=True)
     assert missing.returncode != 0  # the simulated device lacks what the bundle must bring
@@ -70,12 +78,9 @@ def test_the_bundle_runs_both_gate_tasks_on_a_simulated_device(device_env, tmp_p
 def test_a_bundle_without_a_needed_wheel_fails_on_the_simulated_device(device_env, tmp_path):
     """The simulation can fail: with pydantic's wheel gone, run.sh stops at the first import of iss's config."""
     require_shared()
-    checkout = tmp_path / "checkout"
-    shutil.copytree(REPO / "src", checkout / "src", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(REPO / "benchmarks", checkout / "benchmarks", ignore=shutil.ignore_patterns("results"))
-    shutil.copytree(REPO / "configs", checkout / "configs")
+    checkout = _checkout(tmp_path)
     bundle = checkout / gpu_bundle.BUNDLE_NAME
-    gpu_bundle.build(bundle, max_docs=200, python_version=f"{sys.version_info.major}.{sys.version_info.minor}")
+    gpu_bundle.build(bundle, max_docs=200, python_version=THIS_PYTHON)
     for wheel in (bundle / "wheels").glob("pydantic-*.whl"):
         wheel.unlink()
     env = {"PATH": f"{device_env / 'bin'}:/usr/bin:/bin", "HOME": str(tmp_path), "OUT": str(tmp_path / "out")}

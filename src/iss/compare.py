@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import stats
 
-from iss.stats import sample_std, unit_means
+from iss.stats import no_spread, paired_units, sample_std, seed_unit, t_interval, unit_means
 
 CONTROL = ("tlm", "random-corpus")
 DEFAULT_FAMILY: tuple[tuple[str, str], ...] = (
@@ -113,30 +113,10 @@ class Comparison:
         return {**row, "verdict": self.verdict}
 
 
-def _no_spread(differences: np.ndarray) -> bool:
-    """All differences equal (to rounding): a t statistic would divide by a zero standard error."""
-    return bool(np.ptp(differences) <= 1e-9 * max(1.0, float(np.abs(differences).max())))
-
-
-def _paired(first: dict[int, float], second: dict[int, float]) -> tuple[list[int], np.ndarray]:
-    units = sorted(set(first) & set(second))
-    return units, np.array([first[u] - second[u] for u in units], dtype=float)
-
-
-def _interval(differences: np.ndarray, level: float) -> tuple[float, float]:
-    if differences.size < 2:
-        return float("nan"), float("nan")
-    mean = float(differences.mean())
-    if _no_spread(differences):
-        return mean, mean
-    low, high = stats.t.interval(level, differences.size - 1, loc=mean, scale=stats.sem(differences))
-    return float(low), float(high)
-
-
 def _p_value(differences: np.ndarray, null: float = 0.0, alternative: str = "two-sided") -> float:
     if differences.size < 2:
         return float("nan")
-    if _no_spread(differences):
+    if no_spread(differences):
         mean = float(differences.mean())
         above = mean > null if alternative == "greater" else mean != null
         return 0.0 if above else 1.0
@@ -206,8 +186,8 @@ def task_verdict(
     means = {method: unit_means(by_unit) for method, by_unit in scores.items()}
     control = None
     if all(method in means for method in CONTROL):
-        units, diffs = _paired(means[CONTROL[0]], means[CONTROL[1]])
-        low, high = _interval(diffs, level)
+        units, diffs = paired_units(means[CONTROL[0]], means[CONTROL[1]])
+        low, high = t_interval(diffs, level)
         passed = not math.isnan(low) and low > margin
         control = Comparison(
             *CONTROL,
@@ -221,8 +201,8 @@ def task_verdict(
             high,
             "passed" if passed else "not passed",
         )
-    pairs = [(a, b) for a, b in family if a in means and b in means and _paired(means[a], means[b])[0]]
-    paired = [_paired(means[a], means[b]) for a, b in pairs]
+    pairs = [(a, b) for a, b in family if a in means and b in means and paired_units(means[a], means[b])[0]]
+    paired = [paired_units(means[a], means[b]) for a, b in pairs]
     p_values = [_p_value(diffs) for _, diffs in paired]
     usable = [i for i, p in enumerate(p_values) if not math.isnan(p)]
     adjusted = dict(zip(usable, holm([p_values[i] for i in usable]), strict=True)) if usable else {}
@@ -236,7 +216,7 @@ def task_verdict(
     comparisons = []
     for i, ((first, second), (units, diffs)) in enumerate(zip(pairs, paired, strict=True)):
         this_level = step_level.get(i, level)
-        low, high = _interval(diffs, this_level)
+        low, high = t_interval(diffs, this_level)
         if control is None or control.verdict != "passed":
             verdict = NOT_READ if control is not None else "not read: no positive control"
         elif i not in adjusted:
@@ -269,7 +249,7 @@ def run_scores(runs: list[dict]) -> dict[tuple[str, str], dict[str, dict[int, li
     (``results.json``'s ``runs``: method, task, budget, seed, pretrain_seed, test)."""
     grouped: dict[tuple[str, str], dict[str, dict[int, list[float]]]] = {}
     for row in runs:
-        unit = row["seed"] if row.get("pretrain_seed") is None else row["pretrain_seed"]
+        unit = seed_unit(row)
         key = (row.get("task", ""), row.get("budget", ""))
         grouped.setdefault(key, {}).setdefault(row["method"], {}).setdefault(unit, []).append(100 * row["test"])
     return grouped

@@ -37,7 +37,7 @@ from iss.plan import RunPlan, influence_stage, select_stage
 from iss.retrieval import pool_file
 from iss.runs import MANIFEST_FILE
 from iss.selection import read_subset_ids, subset_file, with_overlaps
-from iss.stats import paired_difference, sample_std
+from iss.stats import paired_difference, sample_std, seed_unit
 
 
 def results_table(rows: list[dict]) -> list[dict]:
@@ -87,12 +87,6 @@ def results_rows(table: list[dict], with_seeds: bool = False) -> list[dict]:
 
 def markdown(table: list[dict]) -> str:
     return markdown_rows(results_rows(table))
-
-
-def seed_unit(row: dict) -> int:
-    """The replication unit of one fine-tuning run: its pretraining's seed (its own seed without pretraining)."""
-    pretrain_seed = row.get("pretrain_seed")
-    return row["seed"] if pretrain_seed is None else pretrain_seed
 
 
 def differences_rows(

@@ -199,6 +199,11 @@ def source_shares(sources: list[str | None]) -> dict[str, float]:
     return {source: round(count / max(1, len(sources)), 4) for source, count in counts.most_common()}
 
 
+def jaccard(a: set[int], b: set[int]) -> float:
+    """Shared documents over documents in either subset (0 for two empty ones)."""
+    return len(a & b) / max(1, len(a | b))
+
+
 def _natural(name: str) -> tuple[str, int]:
     split, _, number = name.partition(":")
     return split, int(number) if number.isdigit() else -1
@@ -241,7 +246,7 @@ def with_overlaps(rows: list[dict], ids: list[np.ndarray], references: tuple[str
         for reference in references:
             theirs = found.get((reference, row.get("budget", "")))
             if theirs is not None:  # every row gets the column (1.0 for the reference itself): tables stay square
-                extra[f"jaccard_{reference}"] = round(len(mine & theirs) / max(1, len(mine | theirs)), 4)
+                extra[f"jaccard_{reference}"] = round(jaccard(mine, theirs), 4)
         out.append({**row, **extra})
     return out
 

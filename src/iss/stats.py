@@ -37,6 +37,17 @@ class PairedDifference:
         return "tie"
 
 
+def seed_unit(row: dict) -> int:
+    """The replication unit of one fine-tuning run: its pretraining's seed (its own seed without pretraining)."""
+    pretrain_seed = row.get("pretrain_seed")
+    return row["seed"] if pretrain_seed is None else pretrain_seed
+
+
+def no_spread(values: np.ndarray) -> bool:
+    """All values equal (to rounding): a t statistic would divide by a zero standard error."""
+    return bool(np.ptp(values) <= 1e-9 * max(1.0, float(np.abs(values).max())))
+
+
 def unit_means(scores: Mapping[int, float | Sequence[float]]) -> dict[int, float]:
     """Unit id -> its score, a unit's several values (fine-tuning seeds on one pretraining) averaged."""
     return {unit: float(np.mean(value)) for unit, value in scores.items()}
@@ -53,7 +64,7 @@ def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, flo
     if values.size < 2:
         return float("nan"), float("nan")
     mean = float(values.mean())
-    if np.ptp(values) == 0:
+    if no_spread(values):
         return mean, mean
     low, high = stats.t.interval(level, values.size - 1, loc=mean, scale=stats.sem(values))
     return float(low), float(high)
@@ -63,10 +74,14 @@ def paired_difference(
     first: Mapping[int, float | Sequence[float]], second: Mapping[int, float | Sequence[float]], level: float = 0.95
 ) -> PairedDifference:
     """Mean of first[u] - second[u] over the unit ids both have, with its t-interval."""
-    a, b = unit_means(first), unit_means(second)
-    units = sorted(set(a) & set(b))
+    units, differences = paired_units(unit_means(first), unit_means(second))
     if not units:
         raise ValueError("the two methods share no seed: nothing to pair")
-    differences = [a[u] - b[u] for u in units]
     low, high = t_interval(differences, level)
     return PairedDifference(float(np.mean(differences)), low, high, len(units), sample_std(differences))
+
+
+def paired_units(first: Mapping[int, float], second: Mapping[int, float]) -> tuple[list[int], np.ndarray]:
+    """The unit ids both have, in order, and first[u] - second[u] for each."""
+    units = sorted(set(first) & set(second))
+    return units, np.array([first[u] - second[u] for u in units], dtype=float)
