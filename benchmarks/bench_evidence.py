@@ -31,7 +31,6 @@ import pyarrow.parquet as pq
 import yaml
 from measure import run_measured
 from scipy import stats
-from transformers import AutoTokenizer
 
 from iss.compare import seeds_for_power, verdicts
 from iss.config import IssConfig, load_config, recorded_config
@@ -46,8 +45,7 @@ from iss.report import (
     results_table,
 )
 from iss.retrieval import pool_file
-from iss.selection import read_subset, source_shares, subset_file
-from iss.training import unigram_entropy
+from iss.selection import source_shares, subset_file
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -118,7 +116,7 @@ def run_one(
     return {
         **entry,
         **design(results["runs"], results["differences"]),
-        "pretraining": pretraining_rows(run_dir, manifest),
+        "pretraining": pretraining_rows(manifest),
         "sources": source_rows(run_dir, results.get("subsets", [])),
         "overlap": overlap_rows(run_dir, results.get("subsets", [])),
         "best_epochs": best_epochs(manifest, [run.finetune for run in manifest_plan(manifest).runs]),
@@ -293,23 +291,21 @@ def variant_dir(run_dir: Path, label: str) -> Path:
     return run_dir.with_name(f"{run_dir.name}@{slug}")
 
 
-def pretraining_rows(run_dir: Path, manifest: dict) -> list[dict]:
-    """Per pretrained subset: the MLM loss at the end (and its curve) against the subset's unigram level, the
-    loss of a model that knows word frequencies only; a curve that stays above it has learned little."""
-    tokenizer = AutoTokenizer.from_pretrained(str(run_dir / "tokenizer"))  # counting tokens only
-    rows = []
+def pretraining_rows(manifest: dict) -> list[dict]:
+    """Per pretrained subset: the MLM loss at the end (and its curve) against the subset's unigram level (the loss
+    of a model that knows word frequencies only, which the pretrain stage records); a curve that stays above it
+    has learned little."""
     plan = manifest_plan(manifest)
+    rows = []
     for name in plan.pretrainings():
-        run = plan.subset_of(name)
-        subset = read_subset(run_dir / run.select, ["text"])
-        summary = manifest["stages"][name]["summary"]
+        run, summary = plan.subset_of(name), manifest["stages"][name]["summary"]
         rows.append(
             {
                 "subset": run.method + run.tag,
                 "steps": summary["steps"],
                 "final_mlm": summary.get("mlm"),
                 "final_task_mlm": summary.get("task_mlm"),
-                "unigram_level": round(unigram_entropy(tokenizer, subset.column("text").to_pylist()), 4),
+                "unigram_level": summary.get("unigram_mlm_level"),
                 "curve": summary.get("curve"),
             }
         )

@@ -55,8 +55,8 @@ def stage_fingerprints(
     config = load_config(config_path).with_overrides({**(overrides or {}), "run_dir": str(run_dir)})
     _RecordingEngine.recorded, _RecordingEngine.portable = {}, portable
     monkeypatch.setattr(engine, "StageEngine", _RecordingEngine)
-    monkeypatch.setattr("iss.pipeline.StageEngine", _RecordingEngine)
-    monkeypatch.setattr(Pipeline, "preflight", lambda self, budgets=None: None)  # reads the pool's lengths
+    monkeypatch.setattr("iss.stages.context.StageEngine", _RecordingEngine)
+    monkeypatch.setattr("iss.stages.select.preflight", lambda context, budgets=None: None)  # reads the pool
     pipeline = Pipeline(config, show_progress=False)
     for run in RunPlan(config).runs:
         variant = pipeline.method_variant(run.method, run.budget, run.tag)

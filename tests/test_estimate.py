@@ -11,9 +11,11 @@ import pytest
 
 from iss import cli, estimate
 from iss.config import IssConfig
-from iss.estimate import estimate_run, padded_tokens
+from iss.estimate import estimate_run
 from iss.pipeline import Pipeline
 from iss.plan import RunPlan
+from iss.stages import train
+from iss.stages.price import FORWARD_SHARE, padded_tokens
 from iss.training import encoded_lengths
 
 from .test_pipeline import _small_config
@@ -45,7 +47,8 @@ def test_estimate_counts_the_runs_the_config_asks_for(tmp_path, tokenizer, fixed
     measured = sum(pipeline.results[name].summary["seconds"] for name in ("data", "tokenizer", "retrieval"))
     assert repeated.seconds["data, tokenizer, retrieval"] == pytest.approx(measured)  # known exactly by now
     assert repeated.seconds["selection"] == pytest.approx(3 * estimate.Calibration.load().select_seconds)
-    assert repeated.runs == {"influence": 2, "pretraining": 9, "fine-tuning": 12, "selection": 3}  # dot, cosine apart
+    counted = ("warm-up", "influence", "pretraining", "fine-tuning", "selection")
+    assert [repeated.runs[kind] for kind in counted] == [1, 2, 9, 12, 3]  # dot, cosine apart
     once = estimate_run(Pipeline(config.with_overrides({"evaluation.repeat_pretraining": False}), False), True)
     assert once.runs["pretraining"] == 3
     assert once.seconds["pretraining"] == pytest.approx(repeated.seconds["pretraining"] / 3)
@@ -62,11 +65,11 @@ def test_estimate_counts_the_runs_the_config_asks_for(tmp_path, tokenizer, fixed
     assert mechanism[1] > mechanism[0]
     assert mechanism[2] - mechanism[0] == pytest.approx(2 * (mechanism[1] - mechanism[0]))
     grid = estimate_run(Pipeline(config.with_overrides({"evaluation.pretrain_seeds": [0, 1]}), False))
-    assert grid.runs == {"influence": 2, "pretraining": 6, "fine-tuning": 21, "selection": 3}  # 3 x 2 x 3 + 3
+    assert [grid.runs[kind] for kind in counted] == [1, 2, 6, 21, 3]  # 3 x 2 x 3 + 3
     gate = estimate_run(
         Pipeline(config.with_overrides({"evaluation.methods": ["tlm", "random-corpus", "none"]}), False)
     )
-    assert gate.seconds["warm-up"] == 0 and gate.runs["influence"] == 0  # nothing reads a warm-up there
+    assert gate.seconds["warm-up"] == 0 and gate.runs["influence"] == gate.runs["warm-up"] == 0  # nothing reads it
 
 
 def test_packing_prices_full_rows_and_buckets_price_less_padding(tmp_path, tokenizer, fixed_price):
@@ -101,7 +104,7 @@ def test_cached_frozen_blocks_price_one_whole_model_pass_on_top_of_the_steps(tmp
     lengths = [encoded_lengths(tokenizer, task.texts(split), 48) for split in ("train", "dev", "test")]
     tokens = sum(int(split.sum()) for split in lengths)
     extra = cached.seconds["fine-tuning"] - plain.seconds["fine-tuning"]
-    assert extra == pytest.approx(tokens * estimate.FORWARD_SHARE * 1e-6)  # two seeds of one pretrained model
+    assert extra == pytest.approx(tokens * FORWARD_SHARE * 1e-6)  # two seeds of one pretrained model
     repeated = config.with_overrides({"finetune.cache_frozen_blocks": True, "evaluation.repeat_pretraining": True})
     extra_repeated = estimate_run(Pipeline(repeated, False)).seconds["fine-tuning"] - plain.seconds["fine-tuning"]
     assert extra_repeated == pytest.approx(2 * extra)  # a pretrained model per seed
@@ -109,7 +112,7 @@ def test_cached_frozen_blocks_price_one_whole_model_pass_on_top_of_the_steps(tmp
     extra_none = estimate_run(Pipeline(with_none, False)).seconds["fine-tuning"] - cached.seconds["fine-tuning"]
     plain_none = estimate_run(Pipeline(config.with_overrides({"evaluation.methods": ["tlm", "none"]}), False))
     none_runs = plain_none.seconds["fine-tuning"] - plain.seconds["fine-tuning"]
-    assert extra_none - none_runs == pytest.approx(2 * tokens * estimate.FORWARD_SHARE * 1e-6)  # one per seed
+    assert extra_none - none_runs == pytest.approx(2 * tokens * FORWARD_SHARE * 1e-6)  # one per seed
 
 
 def test_the_fine_tuning_probe_times_the_cached_path_when_caching(tmp_path, tokenizer, monkeypatch):
@@ -152,6 +155,47 @@ def test_warm_up_and_pretraining_are_priced_by_probes_that_train_what_they_train
     assert partial.seconds["warm-up"] == pytest.approx(whole.seconds["warm-up"] / 4)
     assert partial.seconds["pretraining"] == pytest.approx(whole.seconds["pretraining"] / 4)
     assert partial.seconds["influence"] == pytest.approx(whole.seconds["influence"])
+
+
+def test_each_kind_costs_its_stages_declared_price_times_the_probe_and_this_machines_factor(
+    tmp_path, tokenizer, monkeypatch
+):
+    """The estimate knows nothing a stage does not declare (iss.stages' prices): per kind of stage, its tokens per
+    probe x the probe's seconds per token x this machine's factor for that kind; a price follows its own settings."""
+    monkeypatch.setenv("ISS_CACHE", str(tmp_path / "cache"))
+    tokenizer.save_pretrained(str(tmp_path / "tok"))
+    config = _small_config(
+        tmp_path / "run",
+        tokenizer={"path": str(tmp_path / "tok")},
+        finetune={"seeds": [0, 1], "cache_frozen_blocks": True, "trainable_blocks": 1},
+        evaluation={"methods": ["iss", "tlm", "none"], "mechanism_steps": 2},
+    )
+    factors = {"warm-up": 2.0, "influence": 3.0, "pretraining": 0.5, "fine-tuning": 1.5, "mechanism check": 0.25}
+    estimate.Calibration.path().parent.mkdir(parents=True)
+    calibrated = {"stage_factors": {estimate.model_key(config): factors}}
+    estimate.Calibration.path().write_text(json.dumps(calibrated), encoding="utf-8")
+    per_token = {"joint": 4e-6, "warm-up": 3e-6, "pretraining": 2e-6, "task": 1e-6}
+    pipeline = Pipeline(config, show_progress=False)
+    estimated = estimate_run(pipeline, with_pool=True, seconds_per_token=per_token)
+
+    pool = pq.read_table(pipeline.retrieval().path / "pool.parquet", columns=["text"]).column("text").to_pylist()
+    run_tokenizer = pipeline.read_tokenizer()
+    lengths = encoded_lengths(run_tokenizer, pool, config.model.max_length)
+    work = estimate.measure_workload(pipeline, pipeline.task(), run_tokenizer, lengths)
+    prices = estimate.stage_prices(work)
+    assert [price.kind for price in prices] == list(factors)
+    for price in prices:
+        expected = sum(tokens * per_token[probe] for probe, tokens in price.tokens.items()) * factors[price.kind]
+        assert expected > 0 and estimated.seconds[price.kind] == pytest.approx(expected, rel=1e-12)
+        assert estimated.runs[price.kind] == price.runs
+    assert set(train.finetune_price(work).tokens) == {"task", "joint"}  # the frozen blocks' encodings: whole model
+
+    longer = estimate.measure_workload(
+        pipeline.variant({"pretrain.steps": 2 * config.pretrain.steps}), pipeline.task(), run_tokenizer, lengths
+    )
+    twice = train.pretrain_price(longer).tokens["pretraining"]
+    assert twice == pytest.approx(2 * train.pretrain_price(work).tokens["pretraining"])
+    assert train.finetune_price(longer) == train.finetune_price(work)
 
 
 @pytest.mark.parametrize("show_progress", [True, False])
@@ -214,14 +258,14 @@ def test_before_any_stage_the_pool_is_forecast_and_one_run_calibrates_it(tmp_pat
     calibration = estimate.learn_from_run(pipeline, manifest)
     summary = pipeline.retrieval().summary
     assert calibration.pool_share == pytest.approx(summary["pool_docs"] / summary["hits"])
-    key = estimate.hits_key(estimate.corpus_key(pipeline), config.retrieval.top_k)
+    key = estimate.hits_key(estimate.corpus_key(config), config.retrieval.top_k)
     assert calibration.pool_shares == {key: calibration.pool_share}  # another corpus or top-k: the last run's
     again = Pipeline(config, show_progress=False)
     second = estimate_run(again)
     inputs = sum(manifest["stages"][name]["summary"]["seconds"] for name in ("data", "tokenizer", "retrieval"))
     assert second.unpriced == () and second.seconds[estimate.INPUT_STAGES] == pytest.approx(inputs)
-    queries, corpus = len(pipeline.task().texts("train")), estimate.corpus_key(again)
-    forecast = estimate.forecast_pool_lengths(again, tokenizer, queries, estimate.Calibration.load(), corpus)
+    queries, corpus = len(pipeline.task().texts("train")), estimate.corpus_key(config)
+    forecast = estimate.forecast_pool_lengths(config, tokenizer, queries, estimate.Calibration.load(), corpus)
     pool = pq.read_table(pipeline.retrieval().path / "pool.parquet", columns=["text"]).column("text").to_pylist()
     real = encoded_lengths(tokenizer, pool, config.model.max_length)
     assert len(forecast) == len(real)
@@ -319,9 +363,11 @@ def test_fine_tuning_encodes_the_frozen_blocks_once_per_distinct_model_and_share
         "evaluation": {"methods": ["iss", "tlm", "none"]},
     }
     config = IssConfig(**settings)
-    pipeline = SimpleNamespace(config=config, blocks=lambda: 30)
-    assert estimate.frozen_encodings(pipeline, RunPlan(config)) == pytest.approx(26 / 28 + 7 * 2 / 28)
+
+    def encodings(settings: IssConfig) -> float:
+        return train.frozen_encodings(SimpleNamespace(config=settings, plan=RunPlan(settings), blocks=30))
+
+    assert encodings(config) == pytest.approx(26 / 28 + 7 * 2 / 28)
     whole = config.with_overrides({"pretrain.trainable_blocks": None})
-    assert estimate.frozen_encodings(SimpleNamespace(config=whole, blocks=lambda: 30), RunPlan(whole)) == 7
-    scratch = whole.with_overrides({"model.path": None})
-    assert estimate.frozen_encodings(SimpleNamespace(config=scratch, blocks=lambda: 30), RunPlan(scratch)) == 9
+    assert encodings(whole) == 7
+    assert encodings(whole.with_overrides({"model.path": None})) == 9

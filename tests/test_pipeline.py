@@ -19,9 +19,10 @@ from iss.config import IssConfig, TaskConfig
 from iss.data import DataError, iter_corpus, load_task
 from iss.errors import ConfigError
 from iss.model import TaskModel
-from iss.pipeline import HEAD_SAMPLE_SEED_OFFSET, Pipeline
+from iss.pipeline import Pipeline
 from iss.runs import RunFolder
 from iss.selection import BudgetError
+from iss.stages.warmup import HEAD_SAMPLE_SEED_OFFSET
 
 from .conftest import CHEMPROT, CORPUS, require_shared
 

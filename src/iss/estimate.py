@@ -1,7 +1,9 @@
 """How long ``iss run`` will take, said before any stage runs, and again once the BM25 pool exists.
 
-Every stage's work is counted in the tokens its batches really hold (padding included, with the run's own
-batching: length buckets, packing, task/subset micro-batch schedule), and priced by probes of this machine: a
+Every stage declares its own work (:mod:`iss.stages`: a :class:`~iss.stages.price.Price`, the tokens its batches
+really hold, padding included, with the run's own batching: length buckets, packing, task/subset micro-batch
+schedule); this module measures the run's inputs once (:class:`~iss.stages.price.Workload`) and sums the prices,
+each priced by probes of this machine: a
 few training steps of the run's own model on one warm-up batch, with MLM + task loss on the blocks warm-up and
 pretraining train, and with the task loss alone on the fine-tuned parameters (fine-tuning). Forward-only work
 (evaluation, the influence stage's candidate pass) is priced relative to a whole-model training step with factors
@@ -27,8 +29,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from iss.config import IssConfig
 from iss.data import TaskData, iter_corpus, load_task
-from iss.frozen import FrozenBlockFeatures, FrozenStates
+from iss.frozen import FrozenBlockFeatures
 from iss.model import (
     forward_autocast,
     labelled_batch,
@@ -41,16 +44,16 @@ from iss.model import (
 from iss.plan import RunPlan
 from iss.retrieval import read_pool
 from iss.runs import cache_root, write_json
-from iss.training import TrainingBatches, encoded_lengths, task_batch_schedule
+from iss.stages import influence, mechanism, select, train, warmup
+from iss.stages.context import corpus_signature
+from iss.stages.inputs import make_tokenizer, read_tokenizer, task
+from iss.stages.price import Price, Workload
+from iss.stages.retrieval import pool_token_counts, retrieval
+from iss.training import encoded_lengths
 
 if TYPE_CHECKING:
-    from iss.config import IssConfig
-    from iss.pipeline import Pipeline
+    from iss.stages.context import StageContext
 
-FORWARD_SHARE = 1 / 3  # a forward pass costs about a third of a training step (forward + backward)
-# influence per candidate in forward passes (bench_influence on the default model): 3.41 per document, 2.06 at
-# Table A.1's B_p = 4 / B_t = 8, where a unit's gradient is shared by its documents
-INFLUENCE_SHARE = {"per document": 3.4 * FORWARD_SHARE, "batched": 2.1 * FORWARD_SHARE}
 PROBE_STEPS = 5  # the fastest counts: a transient load on the machine slows some steps, never speeds one up
 ESTIMATE_FILE = "estimate.json"
 FORECAST_FILE = "estimate-forecast.json"  # the estimate made before any stage ran
@@ -126,16 +129,6 @@ class RunEstimate:
         )
 
 
-def padded_tokens(lengths: np.ndarray, batches: list[np.ndarray]) -> int:
-    """Tokens the model processes for these batches: each batch is padded to its longest row."""
-    return int(sum(len(rows) * lengths[rows].max() for rows in batches if len(rows)))
-
-
-def epoch_tokens(batches: TrainingBatches, lengths: np.ndarray) -> int:
-    """Padded tokens of one epoch of these training batches over texts of these encoded lengths."""
-    return padded_tokens(lengths, [batches(step) for step in range(batches.steps_per_epoch)])
-
-
 def probe_settings(config: IssConfig) -> dict[str, tuple[str, int | None]]:
     """The probes an estimate times, each as (objective, the top blocks its steps train; None: all): ``joint`` (LM
     + task loss on the whole model, which also prices forward-only passes), ``warm-up`` and ``pretraining`` (LM +
@@ -149,8 +142,8 @@ def probe_settings(config: IssConfig) -> dict[str, tuple[str, int | None]]:
 
 
 def probe_seconds_per_token(
-    pipeline: Pipeline,
-    task: TaskData,
+    context: StageContext,
+    task_data: TaskData,
     tokenizer,
     texts: list[str],
     labels: np.ndarray,
@@ -159,26 +152,26 @@ def probe_seconds_per_token(
 ) -> float:
     """Seconds per (padded) token of a training step of the run's model on one batch of task texts, training its
     top ``blocks`` (all: None): with MLM + task loss (``joint``), or with the task loss alone (``task``)."""
-    config = pipeline.config
-    model = pipeline.initial_model(task, tokenizer, config.seed, fitted_head=False).to(pipeline.device)
+    config, device = context.config, context.device
+    model = warmup.initial_model(context, task_data, tokenizer, config.seed, fitted_head=False).to(device)
     set_trainable(model, config.model.freeze_embeddings, blocks)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     rows = np.arange(min(len(texts), config.warmup.batch_size))
     batch = labelled_batch(tokenizer, [texts[i] for i in rows], labels[rows], config.model.max_length)
-    batch = language_batch(model, tokenizer, batch, 0.15, config.seed, rows).to(pipeline.device)
+    batch = language_batch(model, tokenizer, batch, 0.15, config.seed, rows).to(device)
     cache = FrozenBlockFeatures(model, blocks) if objective == "task" and config.finetune.cache_frozen_blocks else None
     if cache:  # fine-tuning's steps then run the top blocks on cached states
         batch_texts = [texts[i] for i in rows]
-        states = cache.encode(tokenizer, batch_texts, config.model.max_length, pipeline.device, len(rows))
+        states = cache.encode(tokenizer, batch_texts, config.model.max_length, device, len(rows))
         model.train()
     timings = []
     for _ in range(PROBE_STEPS + 1):  # the first step warms up allocators and kernels and is not counted
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        with forward_autocast(pipeline.device):
+        with forward_autocast(device):
             if cache:
-                loss = torch.nn.functional.cross_entropy(cache.logits(states, pipeline.device), batch.labels)
+                loss = torch.nn.functional.cross_entropy(cache.logits(states, device), batch.labels)
             else:
                 loss = per_sample_task_loss(model, batch).mean()
             if objective == "joint":
@@ -189,132 +182,84 @@ def probe_seconds_per_token(
     return float(np.min(timings[1:])) / batch.input_ids.numel()
 
 
+def measure_workload(context: StageContext, task_data: TaskData, tokenizer, pool_lengths: np.ndarray) -> Workload:
+    """The run's inputs as its stages price them: the task's splits encoded with the run's tokenizer, the pool's
+    lengths (real or forecast), the model's blocks."""
+    max_length = context.config.model.max_length
+    split_tokens = {
+        split: int(encoded_lengths(tokenizer, task_data.texts(split), max_length).sum())
+        if split in task_data.splits
+        else 0
+        for split in ("dev", "test")
+    }
+    train_texts = task_data.texts("train")
+    train_lengths = encoded_lengths(tokenizer, train_texts, max_length)
+    return Workload(context.config, tokenizer, train_texts, train_lengths, split_tokens, pool_lengths, context.blocks())
+
+
+def stage_prices(work: Workload) -> list[Price]:
+    """Every probed kind of stage's declared price (:mod:`iss.stages`), in the order the run makes them."""
+    head = warmup.head_price(work)
+    return [
+        *([head] if head else []),
+        warmup.warmup_price(work),
+        influence.price(work),
+        train.pretrain_price(work),
+        train.finetune_price(work),
+        mechanism.price(work),
+    ]
+
+
 def estimate_run(
-    pipeline: Pipeline, with_pool: bool = False, seconds_per_token: dict[str, float] | None = None
+    context: StageContext, with_pool: bool = False, seconds_per_token: dict[str, float] | None = None
 ) -> RunEstimate:
-    """Price ``pipeline.run_all()`` for a fresh run folder. By default before any stage runs: the task is read and
-    the tokenizer made (or taken from the cache) in memory, and the pool is forecast. ``with_pool`` reads the
-    retrieval stage's pool (running it if needed) and prices the input stages by their measured seconds;
-    ``seconds_per_token`` reuses the probes of an earlier estimate."""
-    config = pipeline.config
-    seed, max_length = config.seed, config.model.max_length
-    task = pipeline.task() if with_pool else load_task(config.task, seed)
-    tokenizer = pipeline.read_tokenizer() if with_pool else pipeline.make_tokenizer(task)[0]
-    train, labels = task.texts("train"), task.label_ids("train")
+    """Price ``Pipeline.run_all()`` for a fresh run folder: the stages' declared prices (tokens per probe) times
+    this machine's probes (seconds per token) times its calibration. By default before any stage runs: the task
+    is read and the tokenizer made (or taken from the cache) in memory, and the pool is forecast. ``with_pool``
+    reads the retrieval stage's pool (running it if needed) and prices the input stages by their measured
+    seconds; ``seconds_per_token`` reuses the probes of an earlier estimate."""
+    config = context.config
+    task_data = task(context) if with_pool else load_task(config.task, config.seed)
+    tokenizer = read_tokenizer(context) if with_pool else make_tokenizer(context, task_data)[0]
+    train_texts, labels = task_data.texts("train"), task_data.label_ids("train")
     per_token = seconds_per_token
     if per_token is None:  # one probe per distinct setting: without trainable_blocks they are two
         settings = probe_settings(config)
         timed = {
-            setting: probe_seconds_per_token(pipeline, task, tokenizer, train, labels, *setting)
+            setting: probe_seconds_per_token(context, task_data, tokenizer, train_texts, labels, *setting)
             for setting in dict.fromkeys(settings.values())
         }
         per_token = {probe: timed[setting] for probe, setting in settings.items()}
 
-    tokens = {
-        split: int(encoded_lengths(tokenizer, task.texts(split), max_length).sum()) if split in task.splits else 0
-        for split in ("dev", "test")
-    }
-    train_lengths = encoded_lengths(tokenizer, train, max_length)
-
     calibration = Calibration.load()
-    corpus = None if with_pool else corpus_key(pipeline)  # what the forecast reads of earlier runs on this corpus
+    corpus = None if with_pool else corpus_key(config)  # what the forecast reads of earlier runs on this corpus
     if with_pool:
-        pool = read_pool(pipeline.retrieval().path, ["text"]).column("text").to_pylist()
-        pool_lengths = encoded_lengths(tokenizer, pool, max_length)
+        pool = read_pool(retrieval(context).path, ["text"]).column("text").to_pylist()
+        pool_lengths = encoded_lengths(tokenizer, pool, config.model.max_length)
     else:
-        pool_lengths = forecast_pool_lengths(pipeline, tokenizer, len(train), calibration, corpus)
-    rng = np.random.default_rng(seed)
+        pool_lengths = forecast_pool_lengths(config, tokenizer, len(train_texts), calibration, corpus)
+    work = measure_workload(context, task_data, tokenizer, pool_lengths)
 
-    plan = RunPlan(config)
-    influence_runs = plan.influence_stages()
-    pretrain_runs, finetune_runs = len(plan.pretrainings()), len(plan.runs)
-    encodings = frozen_encodings(pipeline, plan)
-
-    warmup = config.warmup
-    warmup_epoch = epoch_tokens(
-        TrainingBatches(tokenizer, train, warmup.batch_size, seed, warmup.length_buckets), train_lengths
-    )
-    task_batch = warmup_epoch / max(1, -(-len(train) // warmup.batch_size))
-
-    pretrain = config.pretrain
-    schedule = task_batch_schedule(pretrain.steps * pretrain.accumulation, pretrain.rho1, pretrain.objective)
-    if pretrain.packing:
-        subset_batch = pretrain.batch_size * max_length
-    else:  # padded to the longest of batch_size random pool documents
-        draws = rng.choice(pool_lengths, size=(64, pretrain.batch_size))
-        subset_batch = pretrain.batch_size * float(draws.max(1).mean())
-    pretrain_tokens = schedule.sum() * task_batch + (~schedule).sum() * subset_batch
-
-    finetune = config.finetune
-    finetune_epoch = epoch_tokens(
-        TrainingBatches(tokenizer, train, finetune.batch_size, seed, finetune.length_buckets), train_lengths
-    )
-    evaluation = (finetune.epochs * tokens["dev"] + tokens["test"]) * FORWARD_SHARE
-    # with cached frozen blocks, one forward pass of the whole model over every split first (priced as MLM + task)
-    cache_pass = (int(train_lengths.sum()) + tokens["dev"] + tokens["test"]) * FORWARD_SHARE
-    mechanism = 0.0
-    if config.evaluation.mechanism_steps:
-        checks = len(plan.subsets()) * config.evaluation.mechanism_repeats  # + one of the warmed-up model alone
-        mechanism = (
-            checks * config.evaluation.mechanism_steps * subset_batch
-            + (checks + 1) * (tokens["dev"] + tokens["test"]) * FORWARD_SHARE
-        )
-
-    # the encoder runs forward only, unless the fit trains its top blocks too (a shared base)
-    head_share = 1.0 if config.model.mlm_head_blocks else FORWARD_SHARE
-    head_fit = config.model.mlm_head_steps * subset_batch * head_share
-    warmed_up = bool(influence_runs) or bool(config.evaluation.mechanism_steps)  # nothing else reads the warm-up
-    seconds = {
-        **({"MLM head fit": head_fit} if head_fit else {}),
-        "warm-up": warmup.epochs * warmup_epoch if warmed_up else 0.0,
-        "influence": sum(
-            int(pool_lengths.sum()) * INFLUENCE_SHARE["batched" if settings.pool_batch > 1 else "per document"]
-            + tokens["dev"]
-            for settings in plan.influence_settings()
-        ),
-        "pretraining": pretrain_runs * pretrain_tokens,
-        "fine-tuning": finetune_runs * (finetune.epochs * finetune_epoch + evaluation),
-        "mechanism check": mechanism,
-    }
-    runs = {"influence": len(influence_runs), "pretraining": pretrain_runs, "fine-tuning": finetune_runs}
-    probe_of = {"warm-up": "warm-up", "pretraining": "pretraining", "fine-tuning": "task"}  # the rest: whole model
-    priced = {kind: float(t) * per_token[probe_of.get(kind, "joint")] for kind, t in seconds.items()}
-    if finetune.cache_frozen_blocks:
-        priced["fine-tuning"] += encodings * cache_pass * per_token["joint"]
+    prices = stage_prices(work)
+    priced = {p.kind: sum(float(t) * per_token[probe] for probe, t in p.tokens.items()) for p in prices}
+    runs = {p.kind: p.runs for p in prices}
     factors = {kind: calibration.stage_factor(model_key(config), kind) for kind in priced}
     priced = {kind: t * factors[kind] for kind, t in priced.items()}
     # what is not priced per token: the input stages (measured once they ran; before, what they took in this
     # machine's last run on this corpus) and each selection (calibrated on this machine's earlier runs)
-    stages, unpriced = plan.stages_by_kind(), []
+    stages, unpriced = work.plan.stages_by_kind(), []
     if with_pool:
         priced[INPUT_STAGES] = sum(
-            float(pipeline.results[name].summary.get("seconds", 0)) for name in stages[INPUT_STAGES]
+            float(context.results[name].summary.get("seconds", 0)) for name in stages[INPUT_STAGES]
         )
     elif corpus in calibration.input_seconds:
         priced[INPUT_STAGES] = calibration.input_seconds[corpus]
     else:
         unpriced.append(INPUT_STAGES)
-    priced["selection"] = len(stages["selection"]) * calibration.select_seconds
-    runs["selection"] = len(stages["selection"])
+    selections = select.price(work)
+    priced[selections.kind] = selections.runs * calibration.select_seconds
+    runs[selections.kind] = selections.runs
     return RunEstimate(priced, runs, per_token, not with_pool, tuple(unpriced), factors)
-
-
-def frozen_encodings(pipeline: Pipeline, plan: RunPlan) -> float:
-    """How many whole encodings of the task by the frozen lower blocks fine-tuning makes (see
-    :class:`iss.frozen.FrozenStates`): one per pretrained model, one for the checkpoint's seeds without
-    pretraining (one per seed from scratch, where each seed's model differs); where pretraining leaves the blocks
-    below its top ones untouched, those are encoded once and each model adds only its frozen blocks above them."""
-    config = pipeline.config
-    if not config.finetune.cache_frozen_blocks:
-        return 0.0
-    fresh = [run for run in plan.runs if not run.pretrained]
-    models = len(plan.pretrainings()) + (min(len(fresh), 1) if config.model.path else len(fresh))
-    blocks = pipeline.blocks()
-    frozen = blocks - config.finetune.trainable_blocks
-    untouched = FrozenStates.for_config(config).untouched_depth(blocks, frozen)
-    if untouched is not None:
-        return untouched / frozen + models * (frozen - untouched) / frozen
-    return float(models)
 
 
 def model_key(config: IssConfig) -> str:
@@ -324,31 +269,30 @@ def model_key(config: IssConfig) -> str:
     return model.path or f"from scratch ({model.num_layers} x {model.hidden_size})"
 
 
-def corpus_key(pipeline: Pipeline) -> str:
+def corpus_key(config: IssConfig) -> str:
     """A short name for the corpus as the run reads it (its settings and its files' sizes and times)."""
-    return hashlib.sha256(json.dumps(pipeline.corpus_signature(), sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(corpus_signature(config.corpus), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def corpus_head_counts(pipeline: Pipeline, tokenizer) -> np.ndarray:
+def corpus_head_counts(config: IssConfig, tokenizer) -> np.ndarray:
     """Token counts of the corpus's first documents (as the mixture keeps them): a sample read in a moment."""
-    batches = iter_corpus(pipeline.config.corpus, batch_size=CORPUS_HEAD_DOCS)
+    batches = iter_corpus(config.corpus, batch_size=CORPUS_HEAD_DOCS)
     texts = list(itertools.islice((text for batch in batches for text in batch.texts if text), CORPUS_HEAD_DOCS))
     return token_counts(tokenizer, texts)
 
 
 def forecast_pool_lengths(
-    pipeline: Pipeline, tokenizer, queries: int, calibration: Calibration, corpus: str
+    config: IssConfig, tokenizer, queries: int, calibration: Calibration, corpus: str
 ) -> np.ndarray:
     """Encoded lengths of the pool BM25 will make: queries x top_k hits times the share of unique documents, at
     most the documents of ``corpus`` (a :func:`corpus_key`) where an earlier run counted them, with lengths drawn
     from the corpus's first documents scaled by how much longer pool documents were in earlier runs (BM25 favours
     long documents)."""
-    config = pipeline.config
     share = calibration.pool_shares.get(hits_key(corpus, config.retrieval.top_k), calibration.pool_share)
     docs = round(queries * config.retrieval.top_k * share)
     if calibration.corpus_size.get(corpus):
         docs = min(docs, calibration.corpus_size[corpus])
-    counts = corpus_head_counts(pipeline, tokenizer) * calibration.pool_length_ratio
+    counts = corpus_head_counts(config, tokenizer) * calibration.pool_length_ratio
     specials = tokenizer.num_special_tokens_to_add()
     lengths = np.minimum(np.round(counts).astype(np.int64) + specials, config.model.max_length)
     return np.random.default_rng(config.seed).choice(lengths, size=max(1, docs))
@@ -439,12 +383,13 @@ class Calibration:
         return calibration
 
 
-def learn_from_run(pipeline: Pipeline, manifest: dict) -> Calibration:
+def learn_from_run(context: StageContext, manifest: dict) -> Calibration:
     """Calibrate on a finished run: its manifest, how much longer its pool's documents are than the corpus's
     first ones (both counted with the run's tokenizer), and its stages against its estimate (``estimate.json``)."""
-    pool, tokenizer = pipeline.pool_token_counts(), pipeline.read_tokenizer()
-    head = corpus_head_counts(pipeline, tokenizer)
+    config = context.config
+    pool, tokenizer = pool_token_counts(context), read_tokenizer(context)
+    head = corpus_head_counts(config, tokenizer)
     ratio = float(pool.mean() / head.mean()) if len(pool) and len(head) and head.mean() > 0 else None
-    saved = pipeline.run.root / ESTIMATE_FILE
+    saved = context.run.root / ESTIMATE_FILE
     estimate = RunEstimate.load(saved) if saved.is_file() else None
-    return Calibration.learn(manifest, RunPlan(pipeline.config), corpus_key(pipeline), ratio, estimate)
+    return Calibration.learn(manifest, RunPlan(config), corpus_key(config), ratio, estimate)
