@@ -440,7 +440,7 @@ def search_rows(entries: list[dict]) -> list[dict]:
         cost = seeds * per_seed + stage["mlm-head"] if seeds else None
         rows.append(
             {
-                "candidate": entry.get("variant") or "probe",
+                "candidate": f"{entry['task']}: {entry.get('variant') or 'probe'}",  # the config, then the reading
                 "seeds": n,
                 "TLM - random corpus": f"{control.mean:+.2f} [{control.low:.2f}, {control.high:.2f}]",
                 "sd": round(control.std, 2),

@@ -225,9 +225,9 @@ def test_the_search_rule_sizes_the_confirmatory_run_from_the_conservative_effect
     rows = {row["candidate"]: row for row in bench_evidence.search_rows([strong, weak])}
     diffs = np.array([6.0, 7.0, 5.5, 6.5])
     bound = diffs.mean() - stats.t.ppf(0.8, 3) * diffs.std(ddof=1) / 2
-    assert rows["probe"]["conservative effect"] == pytest.approx(bound, abs=0.01)
+    assert rows["scierc: probe"]["conservative effect"] == pytest.approx(bound, abs=0.01)
     seeds = seeds_for_power(bound, diffs.std(ddof=1), 1.0)
-    assert rows["probe"]["seeds for 80 % power"] == seeds
-    assert rows["probe"]["confirmatory CPU hours"] == round((seeds * (7 * 500 + 8 * 20) + 1000) / 3600, 1)
-    assert rows["probe"]["eligible"] == "yes"
-    assert rows["weak"]["conservative effect"] < 1 and rows["weak"]["eligible"] == "no"
+    assert rows["scierc: probe"]["seeds for 80 % power"] == seeds
+    assert rows["scierc: probe"]["confirmatory CPU hours"] == round((seeds * (7 * 500 + 8 * 20) + 1000) / 3600, 1)
+    assert rows["scierc: probe"]["eligible"] == "yes"
+    assert rows["scierc: weak"]["conservative effect"] < 1 and rows["scierc: weak"]["eligible"] == "no"
