@@ -112,7 +112,7 @@ def test_a_config_typo_names_the_file_the_key_and_the_nearest_key(tmp_path):
 
 
 def test_export_and_import_say_what_is_wrong_in_one_line(tmp_path):
-    assert "is not a run folder" in _one_error_line(_iss("export", str(tmp_path), str(tmp_path / "a.tar.gz")))
+    assert "is not an iss run folder" in _one_error_line(_iss("export", str(tmp_path), str(tmp_path / "a.tar.gz")))
     assert "archive not found" in _one_error_line(_iss("import", str(tmp_path / "none.tar.gz"), "--run-dir", "x"))
     (tmp_path / "plain.tar.gz").write_bytes(b"")
     assert "say where the stages go" in _one_error_line(_iss("import", str(tmp_path / "plain.tar.gz")))

@@ -14,6 +14,7 @@ from iss.config import IssConfig
 from iss.estimate import estimate_run
 from iss.pipeline import Pipeline
 from iss.plan import RunPlan
+from iss.runs import RunFolder
 from iss.stages import train
 from iss.stages.price import FORWARD_SHARE, padded_tokens
 from iss.training import encoded_lengths
@@ -206,7 +207,7 @@ def test_iss_run_says_the_estimate_before_any_stage_and_again_with_the_pool(
     monkeypatch.setenv("ISS_CACHE", str(tmp_path / "cache"))
 
     class Recorder:
-        run = SimpleNamespace(root=tmp_path)
+        run = RunFolder(tmp_path / "run")
         config = IssConfig(evaluation={"methods": ["iss", "tlm", "none"]})
 
         def retrieval(self):
@@ -215,7 +216,7 @@ def test_iss_run_says_the_estimate_before_any_stage_and_again_with_the_pool(
         def run_all(self):
             events.append("run_all")
             stages = {name: {"summary": {"seconds": s}} for name, s in (("select-iss", 9.0), ("select-tlm", 3.0))}
-            (tmp_path / "manifest.json").write_text(json.dumps({"stages": stages}), encoding="utf-8")
+            (tmp_path / "run" / "manifest.json").write_text(json.dumps({"stages": stages}), encoding="utf-8")
             return "results"
 
     Recorder.show_progress = show_progress
@@ -237,8 +238,8 @@ def test_iss_run_says_the_estimate_before_any_stage_and_again_with_the_pool(
     said = capsys.readouterr().err.replace("\n", " ")
     assert ("before any stage, pool forecast): 1.5 min" in said) == show_progress  # --quiet says nothing
     assert ("(with the BM25 pool): 2.0 min" in said) == show_progress
-    assert estimate.RunEstimate.load(tmp_path / estimate.FORECAST_FILE).seconds == {"warm-up": 90.0}
-    assert estimate.RunEstimate.load(tmp_path / estimate.ESTIMATE_FILE).seconds == {"warm-up": 120.0}
+    assert estimate.RunEstimate.load(tmp_path / "run" / estimate.FORECAST_FILE).seconds == {"warm-up": 90.0}
+    assert estimate.RunEstimate.load(tmp_path / "run" / estimate.ESTIMATE_FILE).seconds == {"warm-up": 120.0}
     assert estimate.Calibration.load().select_seconds == 6.0  # the median of the run's selections, kept
 
 

@@ -61,7 +61,7 @@ def test_an_ablation_reuses_linked_stages_and_never_writes_into_the_base_run(tmp
     assert (tmp_path / "base" / "finetune" / "out.txt").read_text(encoding="utf-8") == "done"
     assert base.finished("finetune", "f1") is not None and ablation.finished("finetune", "f2") is not None
     assert ablation.link_stages_from(tmp_path / "base") == []  # what the ablation has is kept
-    with pytest.raises(ConfigError, match="not a run folder"):
+    with pytest.raises(ConfigError, match="not an iss run folder"):
         ablation.link_stages_from(tmp_path / "nowhere")
 
 

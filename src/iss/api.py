@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from iss.config import IssConfig, load_config
 from iss.errors import ConfigError
 from iss.pipeline import Pipeline
+from iss.runs import RunFolder
 from iss.selection import read_subset
 
 TaskInput = str | Path | datasets.Dataset | datasets.DatasetDict | Mapping[str, Any]
@@ -66,7 +67,7 @@ def _select(
     overrides: Mapping[str, Any] | None,
     show_progress: bool,
 ) -> datasets.Dataset:
-    inputs = run_dir / "inputs"
+    inputs = RunFolder(run_dir).root / "inputs"  # the folder is claimed as a run folder before anything is written
     settings: dict[str, Any] = {"run_dir": str(run_dir), "selection.method": method}
     if budget is not None:
         settings["selection.budget"] = str(budget)

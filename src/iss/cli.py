@@ -6,6 +6,7 @@ Everything heavy (torch, datasets, the pipeline) is imported inside the commands
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import sys
@@ -63,6 +64,13 @@ ReuseOpt = Annotated[
     ),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or logs.")]
+NoRecomputeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--no-recompute",
+        help="Refuse, in one line, a finished stage whose files are missing or changed, instead of recomputing it.",
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the stage summaries as JSON on stdout.")]
 BackendOpt = Annotated[
     str | None, typer.Option("--backend", help="local (default) or ray: where retrieval and influence run.")
@@ -95,6 +103,7 @@ def _run(
     quiet: bool,
     as_json: bool,
     reuse_from: Path | None = None,
+    no_recompute: bool = False,
     **extra: Any,
 ) -> None:
     """Build the config, run ``action`` on its pipeline, print results."""
@@ -107,7 +116,7 @@ def _run(
         if reuse_from is not None:
             linked = RunFolder(settings.run_dir).link_stages_from(reuse_from)
             logging.getLogger("iss").info("linked %d finished stages from %s", len(linked), reuse_from)
-        pipeline = Pipeline(settings, show_progress=not quiet)
+        pipeline = Pipeline(settings, show_progress=not quiet, recompute=not no_recompute)
         result = action(pipeline)
     _report(pipeline, result, quiet, as_json)
 
@@ -129,8 +138,17 @@ def _one_line_errors() -> Iterator[None]:
     try:
         yield
     except (IssError, ValidationError) as error:
-        console.print(f"[red]error:[/red] {escape(str(error))}", soft_wrap=True)  # one line, brackets kept
+        _one_line(str(error))
         raise typer.Exit(2) from error
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        _one_line(f"{error.strerror} ({error.filename or 'writing'}): free some space; no half-written stage is reused")
+        raise typer.Exit(2) from error
+
+
+def _one_line(message: str) -> None:
+    console.print(f"[red]error:[/red] {escape(' '.join(message.split()))}", soft_wrap=True)  # brackets kept
 
 
 def _report(pipeline: Pipeline, result: StageResult, quiet: bool, as_json: bool) -> None:
@@ -164,8 +182,11 @@ def _report(pipeline: Pipeline, result: StageResult, quiet: bool, as_json: bool)
 def _print_verdict(out: Console, path: Path) -> None:
     """Under the table: per task, the positive control and each comparison's verdict (iss.compare)."""
     from iss.compare import TaskVerdict
+    from iss.runs import read_json
 
-    for verdict in json.loads(path.read_text(encoding="utf-8")).get("verdict", []):
+    for verdict in read_json(path, "the run's results", f"delete {path.parent} and rerun the command").get(
+        "verdict", []
+    ):
         out.print("verdict: " + TaskVerdict.from_json(verdict).sentence(), markup=False)
 
 
@@ -180,6 +201,7 @@ def select(
     overrides: SetOpt = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
+    no_recompute: NoRecomputeOpt = False,
 ) -> None:
     _run(
         _method("select"),
@@ -188,6 +210,7 @@ def select(
         quiet,
         as_json,
         reuse_from,
+        no_recompute,
         **{"selection.method": method, "selection.budget": budget, "run_dir": run_dir, "backend": backend},
     )
 
@@ -209,8 +232,9 @@ def _stage_command(name: str, doc: str, action: Action | None = None, group: typ
         overrides: SetOpt = None,
         quiet: QuietOpt = False,
         as_json: JsonOpt = False,
+        no_recompute: NoRecomputeOpt = False,
     ) -> None:
-        _run(action, config, overrides, quiet, as_json, reuse_from, run_dir=run_dir, backend=backend)
+        _run(action, config, overrides, quiet, as_json, reuse_from, no_recompute, run_dir=run_dir, backend=backend)
 
     command.__doc__ = doc
     group.command(name=name)(command)
@@ -233,7 +257,6 @@ def _run_all_estimated(pipeline: Pipeline) -> StageResult:
     run calibrates the next estimates on this machine."""
     from iss.estimate import ESTIMATE_FILE, FORECAST_FILE, estimate_run, learn_from_run
     from iss.parallel import processes
-    from iss.runs import MANIFEST_FILE
 
     if processes().distributed:
         return pipeline.run_all()
@@ -247,9 +270,8 @@ def _run_all_estimated(pipeline: Pipeline) -> StageResult:
     if pipeline.show_progress:
         console.print(estimate.describe())
     result = pipeline.run_all()
-    manifest = pipeline.run.root / MANIFEST_FILE
-    if manifest.is_file():
-        learn_from_run(pipeline, json.loads(manifest.read_text(encoding="utf-8")))
+    if manifest := pipeline.run.read_manifest():
+        learn_from_run(pipeline, manifest)
     return result
 
 
@@ -325,12 +347,10 @@ def export(
     skip: Annotated[list[str] | None, typer.Option("--skip", help="Stage-name patterns to leave out.")] = None,
 ) -> None:
     """Pack finished stages (with their fingerprints) into one archive that `iss import` takes elsewhere."""
-    from iss.runs import MANIFEST_FILE, RunFolder
+    from iss.runs import RunFolder
 
     with _one_line_errors():
-        if not (run_dir / MANIFEST_FILE).is_file():
-            raise IssError(f"{run_dir} is not a run folder (no {MANIFEST_FILE})")
-        names = RunFolder(run_dir).export(archive, stages, skip)
+        names = RunFolder.existing(run_dir).export(archive, stages, skip)
     print(json.dumps({"archive": str(archive), "stages": names, "bytes": archive.stat().st_size}, indent=2))
 
 

@@ -667,7 +667,7 @@ def load_config(path: str | Path | None = None) -> IssConfig:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as error:
         where = getattr(error, "problem_mark", None)
         line = f" (line {where.line + 1})" if where is not None else ""
@@ -675,6 +675,10 @@ def load_config(path: str | Path | None = None) -> IssConfig:
         raise ConfigError(
             f"{path}: not a YAML config{line}: {problem}; `iss config` prints one to start from"
         ) from None
+    if raw is None or raw == {}:
+        raise ConfigError(
+            f"{path}: the config is empty; leave out the file for the default job, or start from `iss config`"
+        )
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the config must be a mapping of sections")
     _resolve_paths(raw, path.parent)
@@ -730,6 +734,13 @@ def _section_keys(location: tuple) -> list[str]:
     return list(model.model_fields)
 
 
+def _section_model(name: str) -> type[BaseModel] | None:
+    """The config section named ``name`` of IssConfig (its model), or None for a plain top-level key."""
+    field = IssConfig.model_fields[name]
+    sections = [t for t in (field.annotation, *get_args(field.annotation)) if _is_section(t)]
+    return sections[0] if sections else None
+
+
 def _is_section(kind: Any) -> bool:
     return isinstance(kind, type) and issubclass(kind, BaseModel)
 
@@ -739,6 +750,13 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
         candidate = base / value
         return str(candidate.resolve()) if not Path(value).is_absolute() and candidate.exists() else value
 
+    for section, value in raw.items():
+        model = _section_model(section) if section in IssConfig.model_fields else None
+        if model is not None and not isinstance(value, dict | None):
+            keys = ", ".join(list(model.model_fields)[:3])
+            raise ConfigError(
+                f"{section}: must be a section (a mapping of keys such as {keys}), got {type(value).__name__} {value!r}"
+            )
     task = raw.get("task") or {}
     if isinstance(task.get("path"), str):
         task["path"] = resolve(task["path"])

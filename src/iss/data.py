@@ -13,6 +13,7 @@ import io
 import itertools
 import json
 import logging
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,9 +75,14 @@ def load_task(config: TaskConfig, seed: int = 0) -> TaskData:
         raise DataError(f"task path not found: {config.path}")
 
     labels = _label_vocabulary(raw["train"], config)
+    tables = {role: (_standardise(table, config, origin), origin) for role, (table, origin) in raw.items()}
+    if len(labels) < 2:
+        raise DataError(
+            f"{raw['train'][1]}: every train row has the label {labels[0]!r}; a task needs two classes or more "
+            "(with one, every influence score is 0 and a subset would be an arbitrary tie-break)"
+        )
     splits = {}
-    for role, (table, origin) in raw.items():
-        table = _standardise(table, config, origin)
+    for role, (table, origin) in tables.items():
         table = _subsample(table, getattr(config, f"max_{role}"), seed)
         splits[role] = _attach_label_ids(table, labels, origin)
     return TaskData(name=config.name, splits=splits, labels=labels)
@@ -169,6 +175,9 @@ def _standardise(table: pa.Table, config: TaskConfig, origin: Path) -> pa.Table:
         if not text.strip():
             raise DataError(f"{origin}: row {row + 1}: empty text")
     labels = table.column(config.label_column).cast(pa.string()).to_pylist()
+    for row, label in zip(rows, labels, strict=True):
+        if label is None:
+            raise DataError(f"{origin}: row {row + 1}: no label ({config.label_column!r} is null or missing)")
     return pa.table({"id": pa.array(list(rows), pa.int64()), "text": joined, "label": labels})
 
 
@@ -176,7 +185,11 @@ def _label_vocabulary(train: tuple[pa.Table, Path], config: TaskConfig) -> list[
     table, origin = train
     if config.label_column not in table.column_names:
         raise DataError(f"{origin}: missing label column {config.label_column!r}; it has {table.column_names}")
-    return sorted(set(table.column(config.label_column).cast(pa.string()).to_pylist()))
+    labels = table.column(config.label_column).cast(pa.string()).to_pylist()
+    if None in labels:
+        row = labels.index(None)
+        raise DataError(f"{origin}: row {row + 1}: no label ({config.label_column!r} is null or missing)")
+    return sorted(set(labels))
 
 
 def _attach_label_ids(table: pa.Table, labels: list[str], origin: Path) -> pa.Table:
@@ -295,6 +308,15 @@ def _open_bytes(file: Path) -> BinaryIO:
     return file.open("rb")
 
 
+def _lines(file: Path, handle: BinaryIO) -> Iterator[bytes]:
+    """The raw lines of an open corpus file; a compressed stream that ends early or is corrupt is a DataError
+    naming the file (click would take the EOFError of a cut gzip file for Ctrl-D and print only "Aborted.")."""
+    try:
+        yield from handle
+    except (EOFError, zlib.error, gzip.BadGzipFile, zstandard.ZstdError) as error:
+        raise DataError(f"{file}: compressed file cut short or corrupt ({error}); copy or download it again") from None
+
+
 def _saved_dataset_files(folder: Path) -> list[Path]:
     """The Arrow files of a ``datasets`` ``save_to_disk`` folder, in its own order."""
     state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
@@ -401,7 +423,7 @@ def _iter_file(
     with _open_bytes(file) as handle:
         if start:
             handle.seek(start)
-        for line_number, raw in enumerate(handle, start=first_line):
+        for line_number, raw in enumerate(_lines(file, handle), start=first_line):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as error:
@@ -497,7 +519,7 @@ def corpus_shards(config: CorpusConfig, rows_per_shard: int | None = None) -> li
         rows, start, first_line, offset = 0, 0, 1, 0
         whole = file.suffix in COMPRESSED_SUFFIXES
         with _open_bytes(file) as handle:
-            for line_number, raw in enumerate(handle, start=1):
+            for line_number, raw in enumerate(_lines(file, handle), start=1):
                 counts = _format(file) == ".txt" or bool(raw.strip())
                 if counts and rows == rows_per_shard and not whole:
                     shards.append(CorpusShard(str(file), next_id, rows, start, first_line))

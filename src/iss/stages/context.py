@@ -35,10 +35,10 @@ def corpus_signature(corpus: CorpusConfig) -> dict:
 class StageContext:
     """One config's view of its run folder: the stage modules (:mod:`iss.stages`) run their stages through it."""
 
-    def __init__(self, config: IssConfig, show_progress: bool = True, tag: str = "") -> None:
+    def __init__(self, config: IssConfig, show_progress: bool = True, tag: str = "", recompute: bool = True) -> None:
         self.config = config
         self.tag = tag  # suffix of selection/pretrain/fine-tune stage names (budget sweep, layer ablation)
-        self.run = RunFolder(config.run_dir)
+        self.run = RunFolder(config.run_dir, recompute)  # recompute=False: a damaged stage is refused, not rerun
         self.show_progress = show_progress and processes().is_main
         self.device = processes().device(pick_device(config.device))
         self.results: dict[str, StageResult] = {}
@@ -46,12 +46,15 @@ class StageContext:
         self.frozen_states = FrozenStates.for_config(config)
         self.pool_lengths: dict[tuple[str, str], np.ndarray] = {}  # token counts of a pool, shared by variants
         self.base_config = config  # what the manifest records: the run's own config, not a variant's
+        for path in (config.model.path, config.tokenizer.path):  # a local path that is not there fails now
+            if path:
+                Checkpoint.at(path)
         if not self.show_progress:
             transformers.utils.logging.disable_progress_bar()
 
     def share_with(self, other: StageContext) -> None:
         """Share ``other``'s finished stages and caches: a variant of the same run folder."""
-        self.results, self.base_config = other.results, other.base_config
+        self.run, self.results, self.base_config = other.run, other.results, other.base_config
         self.pool_lengths, self.frozen_states = other.pool_lengths, other.frozen_states
 
     def stage(

@@ -3,10 +3,10 @@ kNN, a random corpus sample) and take them, round-robin over the task samples' l
 
 from __future__ import annotations
 
-import logging
+import math
 from pathlib import Path
 
-from iss.config import Budget, fingerprint_dump
+from iss.config import Budget, IssConfig, fingerprint_dump
 from iss.influence import InfluenceResult
 from iss.methods import SELECTION, Candidates
 from iss.model import token_counts
@@ -14,6 +14,7 @@ from iss.plan import influence_stage, select_stage
 from iss.retrieval import read_hits, read_pool
 from iss.runs import StageResult
 from iss.selection import (
+    BudgetError,
     RankedLists,
     bm25_lists,
     resolve_budget,
@@ -30,8 +31,6 @@ from iss.stages.inputs import data, read_tokenizer, task, tokenizer
 from iss.stages.price import Price, Workload
 from iss.stages.retrieval import pool_token_counts, retrieval
 
-log = logging.getLogger("iss")
-
 
 def preflight(context: StageContext, budgets: list[Budget] | None = None) -> None:
     """Every check the config, the data and the model's config can answer, made before the first expensive
@@ -46,7 +45,21 @@ def preflight(context: StageContext, budgets: list[Budget] | None = None) -> Non
         context.check_layer()
     lengths = pool_token_counts(context)
     for budget in budgets or [config.selection.budget]:
-        resolve_budget(budget, lengths)
+        kind, limit = resolve_budget(budget, lengths)
+        if method.needs_influence and kind == "docs":
+            check_reach(config, len(task(context).splits[config.influence.task_split]), limit)
+
+
+def check_reach(config: IssConfig, task_samples: int, docs: int) -> None:
+    """The most documents the influence lists can hold (task units x top-k pool units x their documents): a
+    docs budget above it can never be met, so it is refused before warm-up instead of giving a smaller subset."""
+    settings = config.influence
+    reach = math.ceil(task_samples / settings.task_batch) * settings.top_k * settings.pool_batch
+    if docs > reach:
+        raise BudgetError(
+            f"budget of {docs} docs is more than the influence lists can reach ({task_samples} task samples x "
+            f"influence.top_k {settings.top_k} = {reach} docs at most); raise influence.top_k or lower the budget"
+        )
 
 
 def task_bm25_lists(context: StageContext, retrieval_folder: Path) -> RankedLists:
@@ -103,10 +116,9 @@ def select(context: StageContext) -> StageResult:
             lists = method.rank(candidates)
         selection = round_robin(lists, doc_tokens, kind, limit, config.seed)
         if not selection.budget_met:
-            log.warning(
-                "budget %s not met: the ranked lists ran out after %d docs; raise top_k",
-                config.selection.budget,
-                len(selection.doc_ids),
+            raise BudgetError(
+                f"budget {config.selection.budget} not met: the ranked lists of {method.name} ran out after "
+                f"{len(selection.doc_ids)} docs; raise influence.top_k (retrieval.top_k for BM25 lists) or lower it"
             )
         subset = subset_table(selection, pool, doc_tokens)
         write_subset(subset, folder)
