@@ -13,6 +13,7 @@ from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 from iss.errors import ConfigError
 
@@ -695,8 +696,8 @@ def recorded_config(data: dict[str, Any]) -> IssConfig:
             field = model.model_fields.get(key)
             if field is None:
                 continue
-            sections = [t for t in (field.annotation, *get_args(field.annotation)) if _is_section(t)]
-            kept[key] = known(sections[0], value) if sections and isinstance(value, dict) else value
+            section = _section_model(field)
+            kept[key] = known(section, value) if section is not None and isinstance(value, dict) else value
         return kept
 
     return IssConfig.model_validate(known(IssConfig, data))
@@ -726,17 +727,18 @@ def _section_keys(location: tuple) -> list[str]:
     """The keys a config section accepts, the section given by its path from the top (('influence',))."""
     model: type[BaseModel] = IssConfig
     for part in location:
-        field = model.model_fields.get(str(part))
-        nested = [t for t in (field.annotation, *get_args(field.annotation)) if _is_section(t)] if field else []
-        if not nested:
+        nested = _section_model(model.model_fields.get(str(part)))
+        if nested is None:
             return []
-        model = nested[0]
+        model = nested
     return list(model.model_fields)
 
 
-def _section_model(name: str) -> type[BaseModel] | None:
-    """The config section named ``name`` of IssConfig (its model), or None for a plain top-level key."""
-    field = IssConfig.model_fields[name]
+def _section_model(field: FieldInfo | None) -> type[BaseModel] | None:
+    """The section model a config field holds (``IssConfig.model_fields["influence"]``: InfluenceConfig, also
+    under ``| None``), or None for a plain key or no field."""
+    if field is None:
+        return None
     sections = [t for t in (field.annotation, *get_args(field.annotation)) if _is_section(t)]
     return sections[0] if sections else None
 
@@ -751,7 +753,7 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
         return str(candidate.resolve()) if not Path(value).is_absolute() and candidate.exists() else value
 
     for section, value in raw.items():
-        model = _section_model(section) if section in IssConfig.model_fields else None
+        model = _section_model(IssConfig.model_fields.get(section))
         if model is not None and not isinstance(value, dict | None):
             keys = ", ".join(list(model.model_fields)[:3])
             raise ConfigError(

@@ -185,11 +185,8 @@ def _label_vocabulary(train: tuple[pa.Table, Path], config: TaskConfig) -> list[
     table, origin = train
     if config.label_column not in table.column_names:
         raise DataError(f"{origin}: missing label column {config.label_column!r}; it has {table.column_names}")
-    labels = table.column(config.label_column).cast(pa.string()).to_pylist()
-    if None in labels:
-        row = labels.index(None)
-        raise DataError(f"{origin}: row {row + 1}: no label ({config.label_column!r} is null or missing)")
-    return sorted(set(labels))
+    # a null label is named with its row by _standardise, which reads every split
+    return sorted(set(table.column(config.label_column).cast(pa.string()).to_pylist()) - {None})
 
 
 def _attach_label_ids(table: pa.Table, labels: list[str], origin: Path) -> pa.Table:

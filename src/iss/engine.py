@@ -54,8 +54,8 @@ class StageEngine:
         if known is not None and known.fingerprint == stage_fingerprint:
             return known
         group = processes()
-        writing = (self.folder.writing(), self.folder.lock(name)) if group.is_main else (nullcontext(), nullcontext())
-        with writing[0], writing[1]:  # another process is refused; another thread of this one waits
+        main = group.is_main  # another process is refused; another thread of this one waits for the stage
+        with self.folder.writing() if main else nullcontext(), self.folder.lock(name) if main else nullcontext():
             group.barrier()  # every process looks at the run folder as it is now
             result = self.folder.finished(name, stage_fingerprint)
             if result is None:

@@ -176,7 +176,7 @@ def file_records(folder: Path) -> dict[str, dict[str, Any]]:
         size = file.stat().st_size
         entry: dict[str, Any] = {"size": size}
         if size <= DIGESTED_BYTES:
-            entry["blake2b"] = hashlib.blake2b(file.read_bytes(), digest_size=16).hexdigest()
+            entry["blake2b"] = _small_file_digest(file)
         records[file.relative_to(folder).as_posix()] = entry
     return records
 
@@ -188,11 +188,16 @@ def damaged_files(folder: Path, records: dict[str, dict[str, Any]]) -> list[str]
         file = folder / relative
         if not file.is_file():
             problems.append(f"{relative} is missing")
-        elif file.stat().st_size != entry["size"]:
-            problems.append(f"{relative} has {file.stat().st_size} bytes, not {entry['size']}")
-        elif "blake2b" in entry and hashlib.blake2b(file.read_bytes(), digest_size=16).hexdigest() != entry["blake2b"]:
+        elif (size := file.stat().st_size) != entry["size"]:
+            problems.append(f"{relative} has {size} bytes, not {entry['size']}")
+        elif "blake2b" in entry and _small_file_digest(file) != entry["blake2b"]:
             problems.append(f"{relative} was changed")
     return problems
+
+
+def _small_file_digest(file: Path) -> str:
+    """BLAKE2b-128 of a file read whole (only files up to DIGESTED_BYTES get one)."""
+    return hashlib.blake2b(file.read_bytes(), digest_size=16).hexdigest()
 
 
 def _checkout() -> Path | None:
@@ -430,13 +435,6 @@ class RunFolder:
             "the run's manifest",
             "rerun the run's command (`iss run CONFIG`), which rebuilds it from the stage folders",
         )
-
-    def read_stage_json(self, name: str, file: str) -> Any:
-        """A JSON artifact of a finished stage (``results/results.json``), damaged or missing in one line."""
-        path = self.root / check_stage_name(name) / file
-        if not path.is_file():
-            raise ConfigError(f"{path} not found: stage {name} has not finished in this run folder; run it first")
-        return read_json(path, f"stage {name}'s {file}", f"delete {path.parent} and rerun the stage")
 
     def export(self, archive: str | Path, stages: list[str] | None = None, skip: list[str] | None = None) -> list[str]:
         """Write finished stages into one ``.tar.gz`` that ``import_archive`` takes on another machine.
