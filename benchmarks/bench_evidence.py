@@ -32,20 +32,15 @@ import yaml
 from measure import run_measured
 from scipy import stats
 
-from iss.compare import seeds_for_power, verdicts
-from iss.config import IssConfig, load_config, recorded_config
-from iss.estimate import ESTIMATE_FILE, FORECAST_FILE, RunEstimate
-from iss.pipeline import Pipeline
-from iss.plan import RunPlan, select_stage
-from iss.report import (
-    markdown,
-    markdown_rows,
-    mechanism_sections,
-    precise_losses,
-    results_table,
-)
-from iss.retrieval import pool_file
-from iss.selection import source_shares, subset_file
+from iss.comparison.tables import markdown, markdown_rows, mechanism_sections, precise_losses, results_table
+from iss.comparison.verdict import seeds_for_power, verdicts
+from iss.config.io import load_config, recorded_config
+from iss.config.schema import IssConfig
+from iss.pipeline.estimate import ESTIMATE_FILE, FORECAST_FILE, RunEstimate
+from iss.pipeline.run import Pipeline
+from iss.retrieval.bm25 import pool_file
+from iss.selection.subset import source_shares, subset_file
+from iss.stages.plan import RunPlan, select_stage
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

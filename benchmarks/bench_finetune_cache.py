@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from iss.config import load_config
-from iss.pipeline import Pipeline
-from iss.report import markdown_rows
+from iss.comparison.tables import markdown_rows
+from iss.config.io import load_config
+from iss.pipeline.run import Pipeline
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

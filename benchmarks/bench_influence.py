@@ -32,21 +32,17 @@ from measure import run_measured
 from scipy.stats import spearmanr
 from torch.func import functional_call, grad, vmap
 
-from iss.config import IssConfig, load_config
-from iss.family import IGNORE
-from iss.gradients import autograd_gradient
-from iss.influence import InfluenceScorer
-from iss.model import (
-    TaskModel,
-    candidate_batch,
-    forward_autocast,
-    parameter_group,
-    per_sample_lm_loss,
-    precision,
-)
-from iss.pipeline import Pipeline
-from iss.retrieval import BM25Index, read_pool
-from iss.training import pretrain
+from iss.config.io import load_config
+from iss.config.schema import IssConfig
+from iss.influence.gradients import autograd_gradient
+from iss.influence.scorer import InfluenceScorer
+from iss.modeling.batches import candidate_batch, per_sample_lm_loss
+from iss.modeling.family import IGNORE
+from iss.modeling.model import TaskModel, parameter_group
+from iss.modeling.precision import forward_autocast, precision
+from iss.pipeline.run import Pipeline
+from iss.retrieval.bm25 import BM25Index, read_pool
+from iss.training.pretraining import pretrain
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("forward", "iss", "iss-defaults", "iss-matched", "vmap", "loop", "projection", "bm25", "pretrain")

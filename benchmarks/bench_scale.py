@@ -23,8 +23,8 @@ from pathlib import Path
 
 from bench_select import RESULTS, run_select
 
-from iss.config import load_config
-from iss.data import corpus_files
+from iss.config.io import load_config
+from iss.data.corpus import corpus_files
 
 # a smaller task sample keeps the 10x run in minutes on 2 cores; the corpus is what grows
 SMALL_TASK = ("task.max_train=1000", "task.max_dev=300", "warmup.epochs=1")

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from measure import run_measured
 
-from iss.config import load_config
-from iss.plan import select_stage
+from iss.config.io import load_config
+from iss.stages.plan import select_stage
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

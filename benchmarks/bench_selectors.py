@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from measure import run_measured
 
-from iss.config import load_config
-from iss.plan import influence_stage, select_stage
-from iss.report import markdown_rows
-from iss.selection import jaccard, read_subset_ids
+from iss.comparison.tables import markdown_rows
+from iss.config.io import load_config
+from iss.selection.subset import jaccard, read_subset_ids
+from iss.stages.plan import influence_stage, select_stage
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -20,11 +20,11 @@ from pathlib import Path
 
 from measure import run_measured
 
-from iss.config import load_config
-from iss.estimate import ESTIMATE_FILE, FORECAST_FILE, RunEstimate
-from iss.plan import RunPlan
-from iss.report import markdown, results_table
-from iss.runs import MANIFEST_FILE
+from iss.comparison.tables import markdown, results_table
+from iss.config.io import load_config
+from iss.pipeline.estimate import ESTIMATE_FILE, FORECAST_FILE, RunEstimate
+from iss.runs.folder import MANIFEST_FILE
+from iss.stages.plan import RunPlan
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

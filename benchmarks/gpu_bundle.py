@@ -33,8 +33,8 @@ from pathlib import Path
 import yaml
 import zstandard
 
-from iss.config import load_config
-from iss.data import iter_corpus
+from iss.config.io import load_config
+from iss.data.corpus import iter_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ("chemprot", "scierc")

@@ -21,11 +21,12 @@ from pathlib import Path
 
 import torch
 
-from iss.config import IssConfig, load_config
-from iss.estimate import ESTIMATE_FILE, estimate_run
-from iss.pipeline import Pipeline
-from iss.plan import RunPlan
-from iss.runs import write_json
+from iss.config.io import load_config
+from iss.config.schema import IssConfig
+from iss.pipeline.estimate import ESTIMATE_FILE, estimate_run
+from iss.pipeline.run import Pipeline
+from iss.runs.folder import write_json
+from iss.stages.plan import RunPlan
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DRY_RUN = {

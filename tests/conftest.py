@@ -12,9 +12,9 @@ import pytest
 import torch
 import yaml
 
-from iss.config import ModelConfig, TokenizerConfig
-from iss.model import TaskModel
-from iss.tokenization import train_tokenizer
+from iss.config.schema import ModelConfig, TokenizerConfig
+from iss.modeling.model import TaskModel
+from iss.modeling.tokenizer import train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -31,6 +31,17 @@ def require_shared() -> None:
     part of the setup, and a skipped suite would pass without testing anything."""
     if not CORPUS.is_file():
         message = f"shared data not found at {SHARED} (see its README)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{message}; CI=true, so this is a broken setup, not a skip")
+        pytest.skip(message)
+
+
+def require_shared_path(path: Path) -> None:
+    """:func:`require_shared` for one part of ../shared (the large corpus, a model): skipped where this checkout's
+    ../shared lacks it, failed under CI, where ../shared is whole."""
+    require_shared()
+    if not path.exists():
+        message = f"{path} is not in this ../shared"
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(f"{message}; CI=true, so this is a broken setup, not a skip")
         pytest.skip(message)

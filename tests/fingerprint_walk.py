@@ -13,11 +13,11 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, ClassVar
 
-from iss import engine
-from iss.config import load_config
-from iss.pipeline import Pipeline
-from iss.plan import RunPlan
-from iss.runs import StageResult, fingerprint
+from iss.config.io import load_config
+from iss.pipeline.run import Pipeline
+from iss.runs import engine
+from iss.runs.folder import StageResult, fingerprint
+from iss.stages.plan import RunPlan
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = (REPO.parent / "shared").resolve()

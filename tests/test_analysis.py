@@ -11,11 +11,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from iss.analysis import label_pmi, label_separation, top_words, tsne_embed, word_counts
+from iss.comparison.tables import markdown_rows
 from iss.errors import ConfigError
-from iss.influence import InfluenceResult
-from iss.report import markdown_rows
-from iss.topk import TopK
+from iss.influence.scorer import InfluenceResult
+from iss.retrieval.topk import TopK
+from iss.stages.analysis import label_pmi, label_separation, top_words, tsne_embed, word_counts
 
 from .conftest import TINY_TRAINING, iss_command
 

@@ -16,9 +16,9 @@ import pytest
 import yaml
 from scipy import stats
 
-from iss.compare import seeds_for_power
-from iss.config import IssConfig
-from iss.report import differences_rows
+from iss.comparison.tables import differences_rows
+from iss.comparison.verdict import seeds_for_power
+from iss.config.schema import IssConfig
 
 from .conftest import REPO, require_shared
 

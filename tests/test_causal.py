@@ -14,24 +14,23 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, BertConfig, GPT2Config, LlamaConfig, PreTrainedTokenizerFast, ViTConfig
 
 from iss.errors import ConfigError
-from iss.family import FAMILIES, IGNORE, Checkpoint, family_of
-from iss.frozen import FrozenBlockFeatures
-from iss.gradients import GroupGradients, autograd_gradient
-from iss.influence import InfluenceScorer
-from iss.model import (
+from iss.influence.gradients import GroupGradients, autograd_gradient
+from iss.influence.scorer import InfluenceScorer
+from iss.modeling.batches import (
     Batch,
     PackedDocuments,
-    TaskModel,
     candidate_batch,
     encode,
     labelled_batch,
-    parameter_group,
     per_sample_lm_loss,
     per_sample_task_loss,
-    precision,
 )
-from iss.pipeline import Pipeline
-from iss.tokenization import load_tokenizer
+from iss.modeling.family import FAMILIES, IGNORE, Checkpoint, family_of
+from iss.modeling.frozen import FrozenBlockFeatures
+from iss.modeling.model import TaskModel, parameter_group
+from iss.modeling.precision import precision
+from iss.modeling.tokenizer import load_tokenizer
+from iss.pipeline.run import Pipeline
 
 from .test_pipeline import _small_config
 

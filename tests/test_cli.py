@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import iss
+from iss import cli
 
 from .conftest import CLI_BUDGET as BUDGET
 from .conftest import TINY_TRAINING
@@ -128,8 +129,8 @@ def test_version_and_help_answer_without_importing_torch():
     assert done.stdout.strip() == "[]"
     version = _iss("--version")
     assert version.returncode == 0 and version.stdout.strip() == f"iss {iss.__version__}"
-    from iss.config import SELECTION_METHOD_NAMES
-    from iss.methods import SELECTION
+    from iss.config.schema import SELECTION_METHOD_NAMES
+    from iss.selection.methods import SELECTION
 
     assert tuple(SELECTION) == SELECTION_METHOD_NAMES
     assert ", ".join(SELECTION) in " ".join(_iss("select", "--help").stdout.split()).replace("│ ", "")
@@ -262,3 +263,20 @@ def test_a_run_dir_that_is_a_file_and_a_config_that_is_not_yaml_end_in_one_line(
     result = _iss("run", str(jsonl), "--quiet")
     assert result.returncode == 2 and "not a YAML config (line 2)" in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_report_and_export_take_the_run_folder_as_every_command_does(tmp_path):
+    """``--run-dir`` (every command's convention) and the older positional RUN_DIR name the same folder."""
+    from typer.testing import CliRunner
+
+    runner, missing = CliRunner(), str(tmp_path / "no-run")
+    archive = str(tmp_path / "a.tar.gz")
+    for older, newer in [
+        (["report", missing], ["report", "--run-dir", missing]),
+        (["export", missing, archive], ["export", archive, "--run-dir", missing]),
+    ]:
+        before, after = runner.invoke(cli.app, older), runner.invoke(cli.app, newer)
+        assert before.exit_code == after.exit_code == 2
+        assert "no-run" in after.output and before.output == after.output
+    neither = runner.invoke(cli.app, ["report"])
+    assert neither.exit_code == 2 and "--run-dir" in neither.output

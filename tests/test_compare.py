@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from iss.compare import NOT_READ, holm, parse_comparison, seeds_for_power, task_verdict, verdicts
-from iss.config import IssConfig
+from iss.comparison.verdict import NOT_READ, holm, parse_comparison, seeds_for_power, task_verdict, verdicts
+from iss.config.schema import IssConfig
 
 
 def test_holm_matches_a_hand_worked_example():

@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
-from iss.config import (
+from iss.config.io import load_config
+from iss.config.schema import (
     Budget,
     CorpusConfig,
     CorpusMixture,
@@ -20,15 +21,15 @@ from iss.config import (
     RetrievalConfig,
     TaskConfig,
     fingerprint_dump,
-    load_config,
 )
-from iss.data import DataError, corpus_shards, iter_corpus, load_task, read_shard
-from iss.errors import ConfigError
-from iss.family import PACKAGE_PREFIX, Checkpoint
-from iss.pipeline import Pipeline
-from iss.retrieval import BM25Index
+from iss.data.corpus import corpus_shards, iter_corpus, read_shard
+from iss.data.task import load_task
+from iss.errors import ConfigError, DataError
+from iss.modeling.family import PACKAGE_PREFIX, Checkpoint
+from iss.pipeline.run import Pipeline
+from iss.retrieval.bm25 import BM25Index
 
-from .conftest import CORPUS, REPO, SHARED, require_shared
+from .conftest import CORPUS, REPO, SHARED, require_shared, require_shared_path
 
 TASKS = {
     "chemprot": ({}, (4169, 2427, 3469), 13),
@@ -349,10 +350,8 @@ def test_saved_and_hub_datasets_read_as_the_same_rows_as_plain_jsonl(tmp_path, m
 
 
 def test_the_large_shared_corpus_streams_from_its_gzip_shards():
-    require_shared()
     folder = SHARED / "corpus" / "large"
-    if not folder.is_dir():
-        pytest.skip("../shared/data/corpus/large is absent")
+    require_shared_path(folder)
     batch = next(iter_corpus(CorpusConfig(paths=[str(folder)], max_docs=500), batch_size=500))
     assert len(batch.ids) == 500 and all(len(t) >= 50 for t in batch.texts)  # whole documents, 50+ characters
 
@@ -364,8 +363,7 @@ def test_the_general_mixture_cuts_the_tasks_domains_to_about_five_percent_of_the
     """configs/mixtures/general.yaml on the real large corpus: arXiv and biomedical sources ~5 % of the documents
     read (the paper's general corpus), every other source whole."""
     large = SHARED / "corpus" / "large"
-    if not large.is_dir():
-        pytest.skip(f"{large} not in this ../shared")
+    require_shared_path(large)
     config = load_config(REPO / "configs" / "gate" / "chemprot-general.yaml").corpus
     counts = Counter(source for batch in iter_corpus(config) for source in batch.sources)
     whole = Counter(
@@ -391,11 +389,11 @@ def test_bundled_configs_load_and_point_at_shared_data(path):
     config = load_config(REPO / path)
     local = [config.task.path, *config.corpus.paths, *(p for p in (config.model.path, config.tokenizer.path) if p)]
     missing = [p for p in local if not _on_disk(p).exists()]
-    if any("shared" in Path(p).parts for p in missing):  # the config is fine; this checkout's ../shared lacks it
-        pytest.skip(f"not in this ../shared: {missing}")
+    for part in (p for p in missing if "shared" in Path(p).parts):  # the config is fine; this ../shared lacks it
+        require_shared_path(_on_disk(part))
     assert not missing, f"{path} points at missing paths: {missing}"
     if config.pretrain.objective == "joint":  # TLM's rho1 gives every config some task batches and some subset ones
-        from iss.training import task_batch_schedule
+        from iss.training.pretraining import task_batch_schedule
 
         schedule = task_batch_schedule(config.pretrain.steps * config.pretrain.accumulation, config.pretrain.rho1)
         assert 0 < schedule.sum() < schedule.size

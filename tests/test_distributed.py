@@ -8,10 +8,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from iss.config import CorpusConfig, RayConfig, RetrievalConfig
-from iss.data import DataError
-from iss.distributed import ray_bm25_search
-from iss.retrieval import BM25Index
+from iss.config.schema import CorpusConfig, RayConfig, RetrievalConfig
+from iss.errors import DataError
+from iss.retrieval.bm25 import BM25Index
+from iss.retrieval.ray_bm25 import ray_bm25_search
 
 from .conftest import CORPUS, iss_command, require_shared
 

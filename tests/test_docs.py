@@ -8,7 +8,8 @@ from pathlib import Path
 import yaml
 
 from iss.cli import commands_markdown
-from iss.config import IssConfig, _is_section, reference_markdown, validate
+from iss.config.reference import reference_markdown
+from iss.config.schema import IssConfig, _is_section, validate
 
 from .conftest import REPO, SHARED, require_shared
 

@@ -9,15 +9,16 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from iss import cli, estimate
-from iss.config import IssConfig
-from iss.estimate import estimate_run
-from iss.pipeline import Pipeline
-from iss.plan import RunPlan
-from iss.runs import RunFolder
+from iss import cli
+from iss.config.schema import IssConfig
+from iss.pipeline import calibration, estimate
+from iss.pipeline.estimate import estimate_run
+from iss.pipeline.run import Pipeline
+from iss.runs.folder import RunFolder
 from iss.stages import train
+from iss.stages.plan import RunPlan
 from iss.stages.price import FORWARD_SHARE, padded_tokens
-from iss.training import encoded_lengths
+from iss.training.loop import encoded_lengths
 
 from .test_pipeline import _small_config
 
@@ -47,7 +48,7 @@ def test_estimate_counts_the_runs_the_config_asks_for(tmp_path, tokenizer, fixed
     repeated = estimate_run(pipeline, with_pool=True)
     measured = sum(pipeline.results[name].summary["seconds"] for name in ("data", "tokenizer", "retrieval"))
     assert repeated.seconds["data, tokenizer, retrieval"] == pytest.approx(measured)  # known exactly by now
-    assert repeated.seconds["selection"] == pytest.approx(3 * estimate.Calibration.load().select_seconds)
+    assert repeated.seconds["selection"] == pytest.approx(3 * calibration.Calibration.load().select_seconds)
     counted = ("warm-up", "influence", "pretraining", "fine-tuning", "selection")
     assert [repeated.runs[kind] for kind in counted] == [1, 2, 9, 12, 3]  # dot, cosine apart
     once = estimate_run(Pipeline(config.with_overrides({"evaluation.repeat_pretraining": False}), False), True)
@@ -172,9 +173,9 @@ def test_each_kind_costs_its_stages_declared_price_times_the_probe_and_this_mach
         evaluation={"methods": ["iss", "tlm", "none"], "mechanism_steps": 2},
     )
     factors = {"warm-up": 2.0, "influence": 3.0, "pretraining": 0.5, "fine-tuning": 1.5, "mechanism check": 0.25}
-    estimate.Calibration.path().parent.mkdir(parents=True)
-    calibrated = {"stage_factors": {estimate.model_key(config): factors}}
-    estimate.Calibration.path().write_text(json.dumps(calibrated), encoding="utf-8")
+    calibration.Calibration.path().parent.mkdir(parents=True)
+    calibrated = {"stage_factors": {calibration.model_key(config): factors}}
+    calibration.Calibration.path().write_text(json.dumps(calibrated), encoding="utf-8")
     per_token = {"joint": 4e-6, "warm-up": 3e-6, "pretraining": 2e-6, "task": 1e-6}
     pipeline = Pipeline(config, show_progress=False)
     estimated = estimate_run(pipeline, with_pool=True, seconds_per_token=per_token)
@@ -229,7 +230,7 @@ def test_iss_run_says_the_estimate_before_any_stage_and_again_with_the_pool(
 
     def learn(pipeline, manifest):
         events.append("calibrate")
-        return estimate.Calibration.learn(manifest, RunPlan(pipeline.config))
+        return calibration.Calibration.learn(manifest, RunPlan(pipeline.config))
 
     monkeypatch.setattr(estimate, "estimate_run", estimated)  # the CLI imports them when the command runs
     monkeypatch.setattr(estimate, "learn_from_run", learn)
@@ -240,7 +241,7 @@ def test_iss_run_says_the_estimate_before_any_stage_and_again_with_the_pool(
     assert ("(with the BM25 pool): 2.0 min" in said) == show_progress
     assert estimate.RunEstimate.load(tmp_path / "run" / estimate.FORECAST_FILE).seconds == {"warm-up": 90.0}
     assert estimate.RunEstimate.load(tmp_path / "run" / estimate.ESTIMATE_FILE).seconds == {"warm-up": 120.0}
-    assert estimate.Calibration.load().select_seconds == 6.0  # the median of the run's selections, kept
+    assert calibration.Calibration.load().select_seconds == 6.0  # the median of the run's selections, kept
 
 
 def test_before_any_stage_the_pool_is_forecast_and_one_run_calibrates_it(tmp_path, tokenizer, fixed_price, monkeypatch):
@@ -252,21 +253,21 @@ def test_before_any_stage_the_pool_is_forecast_and_one_run_calibrates_it(tmp_pat
     pipeline = Pipeline(config, show_progress=False)
     first = estimate_run(pipeline)
     assert pipeline.results == {} and not (tmp_path / "run" / "manifest.json").exists()  # no stage ran
-    assert first.forecast and first.unpriced == (estimate.INPUT_STAGES,) and "not priced yet" in first.describe()
+    assert first.forecast and first.unpriced == (calibration.INPUT_STAGES,) and "not priced yet" in first.describe()
 
     pipeline.tokenizer(), pipeline.retrieval()
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text(encoding="utf-8"))
-    calibration = estimate.learn_from_run(pipeline, manifest)
+    learned = estimate.learn_from_run(pipeline, manifest)
     summary = pipeline.retrieval().summary
-    assert calibration.pool_share == pytest.approx(summary["pool_docs"] / summary["hits"])
-    key = estimate.hits_key(estimate.corpus_key(config), config.retrieval.top_k)
-    assert calibration.pool_shares == {key: calibration.pool_share}  # another corpus or top-k: the last run's
+    assert learned.pool_share == pytest.approx(summary["pool_docs"] / summary["hits"])
+    key = calibration.hits_key(calibration.corpus_key(config), config.retrieval.top_k)
+    assert learned.pool_shares == {key: learned.pool_share}  # another corpus or top-k: the last run's
     again = Pipeline(config, show_progress=False)
     second = estimate_run(again)
     inputs = sum(manifest["stages"][name]["summary"]["seconds"] for name in ("data", "tokenizer", "retrieval"))
-    assert second.unpriced == () and second.seconds[estimate.INPUT_STAGES] == pytest.approx(inputs)
-    queries, corpus = len(pipeline.task().texts("train")), estimate.corpus_key(config)
-    forecast = estimate.forecast_pool_lengths(config, tokenizer, queries, estimate.Calibration.load(), corpus)
+    assert second.unpriced == () and second.seconds[calibration.INPUT_STAGES] == pytest.approx(inputs)
+    queries, corpus = len(pipeline.task().texts("train")), calibration.corpus_key(config)
+    forecast = estimate.forecast_pool_lengths(config, tokenizer, queries, calibration.Calibration.load(), corpus)
     pool = pq.read_table(pipeline.retrieval().path / "pool.parquet", columns=["text"]).column("text").to_pylist()
     real = encoded_lengths(tokenizer, pool, config.model.max_length)
     assert len(forecast) == len(real)
@@ -321,21 +322,21 @@ def test_a_finished_run_calibrates_each_probed_kind_of_stage_for_its_model(
     applied = estimate.RunEstimate(
         {"warm-up": 20.0, "selection": 9.0, "fine-tuning": 5.0}, {}, {"joint": 1e-6}, factors={"warm-up": 2.0}
     )
-    learned = estimate.Calibration.learn(manifest, plan, estimate=applied)
-    factors = learned.stage_factors[estimate.model_key(config)]
+    learned = calibration.Calibration.learn(manifest, plan, estimate=applied)
+    factors = learned.stage_factors[calibration.model_key(config)]
     # 15 s over 20 / 2; selection is not priced by the probes, and no fine-tuning stage ran
     assert factors == {"warm-up": pytest.approx(1.5)}
     older = estimate.RunEstimate({"pretraining": 80.0}, {}, {"joint": 1e-6})  # an estimate.json without factors
-    factors = estimate.Calibration.learn(manifest, plan, estimate=older).stage_factors[estimate.model_key(config)]
+    factors = calibration.Calibration.learn(manifest, plan, estimate=older).stage_factors[calibration.model_key(config)]
     assert factors == {"warm-up": pytest.approx(1.5), "pretraining": pytest.approx(0.5)}  # the earlier one kept
 
     tokenizer.save_pretrained(str(tmp_path / "tok"))
     small = _small_config(tmp_path / "run", tokenizer={"path": str(tmp_path / "tok")})
     plain = estimate_run(Pipeline(small, show_progress=False), with_pool=True)
     assert set(plain.factors.values()) == {1.0}
-    model = estimate.model_key(small)
+    model = calibration.model_key(small)
     write = {"stage_factors": {model: {"warm-up": 3.0, "fine-tuning": 0.5}}}
-    estimate.Calibration.path().write_text(json.dumps(write), encoding="utf-8")
+    calibration.Calibration.path().write_text(json.dumps(write), encoding="utf-8")
     scaled = estimate_run(
         Pipeline(small, show_progress=False), with_pool=True, seconds_per_token=plain.seconds_per_token
     )
@@ -348,9 +349,9 @@ def test_a_finished_run_calibrates_each_probed_kind_of_stage_for_its_model(
     scaled.save(saved)
     assert estimate.RunEstimate.load(saved) == scaled
     other = small.with_overrides({"model.num_layers": small.model.num_layers + 1})
-    assert estimate.model_key(other) != model and set(estimate_run(Pipeline(other, False), True).factors.values()) == {
-        1.0
-    }
+    assert calibration.model_key(other) != model and set(
+        estimate_run(Pipeline(other, False), True).factors.values()
+    ) == {1.0}
 
 
 def test_fine_tuning_encodes_the_frozen_blocks_once_per_distinct_model_and_shares_untouched_blocks():

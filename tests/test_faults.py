@@ -26,13 +26,14 @@ import typer
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from iss import cli, runs
-from iss.config import IssConfig
+from iss import cli
+from iss.config.schema import IssConfig
 from iss.errors import ConfigError
-from iss.model import TaskModel
-from iss.report import write_report
-from iss.runs import RunFolder
-from iss.selection import BudgetError
+from iss.modeling.model import TaskModel
+from iss.report.html import write_report
+from iss.runs import folder as runs
+from iss.runs.folder import RunFolder
+from iss.selection.budget import BudgetError
 from iss.stages.select import check_reach
 
 from .conftest import CHEMPROT, CORPUS, iss_command
@@ -223,7 +224,7 @@ def test_a_second_process_writing_the_same_run_folder_is_refused_in_one_line(fin
 
 HOLD_WRITER = """
 import sys, time
-from iss.runs import RunFolder
+from iss.runs.folder import RunFolder
 with RunFolder(sys.argv[1]).writing():
     print("holding", flush=True)
     time.sleep(60)

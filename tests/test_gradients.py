@@ -7,20 +7,13 @@ import pytest
 import torch
 from transformers import AutoModelForMaskedLM, RobertaConfig
 
-from iss.config import InfluenceConfig
+from iss.config.schema import InfluenceConfig
 from iss.errors import ConfigError
-from iss.gradients import GroupGradients, autograd_gradient
-from iss.influence import InfluenceObjective, InfluenceScorer, LanguageModelObjective
-from iss.model import (
-    Batch,
-    TaskModel,
-    candidate_batch,
-    labelled_batch,
-    parameter_group,
-    per_sample_lm_loss,
-    per_sample_task_loss,
-    precision,
-)
+from iss.influence.gradients import GroupGradients, autograd_gradient
+from iss.influence.scorer import InfluenceObjective, InfluenceScorer, LanguageModelObjective
+from iss.modeling.batches import Batch, candidate_batch, labelled_batch, per_sample_lm_loss, per_sample_task_loss
+from iss.modeling.model import TaskModel, parameter_group
+from iss.modeling.precision import precision
 
 MAX_LENGTH = 64
 SEED = 7
@@ -307,7 +300,7 @@ def test_scorer_resumes_from_last_finished_shard(tiny_model, tokenizer, chemprot
 def test_tied_embeddings_are_refused(tokenizer):
     from transformers import BertConfig, BertForMaskedLM
 
-    from iss.model import TaskModel
+    from iss.modeling.model import TaskModel
 
     tied = BertForMaskedLM(
         BertConfig(

@@ -15,9 +15,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from iss.config import ModelConfig
-from iss.model import TaskModel, labelled_batch, language_batch, per_sample_lm_loss, per_sample_task_loss
-from iss.parallel import Processes
+from iss.config.schema import ModelConfig
+from iss.modeling.batches import labelled_batch, language_batch, per_sample_lm_loss, per_sample_task_loss
+from iss.modeling.model import TaskModel
+from iss.runs.processes import Processes
 
 from .conftest import iss_command
 from .test_faults import _kill_when

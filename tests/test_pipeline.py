@@ -14,14 +14,15 @@ import pytest
 import torch
 from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM
 
-from iss import runs
-from iss.config import IssConfig, TaskConfig
-from iss.data import DataError, iter_corpus, load_task
-from iss.errors import ConfigError
-from iss.model import TaskModel
-from iss.pipeline import Pipeline
-from iss.runs import RunFolder
-from iss.selection import BudgetError
+from iss.config.schema import IssConfig, TaskConfig
+from iss.data.corpus import iter_corpus
+from iss.data.task import load_task
+from iss.errors import ConfigError, DataError
+from iss.modeling.model import TaskModel
+from iss.pipeline.run import Pipeline
+from iss.runs import folder as runs
+from iss.runs.folder import RunFolder
+from iss.selection.budget import BudgetError
 from iss.stages.warmup import HEAD_SAMPLE_SEED_OFFSET
 
 from .conftest import CHEMPROT, CORPUS, require_shared

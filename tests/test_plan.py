@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from iss.config import IssConfig, recorded_config
-from iss.plan import RunPlan, finetune_stage, influence_stage, mechanism_stage
+from iss.config.io import recorded_config
+from iss.config.schema import IssConfig
+from iss.stages.plan import RunPlan, finetune_stage, influence_stage, mechanism_stage
 
 
 def _config(**evaluation) -> IssConfig:

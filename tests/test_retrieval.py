@@ -9,9 +9,9 @@ import bm25s
 import numpy as np
 import pytest
 
-from iss.config import CorpusConfig, RetrievalConfig
-from iss.data import iter_corpus
-from iss.retrieval import BM25Index, bm25_tokenizer, collect_pool
+from iss.config.schema import CorpusConfig, RetrievalConfig
+from iss.data.corpus import iter_corpus
+from iss.retrieval.bm25 import BM25Index, bm25_tokenizer, collect_pool
 
 from .conftest import CORPUS, require_shared
 

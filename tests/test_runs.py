@@ -8,9 +8,9 @@ import os
 
 import pytest
 
-from iss import runs
 from iss.errors import ConfigError
-from iss.runs import RunFolder, fingerprint
+from iss.runs import folder as runs
+from iss.runs.folder import RunFolder, fingerprint
 
 
 def _run_stage(folder: RunFolder, name: str, stage_fingerprint: str, calls: list[str]) -> None:

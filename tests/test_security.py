@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from iss.config import OptimizerConfig, load_config
-from iss.model import TaskModel
-from iss.training import LoopSettings, train_loop
+from iss.config.io import load_config
+from iss.config.schema import OptimizerConfig
+from iss.modeling.model import TaskModel
+from iss.training.loop import LoopSettings, train_loop
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "iss"
 
@@ -24,7 +25,7 @@ from transformers import BertConfig as EvilConfig, BertForMaskedLM as EvilModel
 
 def test_every_torch_load_is_weights_only():
     calls = []
-    for path in SRC.glob("*.py"):
+    for path in SRC.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.load":
                 keywords = {k.arg: ast.unparse(k.value) for k in node.keywords}

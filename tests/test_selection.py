@@ -9,17 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from iss.config import Budget
-from iss.selection import (
-    BudgetError,
-    RankedLists,
-    hits_lists,
-    random_lists,
-    resolve_budget,
-    round_robin,
-    subset_table,
-    write_subset,
-)
+from iss.config.schema import Budget
+from iss.selection.budget import BudgetError, RankedLists, hits_lists, random_lists, resolve_budget, round_robin
+from iss.selection.subset import subset_table, write_subset
 
 
 def _ranked(seed: int, choosers: int = 12, depth: int = 15, docs: int = 60, unit_size: int = 1) -> RankedLists:
@@ -140,7 +132,7 @@ def test_a_subset_is_written_as_ordered_parquet_shards(tmp_path):
 
 
 def test_subset_rows_get_their_jaccard_overlap_with_iss_and_tlm_at_the_same_budget():
-    from iss.selection import with_overlaps
+    from iss.selection.subset import with_overlaps
 
     rows = [{"method": m, "budget": b} for m, b in (("iss", "10"), ("tlm", "10"), ("dsir", "10"), ("dsir", "20"))]
     ids = [np.array([1, 2, 3, 4]), np.array([3, 4, 5, 6]), np.array([1, 2, 3, 9]), np.array([5, 6])]

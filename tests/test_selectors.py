@@ -10,10 +10,10 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from iss.config import IssConfig
-from iss.dsir import HashedNgrams, ImportanceWeights, gumbel_keys
+from iss.config.schema import IssConfig
 from iss.errors import ConfigError
-from iss.selectors import TextCandidates, corpus_chunks, dsir_rank, knn_rank, pool_chunks
+from iss.selection.dsir import HashedNgrams, ImportanceWeights, gumbel_keys
+from iss.selection.selectors import TextCandidates, corpus_chunks, dsir_rank, knn_rank, pool_chunks
 
 from .conftest import SHARED, iss_command, require_shared
 from .test_causal import _smollm2

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from iss.report import differences_rows, mechanism_differences, mechanism_summary, write_results
-from iss.stats import paired_difference, sample_std, t_interval
+from iss.comparison.stats import paired_difference, sample_std, t_interval
+from iss.comparison.tables import differences_rows, mechanism_differences, mechanism_summary, write_results
 
 
 def test_t_interval_is_scipys_on_a_non_degenerate_sample():
@@ -77,7 +77,7 @@ def test_differences_table_pairs_methods_per_task_and_skips_absent_ones():
 
 
 def test_mechanism_losses_keep_four_decimals():
-    from iss.report import markdown_rows, precise_losses
+    from iss.comparison.tables import markdown_rows, precise_losses
 
     rows = precise_losses([{"method": "iss", "test_task_loss": 1.35101, "test_f1": 0.1127, "steps": 30}])
     assert rows == [{"method": "iss", "test_task_loss": "1.3510", "test_f1": 0.1127, "steps": 30}]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from iss.topk import TopK, TopKCheckpoint
+from iss.retrieval.topk import TopK, TopKCheckpoint
 
 
 def _reference(full: np.ndarray, k: int) -> list[list[int]]:

@@ -10,15 +10,17 @@ import pytest
 import torch
 from sklearn.metrics import f1_score
 
-from iss import evaluation, training
-from iss import model as iss_model
-from iss.config import FinetuneConfig, ModelConfig, PretrainConfig, fingerprint_dump
-from iss.data import TaskData, sample_rows
-from iss.evaluation import f1
-from iss.family import FAMILIES
-from iss.frozen import FrozenBlockFeatures, FrozenStates
-from iss.model import PackedDocuments, TaskModel, encode, set_trainable
-from iss.training import TrainingBatches, pretrain, task_batch_schedule
+from iss.config.schema import FinetuneConfig, ModelConfig, PretrainConfig, fingerprint_dump
+from iss.data.task import TaskData, sample_rows
+from iss.modeling import model as iss_model
+from iss.modeling.batches import PackedDocuments, encode
+from iss.modeling.family import FAMILIES
+from iss.modeling.frozen import FrozenBlockFeatures, FrozenStates
+from iss.modeling.model import TaskModel, set_trainable
+from iss.training import finetuning, loop, pretraining
+from iss.training.finetuning import f1
+from iss.training.loop import TrainingBatches
+from iss.training.pretraining import pretrain, task_batch_schedule
 
 from .conftest import SHARED, require_shared
 
@@ -113,7 +115,7 @@ def test_task_batch_loss_weights_mlm_by_rho2(tokenizer, chemprot_texts, corpus_t
         captured["step_loss"] = step_loss
         return {}
 
-    monkeypatch.setattr(training, "train_loop", capture)
+    monkeypatch.setattr(pretraining, "train_loop", capture)
     task = _task(chemprot_texts)
     config = PretrainConfig(steps=4, batch_size=4, rho1=2, rho2=20.0)
     model = _fresh(tokenizer, len(task.labels))
@@ -128,23 +130,23 @@ def test_task_batch_loss_weights_mlm_by_rho2(tokenizer, chemprot_texts, corpus_t
 
 
 def test_unigram_level_is_the_entropy_of_token_frequencies(tokenizer):
-    assert training.unigram_entropy(tokenizer, ["a b c d"] * 3) == pytest.approx(np.log(4))
-    skewed = training.unigram_entropy(tokenizer, ["a a a b"])
+    assert pretraining.unigram_entropy(tokenizer, ["a b c d"] * 3) == pytest.approx(np.log(4))
+    skewed = pretraining.unigram_entropy(tokenizer, ["a a a b"])
     assert skewed == pytest.approx(-(0.75 * np.log(0.75) + 0.25 * np.log(0.25)))
 
 
 def test_length_buckets_cover_every_row_once_and_pad_less():
     lengths = np.random.default_rng(0).integers(5, 200, size=1000)
-    batches = training.bucketed_batches(lengths, 16, seed=3, epoch=0, pool=10)
+    batches = loop.bucketed_batches(lengths, 16, seed=3, epoch=0, pool=10)
     rows = np.concatenate(batches)
     assert sorted(rows.tolist()) == list(range(1000)) and len(batches) == 63  # ceil(1000 / 16)
     padded = sum(len(b) * lengths[b].max() for b in batches)
     shuffled = np.random.default_rng(1).permutation(1000)
     random_padded = sum(16 * lengths[shuffled[i : i + 16]].max() for i in range(0, 1000, 16))
     assert padded < 0.7 * random_padded
-    again = training.bucketed_batches(lengths, 16, seed=3, epoch=0, pool=10)
+    again = loop.bucketed_batches(lengths, 16, seed=3, epoch=0, pool=10)
     assert all(np.array_equal(a, b) for a, b in zip(batches, again, strict=True))
-    other_epoch = training.bucketed_batches(lengths, 16, seed=3, epoch=1, pool=10)
+    other_epoch = loop.bucketed_batches(lengths, 16, seed=3, epoch=1, pool=10)
     assert not all(np.array_equal(a, b) for a, b in zip(batches, other_epoch, strict=True))
 
 
@@ -209,7 +211,7 @@ def test_training_batches_cover_every_row_once_per_epoch_in_either_order(tokeniz
             rows = np.concatenate([batches(epoch * 9 + step) for step in range(9)])
             assert sorted(rows.tolist()) == list(range(70))
     lengths = np.asarray(tokenizer(texts, add_special_tokens=False, return_length=True)["length"])
-    assert np.array_equal(batches(12), training.bucketed_batches(lengths, 8, 2, epoch=1)[3])
+    assert np.array_equal(batches(12), loop.bucketed_batches(lengths, 8, 2, epoch=1)[3])
 
 
 def test_fine_tuning_keeps_and_tests_the_weights_of_the_best_dev_epoch(tokenizer, chemprot_texts, monkeypatch):
@@ -227,9 +229,9 @@ def test_fine_tuning_keeps_and_tests_the_weights_of_the_best_dev_epoch(tokenizer
         test_calls.append(weights)
         return {"f1": 0.42, "task_loss": 0.0}
 
-    monkeypatch.setattr(evaluation, "head_scores", scripted)
+    monkeypatch.setattr(finetuning, "head_scores", scripted)
     config = FinetuneConfig(epochs=3, batch_size=8, learning_rate=1e-3, seeds=[0])
-    result = evaluation.finetune(model, tokenizer, task, config, "micro_f1", 48, 0, torch.device("cpu"), False)
+    result = finetuning.finetune(model, tokenizer, task, config, "micro_f1", 48, 0, torch.device("cpu"), False)
     assert (result["best_epoch"], result["dev"], result["test"]) == (2, 0.9, 0.42)
     assert [e["epoch"] for e in result["epochs"]] == [1, 2, 3] and len(test_calls) == 1
     final = dict(model.named_parameters())
@@ -251,7 +253,7 @@ def test_top_blocks_on_cached_frozen_states_give_the_full_models_logits_and_grad
     assert len(set(encode(tokenizer, texts, 48).attention_mask.sum(1).tolist())) > 3
     cache = FrozenBlockFeatures(model, trainable_blocks=1)
     states = cache.encode(tokenizer, texts, 48, torch.device("cpu"), batch_size=4)
-    expected = training.task_logits(model, tokenizer, texts, 48, torch.device("cpu"))
+    expected = finetuning.task_logits(model, tokenizer, texts, 48, torch.device("cpu"))
     torch.testing.assert_close(cache.predict(states, torch.device("cpu"), batch_size=4), expected)
 
     top = [*cache.top.parameters(), *model.classifier.parameters()]  # the MLM head and pooler are not on the path
@@ -281,7 +283,7 @@ def test_fine_tuning_on_cached_frozen_blocks_equals_the_plain_run_without_dropou
         set_trainable(model, trainable_blocks=trainable)
         settings = FinetuneConfig(epochs=2, batch_size=8, learning_rate=1e-3, trainable_blocks=trainable, seeds=[0])
         settings = settings.model_copy(update={"cache_frozen_blocks": cache})
-        results.append(evaluation.finetune(model, tokenizer, task, settings, "micro_f1", 48, 0, torch.device("cpu")))
+        results.append(finetuning.finetune(model, tokenizer, task, settings, "micro_f1", 48, 0, torch.device("cpu")))
         weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
     plain, cached = results
     assert [e["dev"] for e in cached["epochs"]] == pytest.approx([e["dev"] for e in plain["epochs"]])
@@ -309,7 +311,7 @@ def test_a_low_resource_fine_tune_trains_on_its_seeded_sample_cached_or_not(toke
         set_trainable(model, trainable_blocks=1)
         settings = FinetuneConfig(epochs=3, batch_size=4, learning_rate=1e-3, trainable_blocks=1, seeds=[3])
         settings = settings.model_copy(update={"cache_frozen_blocks": cache, "max_train": limit})
-        results.append(evaluation.finetune(model, tokenizer, data, settings, "micro_f1", 48, 3, torch.device("cpu")))
+        results.append(finetuning.finetune(model, tokenizer, data, settings, "micro_f1", 48, 3, torch.device("cpu")))
         weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
     assert task.splits["train"].num_rows > 20 and len(keep) == 20
     assert [e["dev"] for e in results[0]["epochs"]] == pytest.approx([e["dev"] for e in results[1]["epochs"]])
@@ -333,7 +335,7 @@ def test_seeds_of_one_pretrained_model_share_its_frozen_states(tokenizer, chempr
         model = TaskModel.from_scratch(config, tokenizer, len(task.labels))
         model.load_state_dict(pretrained)
         set_trainable(model, trainable_blocks=1)
-        return evaluation.finetune(
+        return finetuning.finetune(
             model, tokenizer, task, settings, "micro_f1", 48, seed, torch.device("cpu"), False, states
         )
 
@@ -390,8 +392,8 @@ def test_caching_frozen_blocks_needs_frozen_blocks_and_leaves_old_fingerprints_a
 def test_stream_tokens_count_the_rows_epoch_rows_hands_out():
     lengths = np.random.default_rng(1).integers(3, 90, size=37)
     for batches in (0, 1, 4, 5, 12, 23):  # 5 batches per epoch: within the first epoch, whole epochs, beyond
-        expected = sum(int(lengths[training.epoch_rows(37, 8, 4, index)].sum()) for index in range(batches))
-        assert training.stream_tokens(lengths, 8, 4, batches) == expected
+        expected = sum(int(lengths[loop.epoch_rows(37, 8, 4, index)].sum()) for index in range(batches))
+        assert loop.stream_tokens(lengths, 8, 4, batches) == expected
 
 
 def test_a_sentence_model_without_an_mlm_head_loads_with_one_line_in_iss_words(capfd, caplog) -> None:

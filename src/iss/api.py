@@ -18,11 +18,12 @@ import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from iss.config import IssConfig, load_config
+from iss.config.io import load_config
+from iss.config.schema import IssConfig
 from iss.errors import ConfigError
-from iss.pipeline import Pipeline
-from iss.runs import RunFolder
-from iss.selection import read_subset
+from iss.pipeline.run import Pipeline
+from iss.runs.folder import RunFolder
+from iss.selection.subset import read_subset
 
 TaskInput = str | Path | datasets.Dataset | datasets.DatasetDict | Mapping[str, Any]
 CorpusInput = str | Path | Sequence[str | Path] | datasets.Dataset | Sequence[str]
@@ -40,15 +41,22 @@ def select(
     overrides: Mapping[str, Any] | None = None,
     show_progress: bool = False,
 ) -> datasets.Dataset:
-    """Select the subset of ``corpus`` that helps ``task`` most and return it (text, corpus_id, score, ...).
+    """Select the subset of ``corpus`` that helps ``task`` most.
 
-    ``task``: a task folder/file/hub name; a ``DatasetDict`` or mapping of splits (train, dev or validation,
-    optional test), each a ``Dataset``, a dict of columns or a list of rows with ``text`` and ``label``; or one
-    ``Dataset`` (dev and test are then held out of it). ``corpus``: corpus path(s), a ``Dataset`` with a ``text``
-    column, or a list of texts. ``method``: iss, tlm, random, random-corpus or iss-bottom. ``budget``: e.g.
-    ``"2000 docs"``, ``"1e6 tokens"`` or ``0.2`` of the pool. ``config``: the base config (an object or YAML path;
-    default the built-in one); ``overrides``: dotted keys on top (``{"influence.layer": 1}``). Without
-    ``run_dir`` the stages run in a temporary folder that is removed afterwards.
+    Args:
+        task: A task folder, file or hub name; a ``DatasetDict`` or mapping of splits (train, dev or validation,
+            optional test), each a ``Dataset``, a dict of columns or a list of rows with ``text`` and ``label``; or
+            one ``Dataset`` (dev and test are then held out of it).
+        corpus: Corpus path(s), a ``Dataset`` with a ``text`` column, or a list of texts.
+        method: A selection method: iss, tlm, random, random-corpus, iss-bottom, dsir or knn.
+        budget: ``"2000 docs"``, ``"1e6 tokens"`` or a share of the pool (``0.2``).
+        config: The base config, an object or a YAML path (default: the built-in one).
+        run_dir: The run folder; None runs the stages in a temporary folder removed afterwards.
+        overrides: Dotted config keys on top of ``config`` (``{"influence.layer": 1}``).
+        show_progress: Progress bars on stderr.
+
+    Returns:
+        The subset as a ``datasets.Dataset``: text, corpus_id, score and who chose each document.
     """
     base = config if isinstance(config, IssConfig) else load_config(config)
     if run_dir is None:

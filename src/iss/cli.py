@@ -22,12 +22,14 @@ from rich.console import Console
 from rich.markup import escape
 
 from iss._version import __version__
-from iss.config import SELECTION_METHOD_NAMES, IssConfig, load_config, reference_markdown
+from iss.config.io import load_config
+from iss.config.reference import reference_markdown
+from iss.config.schema import SELECTION_METHOD_NAMES, IssConfig
 from iss.errors import IssError
 
 if TYPE_CHECKING:
-    from iss.pipeline import Pipeline
-    from iss.runs import StageResult
+    from iss.pipeline.run import Pipeline
+    from iss.runs.folder import StageResult
 
 app = typer.Typer(
     help="Influential Subset Selection: pick the corpus subset that helps one end task most.",
@@ -110,8 +112,8 @@ def _run(
     _logging(quiet)
     with _one_line_errors():
         settings = _build_config(config, overrides, extra)
-        from iss.pipeline import Pipeline
-        from iss.runs import RunFolder
+        from iss.pipeline.run import Pipeline
+        from iss.runs.folder import RunFolder
 
         if reuse_from is not None:
             linked = RunFolder(settings.run_dir).link_stages_from(reuse_from)
@@ -152,7 +154,7 @@ def _one_line(message: str) -> None:
 
 
 def _report(pipeline: Pipeline, result: StageResult, quiet: bool, as_json: bool) -> None:
-    from iss.parallel import processes
+    from iss.runs.processes import processes
 
     if not processes().is_main:  # under `accelerate launch` one process speaks for all
         return
@@ -181,8 +183,8 @@ def _report(pipeline: Pipeline, result: StageResult, quiet: bool, as_json: bool)
 
 def _print_verdict(out: Console, path: Path) -> None:
     """Under the table: per task, the positive control and each comparison's verdict (iss.compare)."""
-    from iss.compare import TaskVerdict
-    from iss.runs import read_json
+    from iss.comparison.verdict import TaskVerdict
+    from iss.runs.folder import read_json
 
     for verdict in read_json(path, "the run's results", f"delete {path.parent} and rerun the command").get(
         "verdict", []
@@ -255,8 +257,8 @@ def _run_all_estimated(pipeline: Pipeline) -> StageResult:
     (the pool forecast), and again once retrieval has made the pool, kept in the run folder's ``estimate.json``
     (see iss.estimate; one process only: the estimate runs outside the lockstep of several processes). A finished
     run calibrates the next estimates on this machine."""
-    from iss.estimate import ESTIMATE_FILE, FORECAST_FILE, estimate_run, learn_from_run
-    from iss.parallel import processes
+    from iss.pipeline.estimate import ESTIMATE_FILE, FORECAST_FILE, estimate_run, learn_from_run
+    from iss.runs.processes import processes
 
     if processes().distributed:
         return pipeline.run_all()
@@ -291,7 +293,7 @@ def _analysis(name: str) -> Action:
     """``iss.analysis.analyze_<name>``, imported when the command runs (matplotlib, scikit-learn: not at start)."""
 
     def action(pipeline: Pipeline) -> StageResult:
-        from iss import analysis
+        from iss.stages import analysis
 
         return getattr(analysis, f"analyze_{name}")(pipeline)
 
@@ -318,19 +320,32 @@ _stage_command(
 )
 
 
+RunFolderArg = Annotated[Path | None, typer.Argument(help="A run folder; the same as --run-dir (the older form).")]
+
+
+def _run_folder(folder: Path | None, run_dir: str | None) -> Path:
+    """The run folder of ``report`` and ``export``: ``--run-dir`` as every command takes it, or the older argument."""
+    if folder is not None and run_dir is not None and Path(run_dir) != folder:
+        raise IssError(f"two run folders: {folder} and --run-dir {run_dir}; give one")
+    if folder is None and run_dir is None:
+        raise IssError("say which run folder: --run-dir DIR")
+    return folder if folder is not None else Path(run_dir)
+
+
 @app.command("report")
 def report(
-    run_dir: Annotated[Path, typer.Argument(help="A run folder (holds manifest.json).")],
+    folder: RunFolderArg = None,
+    run_dir: RunDirOpt = None,
     out: Annotated[Path | None, typer.Option(help="Output folder (default RUN_DIR/report).")] = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """One self-contained HTML page (and Markdown) with config, results, selection, scores, plots, timings."""
     _logging(quiet)
-    from iss.report import write_report
+    from iss.report.html import write_report
 
     with _one_line_errors():
-        summary = write_report(run_dir, out)
+        summary = write_report(_run_folder(folder, run_dir), out)
     if as_json:
         print(json.dumps(summary, indent=2))
     elif not quiet:
@@ -339,18 +354,21 @@ def report(
 
 @app.command("export")
 def export(
-    run_dir: Annotated[Path, typer.Argument(help="A run folder (holds manifest.json).")],
-    archive: Annotated[Path, typer.Argument(help="The .tar.gz to write.")],
+    archive: Annotated[Path, typer.Argument(help="The .tar.gz to write (after RUN_DIR, in the older form).")],
+    second: Annotated[Path | None, typer.Argument(hidden=True)] = None,
+    run_dir: RunDirOpt = None,
     stages: Annotated[
         list[str] | None, typer.Option("--stages", help="Stage-name patterns to carry (default: every finished one).")
     ] = None,
     skip: Annotated[list[str] | None, typer.Option("--skip", help="Stage-name patterns to leave out.")] = None,
 ) -> None:
     """Pack finished stages (with their fingerprints) into one archive that `iss import` takes elsewhere."""
-    from iss.runs import RunFolder
+    from iss.runs.folder import RunFolder
 
+    if second is not None:  # `iss export RUN_DIR ARCHIVE`, as before --run-dir
+        run_dir, archive = str(archive), second
     with _one_line_errors():
-        names = RunFolder.existing(run_dir).export(archive, stages, skip)
+        names = RunFolder.existing(_run_folder(None, run_dir)).export(archive, stages, skip)
     print(json.dumps({"archive": str(archive), "stages": names, "bytes": archive.stat().st_size}, indent=2))
 
 
@@ -369,7 +387,7 @@ def import_(
     overrides: SetOpt = None,
 ) -> None:
     """Bring an exported run's finished stages into a run folder; the stages this config reaches are reused."""
-    from iss.runs import RunFolder
+    from iss.runs.folder import RunFolder
 
     with _one_line_errors():
         if not archive.is_file():

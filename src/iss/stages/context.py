@@ -12,17 +12,17 @@ import pyarrow as pa
 import transformers
 from tqdm.auto import tqdm
 
-from iss.config import CorpusConfig, IssConfig, fingerprint_dump
-from iss.data import corpus_files
-from iss.engine import StageEngine
+from iss.config.schema import CorpusConfig, IssConfig, fingerprint_dump
+from iss.data.corpus import corpus_files
 from iss.errors import ConfigError
-from iss.family import Checkpoint, Family, resolve_family
-from iss.frozen import FrozenStates
-from iss.layers import resolve_layer
-from iss.model import pick_device, precision
-from iss.parallel import processes
-from iss.runs import RunFolder, StageResult, file_signature
-from iss.selection import corpus_sample
+from iss.modeling.family import Checkpoint, Family, resolve_family
+from iss.modeling.frozen import FrozenStates
+from iss.modeling.layers import resolve_layer
+from iss.modeling.precision import pick_device, precision
+from iss.runs.engine import StageEngine
+from iss.runs.folder import RunFolder, StageResult, file_signature
+from iss.runs.processes import processes
+from iss.selection.budget import corpus_sample
 
 
 def corpus_signature(corpus: CorpusConfig) -> dict:

@@ -6,14 +6,14 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
-from iss.config import fingerprint_dump
-from iss.distributed import ray_score_pool
-from iss.influence import InfluenceScorer
-from iss.plan import influence_stage
-from iss.retrieval import query_order, read_hits, read_pool
-from iss.runs import StageResult
+from iss.config.schema import fingerprint_dump
+from iss.influence.ray_scoring import ray_score_pool
+from iss.influence.scorer import InfluenceScorer
+from iss.retrieval.bm25 import query_order, read_hits, read_pool
+from iss.runs.folder import StageResult
 from iss.stages.context import StageContext
 from iss.stages.inputs import task, tokenizer
+from iss.stages.plan import influence_stage
 from iss.stages.price import FORWARD_SHARE, Price, Workload
 from iss.stages.retrieval import retrieval
 from iss.stages.warmup import warmup

@@ -12,11 +12,12 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerFast
 
-from iss.config import fingerprint_dump
-from iss.data import TaskData, iter_corpus, load_task, read_task, save_task
-from iss.runs import StageResult, file_signature
+from iss.config.schema import fingerprint_dump
+from iss.data.corpus import iter_corpus
+from iss.data.task import TaskData, load_task, read_task, save_task
+from iss.modeling.tokenizer import cached_tokenizer, load_tokenizer
+from iss.runs.folder import StageResult, file_signature
 from iss.stages.context import StageContext
-from iss.tokenization import cached_tokenizer, load_tokenizer
 
 
 def data(context: StageContext) -> StageResult:

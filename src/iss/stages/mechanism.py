@@ -5,18 +5,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from iss.config import fingerprint_dump
-from iss.evaluation import head_scores
-from iss.model import TaskModel, set_trainable
-from iss.plan import mechanism_stage
-from iss.runs import StageResult
-from iss.selection import read_subset_texts
+from iss.config.schema import fingerprint_dump
+from iss.modeling.model import TaskModel, set_trainable
+from iss.runs.folder import StageResult
+from iss.selection.subset import read_subset_texts
 from iss.stages.context import StageContext
 from iss.stages.inputs import read_tokenizer, task, tokenizer
+from iss.stages.plan import mechanism_stage
 from iss.stages.price import FORWARD_SHARE, Price, Workload
 from iss.stages.select import select
 from iss.stages.warmup import warmup
-from iss.training import pretrain as pretrain_model
+from iss.training.finetuning import head_scores
+from iss.training.pretraining import pretrain as pretrain_model
 
 
 def mechanism(context: StageContext, pretrained: bool = True, repeat: int = 0) -> StageResult:

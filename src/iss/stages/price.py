@@ -14,9 +14,9 @@ from functools import cached_property
 import numpy as np
 from transformers import PreTrainedTokenizerFast
 
-from iss.config import IssConfig
-from iss.plan import RunPlan
-from iss.training import TrainingBatches
+from iss.config.schema import IssConfig
+from iss.stages.plan import RunPlan
+from iss.training.loop import TrainingBatches
 
 FORWARD_SHARE = 1 / 3  # a forward pass costs about a third of a training step (forward + backward)
 

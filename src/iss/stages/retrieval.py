@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
-from iss.config import fingerprint_dump
-from iss.distributed import ray_bm25_search
-from iss.model import token_counts
-from iss.retrieval import BM25Index, collect_pool, read_pool, write_retrieval
-from iss.runs import StageResult
+from iss.config.schema import fingerprint_dump
+from iss.modeling.batches import token_counts
+from iss.retrieval.bm25 import BM25Index, collect_pool, read_pool, write_retrieval
+from iss.retrieval.ray_bm25 import ray_bm25_search
+from iss.runs.folder import StageResult
 from iss.stages.context import StageContext
 from iss.stages.inputs import data, read_tokenizer, task, tokenizer
 

@@ -6,28 +6,19 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from iss.config import Budget, IssConfig, fingerprint_dump
-from iss.influence import InfluenceResult
-from iss.methods import SELECTION, Candidates
-from iss.model import token_counts
-from iss.plan import influence_stage, select_stage
-from iss.retrieval import read_hits, read_pool
-from iss.runs import StageResult
-from iss.selection import (
-    BudgetError,
-    RankedLists,
-    bm25_lists,
-    resolve_budget,
-    round_robin,
-    source_shares,
-    subset_table,
-    wanted_docs,
-    write_subset,
-)
-from iss.selectors import text_candidates
+from iss.config.schema import Budget, IssConfig, fingerprint_dump
+from iss.influence.scorer import InfluenceResult
+from iss.modeling.batches import token_counts
+from iss.retrieval.bm25 import read_hits, read_pool
+from iss.runs.folder import StageResult
+from iss.selection.budget import BudgetError, RankedLists, bm25_lists, resolve_budget, round_robin, wanted_docs
+from iss.selection.methods import SELECTION, Candidates
+from iss.selection.selectors import text_candidates
+from iss.selection.subset import source_shares, subset_table, write_subset
 from iss.stages.context import StageContext
 from iss.stages.influence import influence
 from iss.stages.inputs import data, read_tokenizer, task, tokenizer
+from iss.stages.plan import influence_stage, select_stage
 from iss.stages.price import Price, Workload
 from iss.stages.retrieval import pool_token_counts, retrieval
 

@@ -8,21 +8,21 @@ from pathlib import Path
 
 import numpy as np
 
-from iss.config import fingerprint_dump
-from iss.evaluation import finetune as finetune_model
-from iss.frozen import FrozenStates
-from iss.model import TaskModel, set_trainable
-from iss.plan import evaluate_stage, finetune_stage, pretrain_stage
-from iss.runs import StageResult
-from iss.selection import read_subset_texts
+from iss.comparison.stats import sample_std
+from iss.config.schema import fingerprint_dump
+from iss.modeling.frozen import FrozenStates
+from iss.modeling.model import TaskModel, set_trainable
+from iss.runs.folder import StageResult
+from iss.selection.subset import read_subset_texts
 from iss.stages.context import StageContext
 from iss.stages.inputs import data, read_tokenizer, task, tokenizer
+from iss.stages.plan import evaluate_stage, finetune_stage, pretrain_stage
 from iss.stages.price import FORWARD_SHARE, Price, Workload
 from iss.stages.select import select
 from iss.stages.warmup import initial_model, start_parts
-from iss.stats import sample_std
-from iss.training import pretrain as pretrain_model
-from iss.training import task_batch_schedule, unigram_entropy
+from iss.training.finetuning import finetune as finetune_model
+from iss.training.pretraining import pretrain as pretrain_model
+from iss.training.pretraining import task_batch_schedule, unigram_entropy
 
 
 def pretrain(context: StageContext, seed: int | None = None) -> StageResult:

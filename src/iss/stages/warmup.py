@@ -8,15 +8,15 @@ from pathlib import Path
 
 import torch
 
-from iss.config import fingerprint_dump
-from iss.data import TaskData
-from iss.model import TaskModel, set_head_trainable, set_trainable
-from iss.runs import StageResult
+from iss.config.schema import fingerprint_dump
+from iss.data.task import TaskData
+from iss.modeling.model import TaskModel, set_head_trainable, set_trainable
+from iss.runs.folder import StageResult
 from iss.stages.context import StageContext
 from iss.stages.inputs import data, read_tokenizer, task, tokenizer
 from iss.stages.price import FORWARD_SHARE, Price, Workload
-from iss.training import pretrain as pretrain_model
-from iss.training import warmup_train
+from iss.training.pretraining import pretrain as pretrain_model
+from iss.training.warmup import warmup_train
 
 HEAD_SAMPLE_SEED_OFFSET = 7919  # a base adapted with mlm_head_blocks reads a sample of its own
 

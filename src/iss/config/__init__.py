@@ -1,0 +1,70 @@
+"""The config: its schema (one pydantic section per stage, :mod:`~iss.config.schema`), reading it from YAML
+with overrides and relative paths resolved (:mod:`~iss.config.io`), and the generated key reference
+(:mod:`~iss.config.reference`, ``iss config --reference``). The names of iss 0.3's ``iss.config`` module are
+re-exported here.
+"""
+
+from iss.config.io import load_config, recorded_config, validate
+from iss.config.reference import json_default, reference_markdown
+from iss.config.schema import (
+    CACHE_NEUTRAL_DEFAULT,
+    DEFAULT_TOKENIZER_CACHE,
+    EVALUATED_METHOD_NAMES,
+    RANKS_CORPUS,
+    SELECTION_METHOD_NAMES,
+    AnalysisConfig,
+    Budget,
+    CorpusConfig,
+    CorpusMixture,
+    DsirConfig,
+    EvaluationConfig,
+    FinetuneConfig,
+    InfluenceConfig,
+    IssConfig,
+    KnnConfig,
+    ModelConfig,
+    OptimizerConfig,
+    PretrainConfig,
+    RayConfig,
+    RetrievalConfig,
+    SelectionConfig,
+    SelectorsConfig,
+    TaskConfig,
+    TokenizerConfig,
+    WarmupConfig,
+    fingerprint_dump,
+)
+
+__all__ = [
+    "CACHE_NEUTRAL_DEFAULT",
+    "DEFAULT_TOKENIZER_CACHE",
+    "EVALUATED_METHOD_NAMES",
+    "RANKS_CORPUS",
+    "SELECTION_METHOD_NAMES",
+    "AnalysisConfig",
+    "Budget",
+    "CorpusConfig",
+    "CorpusMixture",
+    "DsirConfig",
+    "EvaluationConfig",
+    "FinetuneConfig",
+    "InfluenceConfig",
+    "IssConfig",
+    "KnnConfig",
+    "ModelConfig",
+    "OptimizerConfig",
+    "PretrainConfig",
+    "RayConfig",
+    "RetrievalConfig",
+    "SelectionConfig",
+    "SelectorsConfig",
+    "TaskConfig",
+    "TokenizerConfig",
+    "WarmupConfig",
+    "fingerprint_dump",
+    "json_default",
+    "load_config",
+    "recorded_config",
+    "reference_markdown",
+    "validate",
+]
