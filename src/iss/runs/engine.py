@@ -15,8 +15,8 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from iss.runs.processes import processes
 from iss.runs.folder import RunFolder, StageResult, fingerprint
+from iss.runs.processes import processes
 
 log = logging.getLogger("iss")
 

@@ -19,17 +19,6 @@ from iss.training.pretraining import pretrain, task_batch_schedule, unigram_entr
 from iss.training.warmup import warmup_train
 
 __all__ = [
-    "(",
-    "accuracy",
-    "pooled_features",
-    "pretrain",
-    "task_batch_schedule",
-    "task_logits",
-    "unigram_entropy",
-    "warmup_train",
-]
-
-__all__ = [
     "LoopSettings",
     "StepLoss",
     "TrainingBatches",
